@@ -1,0 +1,16 @@
+"""beacon_peft: Activation Beacon (arXiv 2401.03462) long-context compression as a PEFT adapter.
+
+``import beacon_peft`` registers the ``BEACON`` adapter type, after which `peft.get_peft_model`,
+`peft.PeftModel.from_pretrained` and the other PEFT entry points accept a `BeaconConfig`.
+"""
+
+from .config import BeaconConfig, BeaconPeftType
+from .convert import convert_official
+from .memory import BeaconMemory
+from .model import BeaconModel
+from .registry import register
+
+register()
+
+__all__ = ["BeaconConfig", "BeaconMemory", "BeaconModel", "BeaconPeftType", "convert_official", "register"]
+__version__ = "0.1.0"

@@ -1,0 +1,34 @@
+"""The ``beacon-peft`` console command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="beacon-peft", description="Activation Beacon PEFT adapters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert-official", help="official Activation Beacon checkpoint -> PEFT adapter folder")
+    conv.add_argument("src", help="official checkpoint folder (config.json with beacon_* fields)")
+    conv.add_argument("--out", required=True, help="adapter folder to write")
+    conv.add_argument("--base-out", default=None, help="also write the base model (without beacons) here")
+    args = parser.parse_args(argv)
+
+    from .convert import convert_official
+
+    try:
+        config = convert_official(args.src, args.out, args.base_out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"beacon-peft: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote adapter {args.out} (window={config.window}, ratios={config.ratios}, placement={config.placement},"
+          f" scope={config.attention_scope}, sink={config.sink_size})")
+    if args.base_out:
+        print(f"wrote base model {args.base_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

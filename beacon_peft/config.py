@@ -1,0 +1,183 @@
+"""`BeaconConfig`: the settings of an Activation Beacon adapter (arXiv 2401.03462).
+
+Terms used throughout the package (the paper's):
+
+* **window**: a block of ``window`` raw tokens that is encoded in one forward pass together with its beacons.
+* **beacon**: a special token whose keys/values, produced by its own Q/K/V projections and its own embedding,
+  condense the raw activations of its window. After a window completes only its beacons' K/V stay in memory.
+* **compression ratio** ``r``: one beacon per ``r`` raw tokens. Ratio 0 switches compression off (every raw
+  activation is kept, as the official code's ratio 0).
+* **sink**: the first ``sink_size`` activations of the sequence, kept uncompressed (attention sink).
+* **memory**: per layer ``[sink ; compressed beacons of completed windows ; raw cache of the open window]``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+RatioMix = Literal["fixed", "step-random", "instance-random", "adapt"]
+Placement = Literal["interleave", "append"]
+AttentionScope = Literal["full-coverage", "step-expansion", "segmentation"]
+
+RATIO_MIXES = ("fixed", "step-random", "instance-random", "adapt")
+PLACEMENTS = ("interleave", "append")
+SCOPES = ("full-coverage", "step-expansion", "segmentation")
+PROJECTIONS = ("q", "k", "v", "o")
+EMBED_INITS = ("eos", "bos")
+
+
+class BeaconPeftType(str, enum.Enum):
+    """PEFT's `PeftType` enum is closed, so the adapter type lives in its own str-enum.
+
+    Being a ``str`` subclass, ``"BEACON"`` read back from ``adapter_config.json`` finds the same mapping keys.
+    """
+
+    BEACON = "BEACON"
+
+
+def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value} is out of range: allowed {allowed}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not allowed: choose one of {list(choices)}")
+
+
+@dataclass
+class BeaconConfig(PeftConfig):
+    """Configuration of an Activation Beacon adapter.
+
+    Args:
+        window (`int`): Raw tokens per window (the paper's ``L``; official ``beacon_window``).
+        stride (`int`, *optional*): Raw tokens a window advances by; defaults to ``window``. ``stride < window``
+            (overlapping windows) is only allowed with ``placement="append"``: each full window then gets
+            ``stride / r`` beacons and the last ``window - stride`` raw activations stay in memory as the start of
+            the next window.
+        ratios (`list[int]`): Candidate compression ratios. Each must be 0 (no compression: raw activations are
+            kept, as the official ratio 0) or a positive divisor of ``stride``.
+        ratio_mix (`str`): How a ratio is chosen: ``"fixed"`` (exactly one ratio), ``"step-random"`` (drawn for
+            every window step, the official training default), ``"instance-random"`` (drawn once per sequence),
+            ``"adapt"`` (per sequence, the smallest ratio whose compressed length fits the base model's
+            positions). With a single ratio every mode returns it without drawing.
+        adapt_future_tokens (`int`): Tokens expected after the input (e.g. ``max_new_tokens``) when
+            ``ratio_mix="adapt"`` sizes the sequence.
+        ratio_seed (`int`, *optional*): Seed of the adapter's own ratio generator. ``None`` draws from Python's
+            global ``random`` (seeded, saved and restored by `transformers.Trainer`).
+        placement (`str`): ``"interleave"`` (a beacon after every ``r`` raw tokens, the default) or ``"append"``
+            (``stride / r`` beacons after the window's raw tokens).
+        attention_scope (`str`): What a beacon sees of its window's raw tokens: ``"full-coverage"`` (all of them
+            that precede it, the default), ``"step-expansion"`` (beacon ``j`` sees raw tokens ``0 .. (j+1)r-1``),
+            ``"segmentation"`` (beacon ``j`` sees raw tokens ``jr .. (j+1)r-1`` only).
+        attend_prev (`bool`): Whether a beacon sees the earlier beacons of its own window (ignored by
+            full-coverage, as in the official code).
+        sink_size (`int`): Leading activations kept uncompressed (attention sink).
+        beacon_projections (`list[str]`): Which attention projections get a beacon copy: a subset of
+            ``q, k, v, o``. Raw tokens always use the frozen base projections.
+        embed_init (`str`): Initialise the beacon embedding from the ``"eos"`` or ``"bos"`` token embedding.
+        mask_first_window_loss (`bool`, *optional*): In training, exclude the first window's predictions from
+            the loss. ``None`` follows the official code: masked unless interleave + full-coverage.
+        target_modules (`list[str]` or `str`, *optional*): Attention modules to wrap (names or a regex); by
+            default every module named ``self_attn``.
+        beacon_layers (`list[int]`, *optional*): Only these decoder layers get beacon projections; the
+            others use their base projections for beacons too (memory is still compressed in every layer).
+        target_parameters: Unused; present because PEFT reads it when ``target_modules`` is None.
+    """
+
+    window: int = field(default=1024, metadata={"help": "Raw tokens per window."})
+    stride: Optional[int] = field(default=None, metadata={"help": "Window stride; defaults to `window`."})
+    ratios: list[int] = field(default_factory=lambda: [8], metadata={"help": "Candidate compression ratios."})
+    ratio_mix: str = field(default="step-random", metadata={"help": f"One of {list(RATIO_MIXES)}."})
+    adapt_future_tokens: int = field(default=128, metadata={"help": "Future tokens assumed by ratio_mix='adapt'."})
+    ratio_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the ratio generator."})
+    placement: str = field(default="interleave", metadata={"help": f"One of {list(PLACEMENTS)}."})
+    attention_scope: str = field(default="full-coverage", metadata={"help": f"One of {list(SCOPES)}."})
+    attend_prev: bool = field(default=True, metadata={"help": "Beacons see earlier beacons of their window."})
+    sink_size: int = field(default=0, metadata={"help": "Uncompressed leading activations."})
+    beacon_projections: list[str] = field(
+        default_factory=lambda: ["q", "k", "v"], metadata={"help": "Subset of q, k, v, o with beacon copies."}
+    )
+    embed_init: str = field(default="eos", metadata={"help": "Beacon embedding init: 'eos' or 'bos'."})
+    mask_first_window_loss: Optional[bool] = field(
+        default=None, metadata={"help": "Mask the first window's loss in training (None: official rule)."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Attention modules to wrap; default: every `self_attn`."}
+    )
+    beacon_layers: Optional[list[int]] = field(
+        default=None, metadata={"help": "Decoder layers that get beacon projections (default: all)."}
+    )
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unused."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = BeaconPeftType.BEACON
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"  # beacons compress decoder-only causal LMs
+        elif str(self.task_type) != "CAUSAL_LM":
+            raise ValueError(f"task_type={self.task_type!r} is not supported: Activation Beacon needs 'CAUSAL_LM'")
+        if self.target_modules is None:
+            self.target_modules = ["self_attn"]
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(set(self.target_modules))
+        if self.stride is None:
+            self.stride = self.window
+        _check_int("window", self.window, 1)
+        _check_int("stride", self.stride, 1, self.window)
+        if isinstance(self.ratios, int) or not isinstance(self.ratios, (list, tuple)) or not self.ratios:
+            raise TypeError(f"ratios must be a non-empty list of ints, got {self.ratios!r}")
+        self.ratios = [int(r) if not isinstance(r, bool) and isinstance(r, int) else r for r in self.ratios]
+        for r in self.ratios:
+            _check_int("ratios entry", r, 0, self.stride)
+            if r > 0 and self.stride % r:
+                divisors = [d for d in range(1, self.stride + 1) if self.stride % d == 0]
+                shown = divisors if len(divisors) <= 16 else divisors[:8] + ["..."] + divisors[-4:]
+                raise ValueError(f"ratio {r} does not divide stride {self.stride}: allowed 0 or one of {shown}")
+        _check_choice("ratio_mix", self.ratio_mix, RATIO_MIXES)
+        if self.ratio_mix == "fixed" and len(set(self.ratios)) != 1:
+            raise ValueError(f"ratio_mix='fixed' needs exactly one ratio, got ratios={self.ratios}")
+        _check_int("adapt_future_tokens", self.adapt_future_tokens, 0)
+        if self.ratio_seed is not None:
+            _check_int("ratio_seed", self.ratio_seed, 0)
+        _check_choice("placement", self.placement, PLACEMENTS)
+        _check_choice("attention_scope", self.attention_scope, SCOPES)
+        if self.placement == "interleave" and self.stride != self.window:
+            raise ValueError(
+                f"stride={self.stride} != window={self.window} needs placement='append': interleaved beacons "
+                "cannot cover overlapping windows"
+            )
+        if not isinstance(self.attend_prev, bool):
+            raise TypeError(f"attend_prev must be a bool, got {self.attend_prev!r}")
+        _check_int("sink_size", self.sink_size, 0, self.window)
+        projections = list(self.beacon_projections)
+        bad = [p for p in projections if p not in PROJECTIONS]
+        if bad or len(set(projections)) != len(projections):
+            raise ValueError(f"beacon_projections={projections} must be distinct entries of {list(PROJECTIONS)}")
+        self.beacon_projections = [p for p in PROJECTIONS if p in projections]
+        _check_choice("embed_init", self.embed_init, EMBED_INITS)
+        if self.mask_first_window_loss is not None and not isinstance(self.mask_first_window_loss, bool):
+            raise TypeError(f"mask_first_window_loss must be a bool or None, got {self.mask_first_window_loss!r}")
+        if self.beacon_layers is not None:
+            layers = [self.beacon_layers] if isinstance(self.beacon_layers, int) else self.beacon_layers
+            for index in layers:
+                _check_int("beacon_layers entry", index, 0)
+            self.beacon_layers = sorted(set(layers))
+
+    @property
+    def compresses(self) -> bool:
+        """True when at least one candidate ratio actually compresses (ratio > 0)."""
+        return any(r > 0 for r in self.ratios)
+
+    def masks_first_window(self) -> bool:
+        """The official training rule: the first window's labels are blanked unless interleave + full-coverage."""
+        if self.mask_first_window_loss is not None:
+            return self.mask_first_window_loss
+        return not (self.placement == "interleave" and self.attention_scope == "full-coverage")

@@ -1,0 +1,157 @@
+"""The progressive-compression loop that replaces the decoder's forward while a beacon adapter is active.
+
+``generate`` and ``PeftModel.forward`` both end up in the causal LM's own ``forward``, which calls its decoder
+(``model.model``). The tuner replaces that decoder's ``forward`` on the instance with `beacon_decoder_forward`:
+it cuts the input into window-bounded chunks (`schedule.Scheduler`), embeds raw tokens with the base
+embedding and beacon slots with the beacon embedding, runs the *unchanged* decoder stack once per chunk (the
+wrapped attention layers read the memory from ``beacon_ctx``), and returns the raw tokens' hidden states in
+input order with the memory as ``past_key_values``. The causal LM then applies ``lm_head`` and its usual
+shifted loss, which is exactly the compression-based autoregressive loss of the paper.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .layer import ChunkContext
+from .masks import build_mask
+from .memory import BeaconMemory
+from .schedule import Scheduler
+
+if TYPE_CHECKING:
+    from .model import BeaconModel
+
+PROGRESS_MIN_STEPS = 16  # show a progress bar for calls with at least this many windows
+
+
+def _columns(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[torch.Tensor]:
+    """Input columns of each row's real tokens (padding skipped), on the CPU."""
+    if attention_mask is None:
+        return [torch.arange(length)] * batch
+    mask = attention_mask[:, -length:].detach().to("cpu", torch.bool)
+    return [row.nonzero().squeeze(1) for row in mask]
+
+
+def _ensure_non_reentrant_checkpointing(decoder: torch.nn.Module) -> None:
+    """Memory tensors cross checkpointed layers as side outputs; only non-reentrant checkpointing keeps their
+    gradient path, so a reentrant setting is switched (once, with a warning)."""
+    for module in decoder.modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and isinstance(fn, partial):
+            if fn.keywords.get("use_reentrant", False):
+                warnings.warn("beacon_peft: switching gradient checkpointing to use_reentrant=False (memory "
+                              "gradients need it)", stacklevel=3)
+                module._gradient_checkpointing_func = partial(fn.func, **{**fn.keywords, "use_reentrant": False})
+
+
+def _check_inputs(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int, int]:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    x = input_ids if input_ids is not None else inputs_embeds
+    expected = 2 if input_ids is not None else 3
+    if x.dim() != expected:
+        raise ValueError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'} must have {expected} "
+                         f"dims (batch, length{', hidden' if expected == 3 else ''}), got shape {tuple(x.shape)}")
+    batch, length = x.shape[:2]
+    if length == 0:
+        raise ValueError("the input has length 0: pass at least one token")
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+            raise ValueError(f"attention_mask must be 2-D (batch={batch}, >= {length} columns) with 1 for tokens "
+                             f"and 0 for padding, got shape {tuple(attention_mask.shape)}")
+    for key in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(key):
+            raise ValueError(f"{key}=True is not supported with an active beacon adapter")
+    return batch, length
+
+
+def beacon_decoder_forward(
+    tuner: "BeaconModel",
+    original_forward: Callable,
+    decoder: torch.nn.Module,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    past_key_values: Cache | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    use_cache: bool | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPast:
+    adapter = tuner.active_beacon_adapter()
+    if adapter is None:  # adapter disabled: exactly the base model
+        if isinstance(past_key_values, BeaconMemory):
+            raise ValueError("a BeaconMemory was passed while the beacon adapter is disabled")
+        return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                **kwargs)
+    config = tuner.peft_config[adapter]
+    batch, length = _check_inputs(input_ids, inputs_embeds, attention_mask, kwargs)
+    kwargs.pop("output_attentions", None), kwargs.pop("output_hidden_states", None)
+    num_layers = decoder.config.num_hidden_layers
+    device = (input_ids if input_ids is not None else inputs_embeds).device
+
+    if isinstance(past_key_values, BeaconMemory):
+        memory = past_key_values
+        if memory.batch_size != batch:
+            raise ValueError(f"past_key_values holds {memory.batch_size} rows but the input has {batch}")
+    elif past_key_values is None or past_key_values.get_seq_length() == 0:
+        memory = BeaconMemory(num_layers, batch, decoder.rotary_emb, device)  # a fresh sequence
+    else:
+        raise ValueError(f"past_key_values must be a BeaconMemory from an earlier call (or None), got "
+                         f"{type(past_key_values).__name__} holding {past_key_values.get_seq_length()} tokens")
+
+    if decoder.training and torch.is_grad_enabled():
+        _ensure_non_reentrant_checkpointing(decoder)
+    state = memory.state.copy()  # committed only if the whole call succeeds
+    cols = _columns(attention_mask, batch, length)
+    scheduler = Scheduler(config, state, cols, length, decoder.training, tuner.ratio_picker(adapter), device)
+    embed = decoder.get_input_embeddings()
+    beacon_embedding = tuner.beacon_embedding[adapter]  # (1, H)
+
+    pieces, destinations = [], []
+    longest = max(len(c) for c in cols)
+    estimate = math.ceil(longest / config.stride) + 1
+    with tqdm(total=longest, unit="tok", desc="beacon prefill", leave=False,
+              disable=True if estimate < PROGRESS_MIN_STEPS else None) as bar:
+        while (plan := scheduler.plan()) is not None:
+            if input_ids is not None:
+                embeds = embed(input_ids.gather(1, plan.input_cols))  # (B, L, H)
+            else:
+                index = plan.input_cols[:, :, None].expand(-1, -1, inputs_embeds.shape[-1])
+                embeds = inputs_embeds.gather(1, index)
+            if plan.has_beacons:
+                embeds = torch.where(plan.is_beacon[..., None], beacon_embedding.to(embeds.dtype), embeds)
+            mask, plain = build_mask(plan, config, embeds.dtype)
+            mem_cos, mem_sin = decoder.rotary_emb(embeds, plan.mem_positions)
+            comp_cos = comp_sin = None
+            if plan.comp_new_positions is not None:
+                comp_cos, comp_sin = decoder.rotary_emb(embeds, plan.comp_new_positions)
+            ctx = ChunkContext(adapter, plan, list(state.layers), mask, plain, mem_cos, mem_sin, comp_cos, comp_sin,
+                               [None] * num_layers)
+            out = original_forward(inputs_embeds=embeds, position_ids=plan.position_ids, attention_mask=mask,
+                                   past_key_values=None, use_cache=False, beacon_ctx=ctx, **kwargs)
+            if any(layer is None for layer in ctx.new_layers):
+                missing = [i for i, layer in enumerate(ctx.new_layers) if layer is None]
+                raise RuntimeError(f"decoder layers {missing} bypassed the beacon attention (not wrapped?)")
+            state.layers = ctx.new_layers
+            hidden = out.last_hidden_state  # (B, L, H)
+            pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.out_src))
+            destinations.append(plan.out_dst)
+            bar.update(int(plan.valid.logical_and(~plan.is_beacon).sum(1).max()))
+
+    source = torch.cat(pieces)  # (n_raw, H)
+    hidden = source.new_zeros(batch * length, source.shape[-1]).index_copy(0, torch.cat(destinations), source)
+    state.columns += length
+    memory.state = state
+    return BaseModelOutputWithPast(
+        last_hidden_state=hidden.view(batch, length, -1),
+        past_key_values=memory if use_cache is not False else None,
+    )

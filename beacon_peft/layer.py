@@ -1,0 +1,205 @@
+"""`BeaconAttention`: the tuner layer PEFT wraps around every decoder attention module.
+
+One class serves every Llama-family attention (Llama, Mistral, Qwen2, Qwen3, ...): it reads the wrapped
+module's ``q/k/v/o_proj``, optional ``q_norm``/``k_norm``, ``head_dim`` and ``scaling``, so no modeling file
+is forked. Raw tokens use the frozen base projections, beacon tokens use the adapter's beacon projections
+(copies of the base ones, dequantized when the base is 4-bit). Attention runs over
+``[sink ; compressed beacons ; raw cache ; chunk]`` with the step's mask through transformers' attention
+functions (eager / sdpa, flash-attention for plain causal steps), and the layer hands back its next memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .config import BeaconConfig
+from .memory import LayerMemory
+from .rope import apply_rope
+from .schedule import StepPlan, select_entries
+
+
+@dataclass
+class ChunkContext:
+    """What every layer needs for one step; passed through the decoder as the ``beacon_ctx`` keyword.
+
+    It holds the memory of the step's start (never mutated, so a gradient-checkpointing replay reads the same
+    inputs) and collects each layer's next memory in ``new_layers``.
+    """
+
+    adapter: str
+    plan: StepPlan
+    layers: list[Optional[LayerMemory]]
+    mask: torch.Tensor  # (B, 1, L, S + C + R + L) additive
+    plain_causal: bool  # no padding and full-coverage: a bottom-right causal mask (flash-attention can run it)
+    mem_cos: torch.Tensor  # (B, S + R, D) rotary tables of the pre-RoPE memory parts
+    mem_sin: torch.Tensor
+    comp_cos: Optional[torch.Tensor]  # (B, K, D) for entries entering the compressed memory
+    comp_sin: Optional[torch.Tensor]
+    new_layers: list[Optional[LayerMemory]]
+
+
+def _linear_copy(base: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+    """A trainable `nn.Linear` equal to ``base`` (a Linear or a bitsandbytes 4/8-bit Linear, dequantized)."""
+    weight = base.weight
+    if weight.__class__.__name__ == "Params4bit":
+        import bitsandbytes as bnb
+
+        weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    elif weight.__class__.__name__ == "Int8Params":
+        import bitsandbytes as bnb
+
+        weight = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB) if weight.SCB is not None else weight
+    dtype = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+    out_features, in_features = weight.shape
+    copy = nn.Linear(in_features, out_features, bias=base.bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        copy.weight.copy_(weight.to(dtype))
+        if base.bias is not None:
+            copy.bias.copy_(base.bias.to(dtype))
+    return copy
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain attention with an additive mask; softmax in fp32 (as transformers' eager path)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # (B, Hq, K, D)
+    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, Hq, L, K)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (B, L, Hq, D)
+
+
+class BeaconAttention(nn.Module, BaseTunerLayer):
+    """Wraps one attention module; beacon projections live in ``beacon_{q,k,v,o}[adapter_name]``."""
+
+    adapter_layer_names = ("beacon_q", "beacon_k", "beacon_v", "beacon_o")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BeaconConfig, with_projections: bool):
+        super().__init__()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"):
+            if not hasattr(base_layer, name):
+                raise TypeError(
+                    f"{type(base_layer).__name__} has no `{name}`: beacon attention wraps Llama-family attention "
+                    "modules (q_proj, k_proj, v_proj, o_proj, head_dim)"
+                )
+        self.base_layer = base_layer
+        self.beacon_q = nn.ModuleDict()
+        self.beacon_k = nn.ModuleDict()
+        self.beacon_v = nn.ModuleDict()
+        self.beacon_o = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.update_layer(adapter_name, config, with_projections)
+
+    @property
+    def layer_idx(self) -> int:
+        return self.base_layer.layer_idx
+
+    def update_layer(self, adapter_name: str, config: BeaconConfig, with_projections: bool) -> None:
+        if with_projections:
+            quantized = self.base_layer.q_proj.weight.__class__.__name__ in ("Params4bit", "Int8Params")
+            for p in config.beacon_projections:
+                base = getattr(self.base_layer, f"{p}_proj")
+                getattr(self, f"beacon_{p}")[adapter_name] = _linear_copy(base, torch.float32 if quantized else None)
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        raise NotImplementedError("Beacon projections act on beacon tokens only; they cannot be merged into the base.")
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        ctx: Optional[ChunkContext] = kwargs.pop("beacon_ctx", None)
+        if ctx is None or self.disable_adapters:
+            return self.base_layer(hidden_states, **kwargs)
+        return self._beacon_forward(hidden_states, kwargs["position_embeddings"], ctx)
+
+    # --- the beacon path --------------------------------------------------------------------------------------
+    def _project(self, name: str, x: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """Base projection for raw tokens, beacon projection for beacon tokens. x: (B, L, in) -> (B, L, out)."""
+        base = getattr(self.base_layer, f"{name}_proj")
+        beacon = getattr(self, f"beacon_{name}")
+        plan = ctx.plan
+        if not plan.has_beacons or ctx.adapter not in beacon:
+            return base(x)
+        beacon = beacon[ctx.adapter]
+        B, L, _ = x.shape
+        flat = x.reshape(B * L, -1)
+        raw_out = base(flat.index_select(0, plan.other_flat))  # (n_other, out)
+        beacon_out = beacon(flat.index_select(0, plan.beacon_flat).to(beacon.weight.dtype)).to(raw_out.dtype)
+        out = raw_out.new_empty(B * L, raw_out.shape[-1])
+        out = out.index_copy(0, plan.other_flat, raw_out).index_copy(0, plan.beacon_flat, beacon_out)
+        return out.view(B, L, -1)
+
+    def _beacon_forward(self, x: torch.Tensor, position_embeddings, ctx: ChunkContext):
+        attn, plan = self.base_layer, ctx.plan
+        B, L, _ = x.shape
+        D = attn.head_dim
+        q = self._project("q", x, ctx).view(B, L, -1, D)
+        k = self._project("k", x, ctx).view(B, L, -1, D)
+        v = self._project("v", x, ctx).view(B, L, -1, D).transpose(1, 2)  # (B, Hkv, L, D)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq, L, D), (B, Hkv, L, D) before RoPE
+        cos, sin = position_embeddings  # (B, L, D)
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mem = ctx.layers[self.layer_idx] or LayerMemory.empty_like(k, v)
+        S = mem.sink_k.shape[2]
+        keys = torch.cat(
+            (
+                apply_rope(mem.sink_k, ctx.mem_cos[:, :S], ctx.mem_sin[:, :S]),
+                mem.comp_k,
+                apply_rope(mem.raw_k, ctx.mem_cos[:, S:], ctx.mem_sin[:, S:]),
+                k_rot,
+            ),
+            dim=2,
+        )  # (B, Hkv, S + C + R + L, D)
+        values = torch.cat((mem.sink_v, mem.comp_v, mem.raw_v, v), dim=2)
+
+        out = self._attend(q_rot, keys, values, ctx)  # (B, L, Hq, D)
+        out = self._project("o", out.reshape(B, L, -1), ctx)
+        ctx.new_layers[self.layer_idx] = self._next_memory(mem, k, v, ctx)
+        return out, None
+
+    def _attend(self, q, keys, values, ctx: ChunkContext) -> torch.Tensor:
+        attn = self.base_layer
+        impl = attn.config._attn_implementation
+        dropout = attn.attention_dropout if self.training else 0.0
+        if impl.startswith("flash") and ctx.plain_causal:
+            fn = ALL_ATTENTION_FUNCTIONS[impl]
+            return fn(attn, q, keys, values, None, dropout=dropout, scaling=attn.scaling, is_causal=True)[0]
+        if impl == "eager" or impl.startswith("flash") or impl not in ALL_ATTENTION_FUNCTIONS:
+            return eager_attention(attn, q, keys, values, ctx.mask, attn.scaling, dropout)[0]
+        fn = ALL_ATTENTION_FUNCTIONS[impl]
+        return fn(attn, q, keys, values, ctx.mask, dropout=dropout, scaling=attn.scaling, is_causal=False)[0]
+
+    @staticmethod
+    def _next_memory(mem: LayerMemory, k: torch.Tensor, v: torch.Tensor, ctx: ChunkContext) -> LayerMemory:
+        """The memory after this chunk; k is the chunk's keys before RoPE. Shapes (B, Hkv, T, D)."""
+        plan = ctx.plan
+        comp_k, comp_v = mem.comp_k, mem.comp_v
+        if plan.comp_new_index is not None:
+            new_k = select_entries(mem.raw_k, k, plan.comp_new_index)  # (B, Hkv, K, D) before RoPE
+            new_v = select_entries(mem.raw_v, v, plan.comp_new_index)
+            new_k = apply_rope(new_k, ctx.comp_cos, ctx.comp_sin)  # rotated once, at the position it keeps
+            comp_k = select_entries(comp_k, new_k, plan.comp_index)
+            comp_v = select_entries(comp_v, new_v, plan.comp_index)
+        return LayerMemory(
+            sink_k=select_entries(mem.sink_k, k, plan.sink_index),
+            sink_v=select_entries(mem.sink_v, v, plan.sink_index),
+            comp_k=comp_k,
+            comp_v=comp_v,
+            raw_k=select_entries(mem.raw_k, k, plan.raw_index),
+            raw_v=select_entries(mem.raw_v, v, plan.raw_index),
+        )

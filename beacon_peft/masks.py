@@ -1,0 +1,52 @@
+"""The attention mask of one step over ``[sink ; compressed ; raw cache ; chunk]`` (official semantics).
+
+Full-coverage: plain causal over memory and chunk (every valid memory entry is visible). Step-expansion and
+segmentation restrict what a *beacon* sees of its own window: beacon ``j`` sees raw tokens ``0 .. (j+1)r-1``
+(step-expansion) or ``jr .. (j+1)r-1`` (segmentation), and among its window's beacons those up to itself
+(``attend_prev``) or itself only. Entries outside the open window (sink, compressed beacons) stay visible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import BeaconConfig
+from .schedule import StepPlan
+
+
+def build_mask(plan: StepPlan, config: BeaconConfig, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """Additive mask (B, 1, L, S + C + R + L) and whether it is a plain bottom-right causal mask."""
+    B, L = plan.valid.shape
+    S, C, R = plan.widths
+    device = plan.valid.device
+    raw_valid = torch.arange(R, device=device) < plan.raw_len[:, None]  # (B, R)
+    mem_valid = torch.cat(
+        (
+            torch.arange(S, device=device) < plan.sink_len[:, None],
+            torch.arange(C, device=device) < plan.comp_len[:, None],
+            raw_valid,
+        ),
+        dim=1,
+    )  # (B, M)
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    allowed = torch.cat(
+        (mem_valid[:, None, :].expand(B, L, S + C + R), causal[None] & plan.valid[:, None, :]), dim=-1
+    )  # (B, L, K)
+    scoped = config.attention_scope != "full-coverage" and plan.has_beacons
+    if scoped:
+        outside = torch.zeros(B, S + C, dtype=torch.bool, device=device)
+        key_beacon = torch.cat((outside, plan.mem_raw_is_beacon & raw_valid, plan.is_beacon & plan.valid), 1)
+        key_raw = torch.cat((outside, ~plan.mem_raw_is_beacon & raw_valid, ~plan.is_beacon & plan.valid), 1)
+        key_local = torch.cat((outside.long(), plan.mem_raw_local, plan.local), 1)[:, None, :]  # (B, 1, K)
+        q_local = plan.local[:, :, None]  # (B, L, 1)
+        r = plan.ratio[:, None, None]
+        raw_ok = key_local < (q_local + 1) * r
+        if config.attention_scope == "segmentation":
+            raw_ok &= key_local >= q_local * r
+        beacon_ok = key_local <= q_local if config.attend_prev else key_local == q_local
+        blocked = (key_raw[:, None, :] & ~raw_ok) | (key_beacon[:, None, :] & ~beacon_ok)
+        allowed &= ~(plan.is_beacon[:, :, None] & blocked)
+    plain = not scoped and bool(plan.valid.all()) and bool(mem_valid.all())
+    mask = torch.zeros(B, 1, L, allowed.shape[-1], dtype=dtype, device=device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return mask, plain

@@ -1,0 +1,214 @@
+"""`BeaconMemory`: the compressed KV memory of one sequence batch, returned as ``past_key_values``.
+
+Per layer the memory holds three parts, each a right-padded ``(B, H_kv, T, D)`` tensor with per-row lengths:
+
+* ``sink``: the first ``sink_size`` activations (keys before RoPE),
+* ``comp``: the beacons of every completed window (keys after RoPE, at the position they keep forever; with
+  compression off, ratio 0, the raw activations of completed windows),
+* ``raw``: every activation (raw tokens and beacons) of the open window processed so far (keys before RoPE).
+
+Positions are re-based onto the memory: sink entry ``i`` sits at ``i``, compressed entry ``j`` at
+``sink + j``, raw-cache entry ``i`` at ``sink + comp + i``, and the next chunk continues from there. Rows of a
+batch keep their own lengths, so left-padded rows are scheduled over their own tokens.
+
+The object is a `transformers.Cache`, so ``generate`` carries it from step to step; every call that is not
+handed one starts from an empty memory. A call works on a copy of the bookkeeping and commits it only when it
+succeeds, so a failing call leaves a memory passed in untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from transformers.cache_utils import Cache
+
+from .rope import unapply_rope
+
+PARTS = ("sink", "comp", "raw")
+
+
+@dataclass
+class LayerMemory:
+    """K/V of one layer: sink and raw keys before RoPE, compressed keys after RoPE. Shapes (B, H_kv, T, D)."""
+
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    comp_k: torch.Tensor
+    comp_v: torch.Tensor
+    raw_k: torch.Tensor
+    raw_v: torch.Tensor
+
+    @classmethod
+    def empty_like(cls, k: torch.Tensor, v: torch.Tensor) -> "LayerMemory":
+        """Zero-length parts shaped after a chunk's keys ``k`` (B, H_kv, L, D) and values ``v``."""
+        ek, ev = k[:, :, :0], v[:, :, :0]
+        return cls(ek, ev, ek, ev, ek, ev)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.sink_k, self.sink_v, self.comp_k, self.comp_v, self.raw_k, self.raw_v)
+
+
+@dataclass
+class RowState:
+    """Bookkeeping of one batch row (plain ints, no tensors)."""
+
+    win_raw: int = 0  # raw tokens of the open window processed so far (overlap included)
+    rem: int = 0  # interleave: raw tokens of the open window not yet followed by a beacon
+    ratio: Optional[int] = None  # compression ratio of the open window (None: not chosen yet)
+    sink: int = 0  # sink entries
+    comp: int = 0  # compressed entries
+    raw: int = 0  # raw-cache entries
+    windows: int = 0  # completed windows
+    tokens: int = 0  # raw tokens consumed since the memory was created
+
+
+@dataclass
+class MemoryState:
+    """Everything a forward call advances; copied at call start, committed at call end."""
+
+    rows: list[RowState]
+    layers: list[Optional[LayerMemory]]
+    raw_is_beacon: torch.Tensor  # (B, R) bool: raw-cache entry is a beacon
+    raw_local: torch.Tensor  # (B, R) long: window-local index (raw token i or beacon j)
+    columns: int = 0  # input columns consumed (padding included): what `get_seq_length` reports
+    sequence_ratio: Optional[int] = None  # ratio drawn once per sequence (instance-random / adapt)
+    ratio_log: list[int] = field(default_factory=list)  # ratio of every window step, in order
+    step_log: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per step, per row: (entries, mem, beacons)
+
+    def copy(self) -> "MemoryState":
+        return MemoryState(
+            rows=[copy.copy(r) for r in self.rows],
+            layers=list(self.layers),
+            raw_is_beacon=self.raw_is_beacon,
+            raw_local=self.raw_local,
+            columns=self.columns,
+            sequence_ratio=self.sequence_ratio,
+            ratio_log=list(self.ratio_log),
+            step_log=list(self.step_log),
+        )
+
+
+class BeaconMemory(Cache):
+    """Activation Beacon memory for a batch: ``[sink ; compressed beacons ; raw cache]`` per layer.
+
+    Read it with `sizes`, `num_entries`, `nbytes` and `layer_kv`; continue a sequence by passing it back as
+    ``past_key_values``. Users never reset it: a call without it starts from a fresh one.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int, batch_size: int, rope: Callable, device=None):
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.rows = batch_size
+        self._rope = rope  # positions (B, T) -> (cos, sin) of the base model's rotary embedding
+        empty_bool = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.state = MemoryState(
+            rows=[RowState() for _ in range(batch_size)],
+            layers=[None] * num_layers,
+            raw_is_beacon=empty_bool,
+            raw_local=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def sizes(self, row: int = 0) -> dict[str, int]:
+        """Entries held for ``row``: ``{"sink", "comp", "raw", "total", "tokens"}``."""
+        r = self.state.rows[row]
+        return {"sink": r.sink, "comp": r.comp, "raw": r.raw, "total": r.sink + r.comp + r.raw, "tokens": r.tokens}
+
+    def num_entries(self) -> list[int]:
+        """Memory entries per row (sink + compressed + raw cache): the KV length a next token attends to."""
+        return [r.sink + r.comp + r.raw for r in self.state.rows]
+
+    @property
+    def ratios_used(self) -> list[int]:
+        """Compression ratio of every window step so far, in order."""
+        return list(self.state.ratio_log)
+
+    def steps(self, row: int = 0) -> list[dict[str, int]]:
+        """Every forward step of ``row`` so far: chunk entries, memory entries before it, beacons in it."""
+        return [
+            {"input_len": entries, "mem_size": mem, "beacon_size": beacons}
+            for step in self.state.step_log
+            for entries, mem, beacons in [step[row]]
+            if entries
+        ]
+
+    def nbytes(self) -> int:
+        """Bytes of every K/V tensor held (all layers, padding included): what the memory really occupies."""
+        return sum(t.numel() * t.element_size() for lm in self.state.layers if lm is not None for t in lm.tensors())
+
+    def layer_kv(self, layer: int, part: str, row: int = 0, pre_rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(H_kv, T, D)`` of one part (``"sink"``, ``"comp"``/``"beacon"``, ``"raw"``) of a row.
+
+        Keys are returned before RoPE (compressed keys are un-rotated from their stored positions).
+        """
+        part = "comp" if part == "beacon" else part
+        if part not in PARTS:
+            raise ValueError(f"part={part!r} is not one of {list(PARTS)} (or 'beacon')")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer={layer} is out of range [0, {self.num_layers - 1}]")
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"row={row} is out of range [0, {self.batch_size - 1}]")
+        lm = self.state.layers[layer]
+        length = getattr(self.state.rows[row], part)
+        if lm is None:
+            return torch.zeros(0), torch.zeros(0)
+        k = getattr(lm, f"{part}_k")[row : row + 1, :, :length]
+        v = getattr(lm, f"{part}_v")[row, :, :length]
+        if part == "comp" and pre_rope and length:
+            sink = self.state.rows[row].sink
+            positions = torch.arange(sink, sink + length, device=k.device)[None]
+            cos, sin = self._rope(k, positions)
+            k = unapply_rope(k, cos, sin)
+        return k[0], v
+
+    # --- the transformers.Cache interface used by generate ---------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Input columns consumed so far (generate slices the next input with it)."""
+        return self.state.columns
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        return -1
+
+    @property
+    def is_initialized(self) -> bool:
+        return any(lm is not None for lm in self.state.layers)
+
+    def reset(self) -> None:
+        raise NotImplementedError("A BeaconMemory is never reset: call the model without past_key_values instead.")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("Compressed memory cannot be cropped (assisted decoding is not supported).")
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        st = self.state
+        idx = index.tolist()
+        st.rows = [copy.copy(st.rows[i]) for i in idx]
+        st.layers = [
+            None if lm is None else LayerMemory(*(t.index_select(0, index.to(t.device)) for t in lm.tensors()))
+            for lm in st.layers
+        ]
+        st.raw_is_beacon = st.raw_is_beacon.index_select(0, index.to(st.raw_is_beacon.device))
+        st.raw_local = st.raw_local.index_select(0, index.to(st.raw_local.device))
+        self.rows = len(idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{s['sink']}+{s['comp']}+{s['raw']}" for s in (self.sizes(i) for i in range(self.batch_size)))
+        return f"BeaconMemory(layers={self.num_layers}, rows=[{rows}] (sink+compressed+raw), bytes={self.nbytes()})"

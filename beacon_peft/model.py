@@ -1,0 +1,195 @@
+"""`BeaconModel`: the PEFT tuner of Activation Beacon.
+
+It wraps every decoder attention module in a `BeaconAttention`, owns the beacon embedding of each adapter
+(``beacon_embedding[adapter]``, shape (1, hidden), initialised from the eos/bos embedding), and replaces the
+decoder's ``forward`` on the instance with the progressive-compression loop (`forward.beacon_decoder_forward`),
+so ``model(...)``, the Trainer and ``generate()`` all compress window by window. Disabling the adapter (or
+unloading it) restores the base model exactly.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import BeaconConfig
+from .forward import beacon_decoder_forward
+from .layer import BeaconAttention
+from .schedule import RatioPicker
+
+
+class BeaconModel(BaseTuner):
+    """Activation Beacon adapter (arXiv 2401.03462) over a transformers decoder-only causal LM.
+
+    Example:
+        ```py
+        >>> import beacon_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, beacon_peft.BeaconConfig(window=1024, ratios=[8]))
+        >>> out = model(input_ids=long_ids, labels=long_ids)  # compressed window by window
+        >>> out.past_key_values.sizes()  # {'sink': 0, 'comp': ..., 'raw': ..., ...}
+        ```
+    """
+
+    prefix: str = "beacon_"
+    tuner_layer_cls = BeaconAttention
+    target_module_mapping: dict[str, list[str]] = {}
+    uses_shared_state = True
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        # set before BaseTuner.__init__, which injects (and reaches `inject_adapter`) right away
+        self.__dict__.update(_pickers={}, _patched_decoder=None, _enabled=True)
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # --- injection ---------------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: BeaconConfig, model_config: dict) -> BeaconConfig:
+        return peft_config
+
+    def _check_new_adapter_config(self, config: BeaconConfig) -> None:
+        if not isinstance(config, BeaconConfig):
+            raise TypeError(f"expected a BeaconConfig, got {type(config).__name__}")
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        decoder = self._decoder(model)
+        self._add_beacon_embedding(decoder, adapter_name, config)
+        super().inject_adapter(model, adapter_name, **kwargs)
+        layers = [m for m in model.modules() if isinstance(m, BeaconAttention)]
+        if len(layers) != decoder.config.num_hidden_layers:
+            raise ValueError(
+                f"target_modules={config.target_modules} wrapped {len(layers)} attention modules but the decoder "
+                f"has {decoder.config.num_hidden_layers} layers: every layer must read the compressed memory"
+            )
+        self._pickers[adapter_name] = RatioPicker(config, getattr(decoder.config, "max_position_embeddings", None))
+        self._patch_decoder(decoder)
+
+    @staticmethod
+    def _decoder(model: nn.Module) -> nn.Module:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if decoder is None or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "layers"):
+            raise TypeError(
+                f"{type(model).__name__} is not a supported decoder-only causal LM: beacon_peft needs a decoder "
+                "(`model.get_decoder()`) with `layers` and a shared `rotary_emb` (Llama, Mistral, Qwen2, Qwen3, ...)"
+            )
+        return decoder
+
+    def _add_beacon_embedding(self, decoder: nn.Module, adapter_name: str, config: BeaconConfig) -> None:
+        if "beacon_embedding" not in self._modules:
+            self.beacon_embedding = nn.ParameterDict()
+        embed = decoder.get_input_embeddings()
+        token_id = getattr(decoder.config, f"{config.embed_init}_token_id", None)
+        if isinstance(token_id, (list, tuple)):
+            token_id = token_id[0]
+        if token_id is None:
+            raise ValueError(
+                f"embed_init={config.embed_init!r} but the model config has no {config.embed_init}_token_id: "
+                f"use embed_init={'bos' if config.embed_init == 'eos' else 'eos'!r} or set the token id"
+            )
+        weight = embed.weight[token_id : token_id + 1].detach().clone()  # (1, H)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.beacon_embedding[adapter_name] = nn.Parameter(weight.to(dtype), requires_grad=True)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        layer_idx = getattr(target, "layer_idx", None)
+        with_projections = peft_config.beacon_layers is None or layer_idx in peft_config.beacon_layers
+        if isinstance(target, BeaconAttention):
+            target.update_layer(adapter_name, peft_config, with_projections)
+            return
+        new_module = BeaconAttention(target, adapter_name, peft_config, with_projections)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _patch_decoder(self, decoder: nn.Module) -> None:
+        if self._patched_decoder is not None:
+            return
+        original = decoder.forward  # bound method (or a hook wrapper set on the instance)
+        decoder.__dict__["_beacon_original_forward"] = original
+        decoder.forward = partial(beacon_decoder_forward, self, original, decoder)
+        self.__dict__["_patched_decoder"] = decoder
+
+    def _unpatch_decoder(self) -> None:
+        decoder = self._patched_decoder
+        if decoder is None:
+            return
+        original = decoder.__dict__.pop("_beacon_original_forward")
+        if getattr(original, "__self__", None) is decoder and original.__func__ is type(decoder).forward:
+            del decoder.forward  # the class method again
+        else:
+            decoder.forward = original
+        self.__dict__["_patched_decoder"] = None
+
+    # --- state ------------------------------------------------------------------------------------------
+    def active_beacon_adapter(self) -> Optional[str]:
+        """The adapter whose beacons run, or None when adapters are disabled (then the base model runs)."""
+        if not self._enabled or not self.active_adapters:
+            return None
+        if len(self.active_adapters) > 1:
+            raise ValueError(f"only one beacon adapter can be active at a time, got {self.active_adapters}")
+        return self.active_adapters[0]
+
+    def ratio_picker(self, adapter_name: str) -> RatioPicker:
+        return self._pickers[adapter_name]
+
+    def set_compression_ratio(self, ratio: Optional[int], adapter_name: Optional[str] = None) -> None:
+        """Force every window to ``ratio`` (an entry of ``config.ratios``), or restore ``ratio_mix`` with None."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        if ratio is not None and ratio not in config.ratios:
+            raise ValueError(f"ratio={ratio} is not one of this adapter's ratios {config.ratios}")
+        self._pickers[adapter_name].override = ratio
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self.__dict__["_enabled"] = enabled
+        for name, param in self.beacon_embedding.items():  # mirrors BaseTunerLayer.enable_adapters
+            param.requires_grad_(enabled and name in self.active_adapters)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"adapter {name!r} not found; available: {sorted(self.peft_config)}")
+        for module in self.model.modules():
+            if isinstance(module, BeaconAttention):
+                module.set_adapter(names, inference_mode=inference_mode)
+        for name, param in self.beacon_embedding.items():
+            param.requires_grad_(name in names and not inference_mode)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        del self.beacon_embedding[adapter_name]
+        self._pickers.pop(adapter_name, None)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names=None):
+        if merge:
+            raise NotImplementedError("Beacon adapters cannot be merged into the base weights; use unload().")
+        self._unpatch_decoder()
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        labels = kwargs.get("labels")
+        adapter = self.active_beacon_adapter()
+        if labels is not None and adapter is not None and self.model.training:
+            config = self.peft_config[adapter]
+            if config.masks_first_window():
+                kwargs["labels"] = _mask_first_window(labels, kwargs.get("attention_mask"), config.window)
+        return self.model(*args, **kwargs)
+
+
+def _mask_first_window(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], window: int) -> torch.Tensor:
+    """Blank the predictions made inside each row's first window (labels are unshifted: positions 1..window)."""
+    labels = labels.clone()
+    if attention_mask is None:
+        labels[:, 1 : window + 1] = -100
+        return labels
+    rank = attention_mask.long().cumsum(1) * attention_mask.long()  # 1-based index among real tokens
+    labels[(rank >= 2) & (rank <= window + 1)] = -100
+    return labels
