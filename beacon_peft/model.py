@@ -104,6 +104,10 @@ class BeaconModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # attention modules carry no `weight`; beacon copies are created on their base projection's device
+        setattr(parent, child_name, new_module)
+
     def _patch_decoder(self, decoder: nn.Module) -> None:
         if self._patched_decoder is not None:
             return

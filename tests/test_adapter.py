@@ -1,0 +1,286 @@
+"""The adapter over tiny Llama / Mistral / Qwen2 / Qwen3 models: training, generation, lifecycle, base parity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+import beacon_peft
+from beacon_peft import BeaconConfig
+from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
+
+W = 16
+
+
+def beacon_model(arch="llama", seed=0, attn="eager", **kw):
+    config = BeaconConfig(window=kw.pop("window", W), ratios=kw.pop("ratios", [4]), **kw)
+    model = get_peft_model(tiny_model(arch, seed, attn), config)
+    perturb_beacons(model)
+    return model
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_train_step_gradients_only_in_beacons(arch):
+    model = beacon_model(arch, sink_size=1).train()
+    ids = random_ids(2, 3 * W + 7)  # 3 full windows + a partial one
+    out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    assert out.logits.shape == (2, ids.shape[1], 128)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads, "no gradient reached the adapter"
+    assert all("beacon_" in n for n in grads), sorted(grads)
+    beacon_params = [n for n, p in model.named_parameters() if "beacon_" in n]
+    assert set(grads) == set(beacon_params)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "beacon_" not in n)
+    # a last-layer beacon query only shapes the beacon's own final hidden state, which nothing reads
+    dead = {n for n in grads if ".layers.1.self_attn.beacon_q." in n}
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if n not in dead)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_gradient_flows_through_memory_into_earlier_windows(arch):
+    model = beacon_model(arch).train()
+    ids = random_ids(1, 3 * W)
+    labels = torch.full_like(ids, -100)
+    labels[:, -W // 2 :] = ids[:, -W // 2 :]  # loss only inside the last window, which has no beacons in training
+    model(input_ids=ids, labels=labels).loss.backward()
+    embedding = model.base_model.beacon_embedding["default"]
+    assert embedding.grad is not None and embedding.grad.abs().sum() > 0
+    layer0 = model.base_model.model.model.layers[0].self_attn
+    assert layer0.beacon_k["default"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_generate_matches_manual_greedy_loop(arch):
+    model = beacon_model(arch, sink_size=1)
+    ids = random_ids(1, 2 * W + 5)
+    gen = model.generate(input_ids=ids, max_new_tokens=W + 3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert gen.shape == (1, ids.shape[1] + W + 3)
+    with torch.no_grad():
+        out = model(input_ids=ids)
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        memory = out.past_key_values
+        for _ in range(W + 2):
+            out = model(input_ids=tokens[-1], past_key_values=memory)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert gen[:, ids.shape[1] :].tolist() == torch.cat(tokens, 1).tolist()
+    # each call starts from an empty memory: a second generate gives the same ids
+    again = model.generate(input_ids=ids, max_new_tokens=W + 3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(gen, again)
+    sampled = model.generate(input_ids=ids, max_new_tokens=5, do_sample=True, top_k=5, pad_token_id=0)
+    assert sampled.shape[1] == ids.shape[1] + 5
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_save_load_round_trip(arch, tmp_path):
+    model = beacon_model(arch)
+    ids = random_ids(1, 3 * W)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors"]
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all("beacon_" in k for k in saved)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "BEACON"
+    reloaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_disabled_adapter_gives_base_logits_exactly(arch):
+    base = tiny_model(arch)
+    ids = random_ids(2, 3 * W)
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = get_peft_model(tiny_model(arch), BeaconConfig(window=W, ratios=[4]))
+    perturb_beacons(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, expected, atol=1e-3)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=0, rtol=0)
+        assert not torch.allclose(model(input_ids=ids).logits, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_compression_off_equals_full_attention(arch, attn):
+    base = tiny_model(arch, attn=attn)
+    ids = random_ids(2, 4 * W + 5)
+    with torch.no_grad():
+        expected = base(input_ids=ids, labels=ids)
+    model = get_peft_model(tiny_model(arch, attn=attn), BeaconConfig(window=W, ratios=[0]))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    assert abs(out.loss.item() - expected.loss.item()) < 1e-5
+    assert out.past_key_values.sizes() == {"sink": 0, "comp": 4 * W, "raw": 5, "total": 4 * W + 5, "tokens": 4 * W + 5}
+    gen_base = base.generate(input_ids=ids[:1], max_new_tokens=W, do_sample=False, pad_token_id=0)
+    gen = model.generate(input_ids=ids[:1], max_new_tokens=W, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, gen_base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padded_rows_match_each_row_alone(arch, attn):
+    model = beacon_model(arch, attn=attn, sink_size=1)
+    lengths = [3 * W + 5, 2 * W - 3, W + 1]
+    rows = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    longest = max(lengths)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, longest - len(row) :] = row
+        mask[b, longest - len(row) :] = 1
+    with torch.no_grad():
+        batch_out = model(input_ids=ids, attention_mask=mask)
+        for b, row in enumerate(rows):
+            alone = model(input_ids=row[None]).logits[0]
+            torch.testing.assert_close(batch_out.logits[b, longest - len(row) :], alone, atol=1e-5, rtol=1e-5)
+            assert batch_out.past_key_values.sizes(b) == model(input_ids=row[None]).past_key_values.sizes(0)
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=W + 2, do_sample=False, pad_token_id=0)
+    for b, row in enumerate(rows):
+        alone = model.generate(input_ids=row[None], max_new_tokens=W + 2, do_sample=False, pad_token_id=0)
+        assert gen[b, longest:].tolist() == alone[0, len(row) :].tolist()
+
+
+def test_memory_size_formula_and_reading():
+    model = beacon_model("llama", sink_size=2, ratios=[4])
+    n = 5 * W + 6
+    with torch.no_grad():
+        memory = model(input_ids=random_ids(1, n)).past_key_values
+    # sink + N/r for completed windows + the open window's raw tokens and beacons
+    assert memory.sizes() == {"sink": 2, "comp": 5 * W // 4, "raw": 6 + 6 // 4, "total": 2 + 5 * W // 4 + 7,
+                              "tokens": n}
+    k, v = memory.layer_kv(1, "comp")
+    assert k.shape == v.shape == (2, 5 * W // 4, 16)
+    assert memory.nbytes() == 2 * 2 * 2 * (2 + 5 * W // 4 + 7) * 16 * 4  # layers x (k, v) x heads x entries x D x 4B
+    assert memory.get_seq_length() == n
+    assert memory.ratios_used == [4] * 6
+
+
+def test_adapter_lifecycle(tmp_path):
+    model = beacon_model("llama")
+    ids = random_ids(1, 3 * W)
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+    model.add_adapter("other", BeaconConfig(window=W, ratios=[2]))
+    model.set_adapter("other")
+    with torch.no_grad():
+        other = model(input_ids=ids).logits
+    assert not torch.allclose(first, other, atol=1e-4)
+    assert model.base_model.active_beacon_adapter() == "other"
+    model.set_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, first, atol=0, rtol=0)
+    model.save_pretrained(tmp_path)
+    model.delete_adapter("other")
+    assert "other" not in model.base_model.beacon_embedding and "other" not in model.peft_config
+    model.load_adapter(tmp_path / "other", adapter_name="again")
+    model.set_adapter("again")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, other, atol=0, rtol=0)
+    base = model.unload()
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, tiny_model("llama")(input_ids=ids).logits, atol=0,
+                                   rtol=0)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    ids = random_ids(1, 3 * W + 4)
+    grads = []
+    for checkpointing in (False, True):
+        model = beacon_model("llama").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_inputs_embeds_path_matches_ids():
+    model = beacon_model("qwen2")
+    ids = random_ids(1, 2 * W + 3)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_failed_call_leaves_passed_memory_untouched():
+    model = beacon_model("llama")
+    with torch.no_grad():
+        memory = model(input_ids=random_ids(1, W + 3)).past_key_values
+        before = memory.sizes(), memory.nbytes()
+        with pytest.raises(ValueError, match="rows"):
+            model(input_ids=random_ids(2, 4), past_key_values=memory)
+        assert (memory.sizes(), memory.nbytes()) == before
+
+
+def test_ratio_mix_draws_and_override():
+    model = beacon_model("llama", ratios=[2, 4], ratio_mix="step-random", ratio_seed=3)
+    with torch.no_grad():
+        mem_a = model(input_ids=random_ids(1, 6 * W)).past_key_values
+    model.base_model.set_compression_ratio(4)
+    with torch.no_grad():
+        mem_b = model(input_ids=random_ids(1, 6 * W)).past_key_values
+    assert set(mem_a.ratios_used) <= {2, 4} and len(mem_a.ratios_used) == 6
+    assert mem_b.ratios_used == [4] * 6
+    with pytest.raises(ValueError, match="ratio=8"):
+        model.base_model.set_compression_ratio(8)
+
+
+def test_adaptive_ratio_picks_smallest_that_fits():
+    # max positions 256, window 16: ratio r fits (256 - 16) * r + 16 tokens
+    model = beacon_model("llama", ratios=[2, 4, 8], ratio_mix="adapt", adapt_future_tokens=0, window=16)
+    with torch.no_grad():
+        short = model(input_ids=random_ids(1, 300)).past_key_values
+        long = model(input_ids=random_ids(1, 600)).past_key_values
+    assert set(short.ratios_used) == {2} and set(long.ratios_used) == {4}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window=0), "window=0"),
+        (dict(window=16, ratios=[3]), "ratio 3 does not divide stride 16"),
+        (dict(window=16, ratios=[32]), "ratios entry=32"),
+        (dict(window=16, stride=8), "placement='append'"),
+        (dict(placement="middle"), "placement='middle'"),
+        (dict(attention_scope="full-converage"), "attention_scope"),
+        (dict(beacon_projections=["q", "x"]), "beacon_projections"),
+        (dict(ratio_mix="fixed", ratios=[2, 4]), "exactly one ratio"),
+        (dict(sink_size=-1), "sink_size=-1"),
+        (dict(embed_init="pad"), "embed_init"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        BeaconConfig(**kwargs)
+
+
+def test_bad_inputs_raise_before_work():
+    model = beacon_model("llama")
+    with pytest.raises(ValueError, match="exactly one"):
+        model(input_ids=None)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids=random_ids(1, 8), attention_mask=torch.ones(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=random_ids(1, 8), output_attentions=True)
+
+
+def test_registration_is_importable_and_round_trips_config():
+    config = BeaconConfig(window=32, ratios=[2, 4], placement="append", attention_scope="step-expansion")
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["BEACON"] is BeaconConfig
+    assert beacon_peft.BeaconPeftType.BEACON == "BEACON"
+    assert isinstance(PeftConfig, type) and config.compresses
