@@ -129,14 +129,13 @@ def beacon_decoder_forward(
                 embeds = inputs_embeds.gather(1, index)
             if plan.has_beacons:
                 embeds = torch.where(plan.is_beacon[..., None], beacon_embedding.to(embeds.dtype), embeds)
-            mask, plain = build_mask(plan, config, embeds.dtype)
             mem_cos, mem_sin = decoder.rotary_emb(embeds, plan.mem_positions)
             comp_cos = comp_sin = None
             if plan.comp_new_positions is not None:
                 comp_cos, comp_sin = decoder.rotary_emb(embeds, plan.comp_new_positions)
-            ctx = ChunkContext(adapter, plan, list(state.layers), mask, plain, mem_cos, mem_sin, comp_cos, comp_sin,
-                               [None] * num_layers)
-            out = original_forward(inputs_embeds=embeds, position_ids=plan.position_ids, attention_mask=mask,
+            ctx = ChunkContext(adapter, plan, list(state.layers), partial(build_mask, plan, config, embeds.dtype),
+                               mem_cos, mem_sin, comp_cos, comp_sin, [None] * num_layers)
+            out = original_forward(inputs_embeds=embeds, position_ids=plan.position_ids, attention_mask=None,
                                    past_key_values=None, use_cache=False, beacon_ctx=ctx, **kwargs)
             if any(layer is None for layer in ctx.new_layers):
                 missing = [i for i, layer in enumerate(ctx.new_layers) if layer is None]

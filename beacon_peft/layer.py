@@ -11,7 +11,7 @@ functions (eager / sdpa, flash-attention for plain causal steps), and the layer 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -35,13 +35,30 @@ class ChunkContext:
     adapter: str
     plan: StepPlan
     layers: list[Optional[LayerMemory]]
-    mask: torch.Tensor  # (B, 1, L, S + C + R + L) additive
-    plain_causal: bool  # no padding and full-coverage: a bottom-right causal mask (flash-attention can run it)
+    mask_fn: Callable[[], torch.Tensor]  # builds the additive mask (B, 1, L, S + C + R + L), on first use
     mem_cos: torch.Tensor  # (B, S + R, D) rotary tables of the pre-RoPE memory parts
     mem_sin: torch.Tensor
     comp_cos: Optional[torch.Tensor]  # (B, K, D) for entries entering the compressed memory
     comp_sin: Optional[torch.Tensor]
     new_layers: list[Optional[LayerMemory]]
+    _mask: Optional[torch.Tensor] = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            self._mask = self.mask_fn()
+        return self._mask
+
+    @property
+    def plain_causal(self) -> bool:
+        """No padding and full-coverage: a bottom-right causal mask (flash kernels can run it without a mask)."""
+        return self.plan.plain
+
+
+def _cat_nonempty(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Concatenate along the sequence, without a copy when only one part holds entries."""
+    full = [p for p in parts if p.shape[2]]
+    return full[0] if len(full) == 1 else torch.cat(parts, dim=2)
 
 
 def _linear_copy(base: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Linear:
@@ -76,6 +93,31 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (B, L, Hq, D)
+
+
+def split_causal_attention(query, mem_key, mem_value, key, value, scaling: float) -> torch.Tensor:
+    """Inference fast path on CPU for a plain step (no padding, full-coverage): attend to the memory without a
+    mask and to the chunk with the kernel's own causal mask, then merge the two softmaxes by their log-sum-exp.
+
+    Equal to masked attention over ``[memory ; chunk]``, but it skips the chunk's upper triangle, never builds a
+    mask and never copies the memory: for the memory part the query heads sharing a K/V head are folded into
+    the query length instead of repeating K/V (grouped-query attention).
+    query (B, Hq, L, D); mem_key/mem_value (B, Hkv, M, D); key/value (B, Hkv, L, D) -> (B, L, Hq, D).
+    """
+    B, Hq, L, D = query.shape
+    Hkv = key.shape[1]
+    groups = Hq // Hkv
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out, lse = flash(query, key, value, 0.0, True, scale=scaling)[:2]  # (B, Hq, L, D), (B, Hq, L)
+    if mem_key.shape[2]:
+        folded = query.reshape(B, Hkv, groups * L, D)  # head h = kv head h // groups: a pure view
+        out_mem, lse_mem = flash(folded, mem_key, mem_value, 0.0, False, scale=scaling)[:2]
+        out_mem, lse_mem = out_mem.reshape(B, Hq, L, D), lse_mem.reshape(B, Hq, L)
+        total = torch.logaddexp(lse, lse_mem)
+        out = out * (lse - total).exp()[..., None] + out_mem * (lse_mem - total).exp()[..., None]
+    return out.transpose(1, 2)
 
 
 class BeaconAttention(nn.Module, BaseTunerLayer):
@@ -132,12 +174,14 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
             return base(x)
         beacon = beacon[ctx.adapter]
         B, L, _ = x.shape
-        flat = x.reshape(B * L, -1)
-        raw_out = base(flat.index_select(0, plan.other_flat))  # (n_other, out)
-        beacon_out = beacon(flat.index_select(0, plan.beacon_flat).to(beacon.weight.dtype)).to(raw_out.dtype)
-        out = raw_out.new_empty(B * L, raw_out.shape[-1])
-        out = out.index_copy(0, plan.other_flat, raw_out).index_copy(0, plan.beacon_flat, beacon_out)
-        return out.view(B, L, -1)
+        # the base projection over every entry (beacons are ~1/r of them), then the beacon rows overwritten:
+        # cheaper than splitting the rows; the base projection's backward needs its input, not this output
+        out = base(x).reshape(B * L, -1)
+        beacon_in = x.reshape(B * L, -1).index_select(0, plan.beacon_flat)
+        beacon_out = beacon(beacon_in.to(beacon.weight.dtype)).to(out.dtype)
+        if torch.is_grad_enabled():  # out-of-place: outputs of custom autograd Functions (bnb) cannot be modified
+            return out.index_copy(0, plan.beacon_flat, beacon_out).view(B, L, -1)
+        return out.index_copy_(0, plan.beacon_flat, beacon_out).view(B, L, -1)
 
     def _beacon_forward(self, x: torch.Tensor, position_embeddings, ctx: ChunkContext):
         attn, plan = self.base_layer, ctx.plan
@@ -156,27 +200,28 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
 
         mem = ctx.layers[self.layer_idx] or LayerMemory.empty_like(k, v)
         S = mem.sink_k.shape[2]
-        keys = torch.cat(
-            (
-                apply_rope(mem.sink_k, ctx.mem_cos[:, :S], ctx.mem_sin[:, :S]),
-                mem.comp_k,
-                apply_rope(mem.raw_k, ctx.mem_cos[:, S:], ctx.mem_sin[:, S:]),
-                k_rot,
-            ),
-            dim=2,
-        )  # (B, Hkv, S + C + R + L, D)
-        values = torch.cat((mem.sink_v, mem.comp_v, mem.raw_v, v), dim=2)
+        mem_k = _cat_nonempty((
+            apply_rope(mem.sink_k, ctx.mem_cos[:, :S], ctx.mem_sin[:, :S]),
+            mem.comp_k,
+            apply_rope(mem.raw_k, ctx.mem_cos[:, S:], ctx.mem_sin[:, S:]),
+        ))  # (B, Hkv, S + C + R, D) after RoPE
+        mem_v = _cat_nonempty((mem.sink_v, mem.comp_v, mem.raw_v))
 
-        out = self._attend(q_rot, keys, values, ctx)  # (B, L, Hq, D)
+        out = self._attend(q_rot, mem_k, mem_v, k_rot, v, ctx)  # (B, L, Hq, D)
         out = self._project("o", out.reshape(B, L, -1), ctx)
         ctx.new_layers[self.layer_idx] = self._next_memory(mem, k, v, ctx)
         return out, None
 
-    def _attend(self, q, keys, values, ctx: ChunkContext) -> torch.Tensor:
+    def _attend(self, q, mem_k, mem_v, k, v, ctx: ChunkContext) -> torch.Tensor:
+        """q (B, Hq, L, D) after RoPE; memory and chunk keys/values (B, Hkv, M or L, D) -> (B, L, Hq, D)."""
         attn = self.base_layer
         impl = attn.config._attn_implementation
         dropout = attn.attention_dropout if self.training else 0.0
-        if impl.startswith("flash") and ctx.plain_causal:
+        fast = impl == "sdpa" and ctx.plain_causal and q.device.type == "cpu" and not torch.is_grad_enabled()
+        if fast and dropout == 0.0:
+            return split_causal_attention(q, mem_k, mem_v, k, v, attn.scaling)
+        keys, values = torch.cat((mem_k, k), dim=2), torch.cat((mem_v, v), dim=2)  # (B, Hkv, M + L, D)
+        if impl.startswith("flash") and ctx.plain_causal:  # flash kernels align the causal mask bottom-right
             fn = ALL_ATTENTION_FUNCTIONS[impl]
             return fn(attn, q, keys, values, None, dropout=dropout, scaling=attn.scaling, is_causal=True)[0]
         if impl == "eager" or impl.startswith("flash") or impl not in ALL_ATTENTION_FUNCTIONS:

@@ -14,8 +14,8 @@ from .config import BeaconConfig
 from .schedule import StepPlan
 
 
-def build_mask(plan: StepPlan, config: BeaconConfig, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """Additive mask (B, 1, L, S + C + R + L) and whether it is a plain bottom-right causal mask."""
+def build_mask(plan: StepPlan, config: BeaconConfig, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, L, S + C + R + L): 0 where attention is allowed, the dtype's minimum elsewhere."""
     B, L = plan.valid.shape
     S, C, R = plan.widths
     device = plan.valid.device
@@ -46,7 +46,6 @@ def build_mask(plan: StepPlan, config: BeaconConfig, dtype: torch.dtype) -> tupl
         beacon_ok = key_local <= q_local if config.attend_prev else key_local == q_local
         blocked = (key_raw[:, None, :] & ~raw_ok) | (key_beacon[:, None, :] & ~beacon_ok)
         allowed &= ~(plan.is_beacon[:, :, None] & blocked)
-    plain = not scoped and bool(plan.valid.all()) and bool(mem_valid.all())
     mask = torch.zeros(B, 1, L, allowed.shape[-1], dtype=dtype, device=device)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return mask, plain
+    return mask

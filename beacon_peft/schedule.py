@@ -69,6 +69,7 @@ class StepPlan:
     out_dst: torch.Tensor  # (n_raw,) flat index into (B * N) of each raw entry's input column
     out_src: torch.Tensor  # (n_raw,) flat index into (B * L) of that raw entry
     has_beacons: bool
+    plain: bool  # no padding anywhere and no scoped beacons: the mask is plain bottom-right causal
     beacon_flat: Optional[torch.Tensor]  # (n_beacons,) flat index into (B * L) of beacon entries
     other_flat: Optional[torch.Tensor]  # flat index of the non-beacon entries
     # memory update, applied identically by every layer (see `select_entries`)
@@ -297,6 +298,9 @@ class Scheduler:
             out_dst=torch.cat(out_dst).to(self.device),
             out_src=torch.cat(out_src).to(self.device),
             has_beacons=has_beacons,
+            plain=all(c.length == L for c in chunks)
+            and all((r.sink, r.comp, r.raw) == (S, C, R) for r in st.rows)
+            and not (cfg.attention_scope != "full-coverage" and has_beacons),
             beacon_flat=is_beacon.flatten().nonzero().squeeze(1).to(self.device) if has_beacons else None,
             other_flat=(~is_beacon).flatten().nonzero().squeeze(1).to(self.device) if has_beacons else None,
             sink_index=self._index(sink_lists, S, L, sink_changes, prefix_only=True),

@@ -30,7 +30,7 @@ def run(config: BeaconConfig, calls: list[int], training: bool = False):
             plan = scheduler.plan()
             if plan is None:
                 break
-            mask, _ = build_mask(plan, config, torch.float32)
+            mask = build_mask(plan, config, torch.float32)
             S, C, R = plan.widths
             sink, comp = rows[0]
             positions = torch.cat((torch.arange(S), sink + torch.arange(C), plan.mem_positions[0, S:],

@@ -1,0 +1,50 @@
+"""A 4-bit (bitsandbytes nf4) base saved to disk and reloaded: beacon copies are dequantized, the rest stays 4-bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from beacon_peft import BeaconConfig
+from tiny import random_ids, tiny_model
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install '.[quant]')")
+W = 16
+
+
+def load_4bit(path):
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_use_double_quant=True)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_4bit_train_generate_save_load(arch, tmp_path):
+    tiny_model(arch).save_pretrained(tmp_path / "base")
+    base = prepare_model_for_kbit_training(load_4bit(tmp_path / "base"), use_gradient_checkpointing=True)
+    q_proj = base.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    model = get_peft_model(base, BeaconConfig(window=W, ratios=[4]))
+    beacon_q = model.base_model.model.model.layers[0].self_attn.beacon_q["default"]
+    dequantized = bnb.functional.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state)
+    torch.testing.assert_close(beacon_q.weight, dequantized.float(), atol=0, rtol=0)
+    assert beacon_q.weight.dtype == torch.float32 and beacon_q.weight.requires_grad
+
+    model.train()
+    ids = random_ids(2, 3 * W + 5)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert all("beacon_" in n for n, p in model.named_parameters() if p.grad is not None)
+    assert beacon_q.weight.grad is not None and beacon_q.weight.grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    gen = model.generate(input_ids=ids[:1], max_new_tokens=W, do_sample=False, pad_token_id=0)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_4bit(tmp_path / "base"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(reloaded.generate(input_ids=ids[:1], max_new_tokens=W, do_sample=False, pad_token_id=0), gen)
