@@ -14,6 +14,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     conv.add_argument("src", help="official checkpoint folder (config.json with beacon_* fields)")
     conv.add_argument("--out", required=True, help="adapter folder to write")
     conv.add_argument("--base-out", default=None, help="also write the base model (without beacons) here")
+    sub.add_parser("demo", help="needle in held-out essays on SmolLM2-135M (offline); see `beacon-peft demo -h`",
+                   add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo
+
+        return demo(argv[1:])
     args = parser.parse_args(argv)
 
     from .convert import convert_official
