@@ -1,0 +1,196 @@
+"""Passkey / needle-in-a-haystack prompts built at the token level.
+
+Pure Python; the tokenizer is passed in and only ``encode(text, add_special_tokens=False)``
+and ``decode(ids)`` are used, so this works with any HF tokenizer (in either venv) or a
+hand-made one in tests.
+
+Layout of a case (all token ids, ``len(context_ids) == context_tokens`` exactly)::
+
+    context_ids  = intro + filler[:p1] + needle_1 + filler[p1:p2] + needle_2 + ... + filler[pk:]
+    question_ids = "\\nWhat is the pass key? The pass key is"
+
+The filler is the haystack (cycled when too short) starting at ``filler_offset``. A needle's
+insertion point is ``round(depth * n_filler)`` snapped to the nearest sentence/newline boundary
+within ``snap_window`` filler tokens (a boundary lies right after a token whose decoded text
+ends with ``. ! ? \\n``; the filler's start and end are boundaries too). Everything is
+deterministic given ``seed``: key digits come from ``random.Random(seed)``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n\n"
+)
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+MULTIKEY_NEEDLE = " The pass key for {name} is {key}. Remember it. {key} is the pass key for {name}. "
+MULTIKEY_QUESTION = "\n\nWhat is the pass key for {name}? The pass key for {name} is"
+NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry",
+         "Irene", "Jack", "Karen", "Louis", "Maria", "Nathan", "Olivia", "Peter")
+_BOUNDARY_END = (".", "!", "?", "\n")
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _random_key(rng: random.Random, digits: int) -> str:
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def _filler(haystack_ids: list[int], n: int, offset: int) -> list[int]:
+    if n <= 0:
+        return []
+    if not haystack_ids:
+        raise ValueError("haystack_ids is empty")
+    h = len(haystack_ids)
+    return [haystack_ids[(offset + i) % h] for i in range(n)]
+
+
+def snap_to_boundary(filler_ids: list[int], tokenizer, pos: int, window: int) -> int:
+    """Nearest boundary index to ``pos`` within ``window`` tokens (ties: the earlier one);
+    ``pos`` itself when none is that near. Index ``i`` is a boundary when ``i`` is 0 or
+    ``len(filler_ids)``, or ``decode([filler_ids[i-1]])`` ends with ``. ! ? \\n``."""
+    n = len(filler_ids)
+    pos = min(max(pos, 0), n)
+    best = None
+    for i in range(max(0, pos - window), min(n, pos + window) + 1):
+        if i in (0, n) or tokenizer.decode([filler_ids[i - 1]]).rstrip(" ").endswith(_BOUNDARY_END):
+            if best is None or abs(i - pos) < abs(best - pos):
+                best = i
+    return pos if best is None else best
+
+
+def _assemble(haystack_ids, tokenizer, context_tokens, needles, intro, filler_offset, snap_window):
+    """``needles``: list of (depth, needle_ids). Returns (context_ids, starts, depths_actual)
+    with starts/depths in the order of ``needles``."""
+    intro_ids = _encode(tokenizer, intro) if intro else []
+    n_fill = context_tokens - len(intro_ids) - sum(len(ids) for _, ids in needles)
+    if n_fill < 0:
+        raise ValueError(
+            f"context_tokens={context_tokens} is too small for the intro and needles "
+            f"({context_tokens - n_fill} tokens)"
+        )
+    filler = _filler(list(haystack_ids), n_fill, filler_offset)
+    for depth, _ in needles:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {depth}")
+    points = [snap_to_boundary(filler, tokenizer, round(d * n_fill), snap_window) for d, _ in needles]
+    order = sorted(range(len(needles)), key=lambda k: (points[k], k))
+    context = list(intro_ids)
+    starts = [0] * len(needles)
+    prev = 0
+    for k in order:
+        context += filler[prev : points[k]]
+        starts[k] = len(context)
+        context += needles[k][1]
+        prev = points[k]
+    context += filler[prev:]
+    assert len(context) == context_tokens
+    depths = [p / n_fill if n_fill else 0.0 for p in points]
+    return context, starts, depths
+
+
+def make_passkey_case(
+    haystack_ids: list[int],
+    tokenizer,
+    context_tokens: int,
+    depth: float,
+    seed: int,
+    *,
+    key_digits: int = 5,
+    intro: str = INTRO,
+    filler_offset: int = 0,
+    snap_window: int = 32,
+) -> dict:
+    """One passkey case. Returns a dict with
+
+    - ``context_ids`` (exactly ``context_tokens`` ids), ``question_ids``, ``answer`` (the key),
+    - ``needle_token_start`` / ``needle_token_end``: the needle's span in ``context_ids``,
+    - ``depth_actual``: insertion point / number of filler tokens after snapping, ``seed``.
+    """
+    rng = random.Random(seed)
+    key = _random_key(rng, key_digits)
+    needle_ids = _encode(tokenizer, PASSKEY_NEEDLE.format(key=key))
+    context, starts, depths = _assemble(
+        haystack_ids, tokenizer, context_tokens, [(depth, needle_ids)], intro, filler_offset, snap_window
+    )
+    return dict(
+        context_ids=context,
+        question_ids=_encode(tokenizer, PASSKEY_QUESTION),
+        answer=key,
+        needle_token_start=starts[0],
+        needle_token_end=starts[0] + len(needle_ids),
+        depth_actual=depths[0],
+        seed=seed,
+    )
+
+
+def make_multikey_case(
+    haystack_ids: list[int],
+    tokenizer,
+    context_tokens: int,
+    seed: int,
+    *,
+    n_keys: int = 4,
+    depths: list[float] | None = None,
+    query_index: int | None = None,
+    key_digits: int = 5,
+    intro: str = INTRO,
+    filler_offset: int = 0,
+    snap_window: int = 32,
+) -> dict:
+    """Several needles "The pass key for <name> is <key>..." with distinct names and keys, and
+    a question about one of them (``query_index``, else drawn from the seed).
+
+    ``depths`` defaults to evenly spread ``(i + 0.5) / n_keys``. Returns the passkey fields
+    (``needle_token_start``/``_end`` and ``depth_actual`` refer to the queried needle) plus
+    ``names``, ``keys``, ``query_index``, ``needle_token_starts``, ``depths_actual``.
+    """
+    if not 1 <= n_keys <= len(NAMES):
+        raise ValueError(f"n_keys must be in [1, {len(NAMES)}]")
+    rng = random.Random(seed)
+    names = rng.sample(NAMES, n_keys)
+    keys: list[str] = []
+    while len(keys) < n_keys:
+        k = _random_key(rng, key_digits)
+        if k not in keys:
+            keys.append(k)
+    if query_index is None:
+        query_index = rng.randrange(n_keys)
+    if depths is None:
+        depths = [(i + 0.5) / n_keys for i in range(n_keys)]
+    if len(depths) != n_keys:
+        raise ValueError("len(depths) must equal n_keys")
+    needle_ids = [_encode(tokenizer, MULTIKEY_NEEDLE.format(name=n, key=k)) for n, k in zip(names, keys)]
+    context, starts, actual = _assemble(
+        haystack_ids, tokenizer, context_tokens, list(zip(depths, needle_ids)), intro, filler_offset, snap_window
+    )
+    q = query_index
+    return dict(
+        context_ids=context,
+        question_ids=_encode(tokenizer, MULTIKEY_QUESTION.format(name=names[q])),
+        answer=keys[q],
+        needle_token_start=starts[q],
+        needle_token_end=starts[q] + len(needle_ids[q]),
+        depth_actual=actual[q],
+        seed=seed,
+        names=names,
+        keys=keys,
+        query_index=q,
+        needle_token_starts=starts,
+        depths_actual=actual,
+    )
+
+
+def score_answer(generated_text: str, answer: str) -> bool:
+    """True when ``answer`` appears in the generated text; an all-digit answer must not be
+    part of a longer digit run ("68213" is not found in "682130")."""
+    answer = str(answer).strip()
+    if answer.isdigit():
+        return re.search(rf"(?<!\d){re.escape(answer)}(?!\d)", generated_text) is not None
+    return answer in generated_text
