@@ -83,6 +83,10 @@ class BeaconConfig(PeftConfig):
         beacon_projections (`list[str]`): Which attention projections get a beacon copy: a subset of
             ``q, k, v, o``. Raw tokens always use the frozen base projections.
         embed_init (`str`): Initialise the beacon embedding from the ``"eos"`` or ``"bos"`` token embedding.
+        beacon_rank (`int`, *optional*): ``None`` (default, as the official code): each beacon projection is a
+            full trainable copy of the base projection. An int: each beacon projection is the frozen base
+            projection plus a trainable low-rank delta ``B @ A`` of that rank (B starts at zero), which keeps an
+            8B model's adapter small enough for QLoRA training on one GPU.
         mask_first_window_loss (`bool`, *optional*): In training, exclude the first window's predictions from
             the loss. ``None`` follows the official code: masked unless interleave + full-coverage.
         target_modules (`list[str]` or `str`, *optional*): Attention modules to wrap (names or a regex); by
@@ -106,6 +110,9 @@ class BeaconConfig(PeftConfig):
         default_factory=lambda: ["q", "k", "v"], metadata={"help": "Subset of q, k, v, o with beacon copies."}
     )
     embed_init: str = field(default="eos", metadata={"help": "Beacon embedding init: 'eos' or 'bos'."})
+    beacon_rank: Optional[int] = field(
+        default=None, metadata={"help": "None: full beacon copies; int: frozen base + trainable low-rank delta."}
+    )
     mask_first_window_loss: Optional[bool] = field(
         default=None, metadata={"help": "Mask the first window's loss in training (None: official rule)."}
     )
@@ -163,6 +170,8 @@ class BeaconConfig(PeftConfig):
             raise ValueError(f"beacon_projections={projections} must be distinct entries of {list(PROJECTIONS)}")
         self.beacon_projections = [p for p in PROJECTIONS if p in projections]
         _check_choice("embed_init", self.embed_init, EMBED_INITS)
+        if self.beacon_rank is not None:
+            _check_int("beacon_rank", self.beacon_rank, 1)
         if self.mask_first_window_loss is not None and not isinstance(self.mask_first_window_loss, bool):
             raise TypeError(f"mask_first_window_loss must be a bool or None, got {self.mask_first_window_loss!r}")
         if self.beacon_layers is not None:

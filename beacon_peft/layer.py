@@ -82,6 +82,23 @@ def _linear_copy(base: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Lin
     return copy
 
 
+class LowRankDelta(nn.Module):
+    """A beacon projection as the frozen base projection plus ``B @ A`` (``B`` starts at zero)."""
+
+    def __init__(self, base: nn.Module, rank: int):
+        super().__init__()
+        weight = base.weight
+        out_features = getattr(base, "out_features", None) or weight.shape[0]
+        in_features = getattr(base, "in_features", None) or weight.shape[1]
+        self.A = nn.Linear(in_features, rank, bias=False, device=weight.device, dtype=torch.float32)
+        self.B = nn.Linear(rank, out_features, bias=False, device=weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.A.weight, a=5**0.5)
+        nn.init.zeros_(self.B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x.to(self.A.weight.dtype)))
+
+
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Plain attention with an additive mask; softmax in fp32 (as transformers' eager path)."""
     groups = query.shape[1] // key.shape[1]
@@ -152,7 +169,11 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
             quantized = self.base_layer.q_proj.weight.__class__.__name__ in ("Params4bit", "Int8Params")
             for p in config.beacon_projections:
                 base = getattr(self.base_layer, f"{p}_proj")
-                getattr(self, f"beacon_{p}")[adapter_name] = _linear_copy(base, torch.float32 if quantized else None)
+                if config.beacon_rank is not None:
+                    module = LowRankDelta(base, config.beacon_rank)
+                else:
+                    module = _linear_copy(base, torch.float32 if quantized else None)
+                getattr(self, f"beacon_{p}")[adapter_name] = module
         self.set_adapter(self.active_adapters)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
@@ -178,6 +199,11 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         # cheaper than splitting the rows; the base projection's backward needs its input, not this output
         out = base(x).reshape(B * L, -1)
         beacon_in = x.reshape(B * L, -1).index_select(0, plan.beacon_flat)
+        if isinstance(beacon, LowRankDelta):  # beacon rows: base projection (already computed) + delta
+            delta = beacon(beacon_in).to(out.dtype)
+            if torch.is_grad_enabled():
+                return out.index_add(0, plan.beacon_flat, delta).view(B, L, -1)
+            return out.index_add_(0, plan.beacon_flat, delta).view(B, L, -1)
         beacon_out = beacon(beacon_in.to(beacon.weight.dtype)).to(out.dtype)
         if torch.is_grad_enabled():  # out-of-place: outputs of custom autograd Functions (bnb) cannot be modified
             return out.index_copy(0, plan.beacon_flat, beacon_out).view(B, L, -1)

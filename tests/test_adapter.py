@@ -284,3 +284,29 @@ def test_registration_is_importable_and_round_trips_config():
     assert PEFT_TYPE_TO_CONFIG_MAPPING["BEACON"] is BeaconConfig
     assert beacon_peft.BeaconPeftType.BEACON == "BEACON"
     assert isinstance(PeftConfig, type) and config.compresses
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_low_rank_beacon_projections(arch, tmp_path):
+    config = BeaconConfig(window=W, ratios=[4], beacon_rank=4)
+    model = get_peft_model(tiny_model(arch), config)
+    ids = random_ids(1, 3 * W + 2)
+    full_copy = get_peft_model(tiny_model(arch), BeaconConfig(window=W, ratios=[4]))
+    with torch.no_grad():  # B starts at zero: equal to full copies that are still equal to the base projections
+        torch.testing.assert_close(model(input_ids=ids).logits, full_copy(input_ids=ids).logits, atol=1e-5,
+                                   rtol=1e-5)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    hidden, kv = 64, 32
+    per_layer = 4 * (hidden + hidden) + 4 * (hidden + kv) * 2  # rank x (in + out) for q, k, v
+    assert sum(trainable.values()) == 2 * per_layer + hidden
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    layer = model.base_model.model.model.layers[0].self_attn
+    assert layer.beacon_k["default"].B.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.beacon_k["default"].B.weight.normal_(0, 0.1)
+        expected = model.eval()(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=0, rtol=0)

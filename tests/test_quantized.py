@@ -48,3 +48,13 @@ def test_4bit_train_generate_save_load(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(reloaded.generate(input_ids=ids[:1], max_new_tokens=W, do_sample=False, pad_token_id=0), gen)
+
+
+def test_4bit_with_low_rank_beacon_projections(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    base = prepare_model_for_kbit_training(load_4bit(tmp_path / "base"), use_gradient_checkpointing=True)
+    model = get_peft_model(base, BeaconConfig(window=W, ratios=[4], beacon_rank=2)).train()
+    ids = random_ids(1, 3 * W)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert grads and all(".A." in n or ".B." in n or "beacon_embedding" in n for n in grads)
