@@ -112,6 +112,8 @@ def beacon_decoder_forward(
         _ensure_non_reentrant_checkpointing(decoder)
     state = memory.state.copy()  # committed only if the whole call succeeds
     cols = _columns(attention_mask, batch, length)
+    if not any(len(c) for c in cols):
+        raise ValueError("attention_mask marks every position as padding: there is no token to read")
     scheduler = Scheduler(config, state, cols, length, decoder.training, tuner.ratio_picker(adapter), device)
     embed = decoder.get_input_embeddings()
     beacon_embedding = tuner.beacon_embedding[adapter]  # (1, H)

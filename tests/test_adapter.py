@@ -74,6 +74,13 @@ def test_generate_matches_manual_greedy_loop(arch):
     assert torch.equal(gen, again)
     sampled = model.generate(input_ids=ids, max_new_tokens=5, do_sample=True, top_k=5, pad_token_id=0)
     assert sampled.shape[1] == ids.shape[1] + 5
+    # beam search reorders the memory's rows (BeaconMemory.reorder_cache); one beam is greedy search
+    one_beam = model.generate(input_ids=ids, max_new_tokens=W + 3, num_beams=1, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+    assert torch.equal(one_beam, gen)
+    beams = model.generate(input_ids=ids.expand(2, -1), max_new_tokens=W + 3, num_beams=3, do_sample=False,
+                           pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    assert beams.sequences.shape == (2, ids.shape[1] + W + 3) and torch.equal(beams.sequences[0], beams.sequences[1])
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -124,6 +131,9 @@ def test_compression_off_equals_full_attention(arch, attn):
     gen_base = base.generate(input_ids=ids[:1], max_new_tokens=W, do_sample=False, pad_token_id=0)
     gen = model.generate(input_ids=ids[:1], max_new_tokens=W, do_sample=False, pad_token_id=0)
     assert torch.equal(gen, gen_base)
+    if arch == "llama":  # beam search reorders memory rows: still the base model's beams
+        kw = dict(max_new_tokens=W // 2, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(model.generate(input_ids=ids, **kw), base.generate(input_ids=ids, **kw))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -274,6 +284,8 @@ def test_bad_inputs_raise_before_work():
         model(input_ids=random_ids(1, 8), attention_mask=torch.ones(1, 1, 8, 8))
     with pytest.raises(ValueError, match="output_attentions"):
         model(input_ids=random_ids(1, 8), output_attentions=True)
+    with pytest.raises(ValueError, match="padding"):
+        model(input_ids=random_ids(1, 8), attention_mask=torch.zeros(1, 8, dtype=torch.long))
 
 
 def test_registration_is_importable_and_round_trips_config():
