@@ -91,10 +91,11 @@ def test_prefill_parity(folders, variant, prompt):
     _check_memory(out.past_key_values, meta[name]["memory_after_prefill"], tensors, name)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_generation_parity(folders, variant, prompt):
-    model = _model(folders, variant)
+def test_generation_parity(folders, variant, prompt, attn):
+    model = _model(folders, variant, attn)
     tensors, meta = outputs(variant)
     name = f"c_generate_prompt{prompt}"
     ids = inputs()[f"prompt{prompt}"]
