@@ -7,10 +7,10 @@
 from .config import BeaconConfig, BeaconPeftType
 from .convert import convert_official
 from .memory import BeaconMemory
-from .model import BeaconModel
+from .model import BeaconModel, mask_first_window_labels
 from .registry import register
 
 register()
 
-__all__ = ["BeaconConfig", "BeaconMemory", "BeaconModel", "BeaconPeftType", "convert_official", "register"]
+__all__ = ["BeaconConfig", "BeaconMemory", "BeaconModel", "BeaconPeftType", "convert_official", "mask_first_window_labels", "register"]
 __version__ = "0.1.0"

@@ -111,6 +111,7 @@ def beacon_decoder_forward(
     if decoder.training and torch.is_grad_enabled():
         _ensure_non_reentrant_checkpointing(decoder)
     state = memory.state.copy()  # committed only if the whole call succeeds
+    steps_before = len(state.ratio_log)
     cols = _columns(attention_mask, batch, length)
     if not any(len(c) for c in cols):
         raise ValueError("attention_mask marks every position as padding: there is no token to read")
@@ -152,6 +153,7 @@ def beacon_decoder_forward(
     hidden = source.new_zeros(batch * length, source.shape[-1]).index_copy(0, torch.cat(destinations), source)
     state.columns += length
     memory.state = state
+    tuner.ratio_picker(adapter).last_call = state.ratio_log[steps_before:]
     return BaseModelOutputWithPast(
         last_hidden_state=hidden.view(batch, length, -1),
         past_key_values=memory if use_cache is not False else None,

@@ -142,7 +142,8 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("beacon_q", "beacon_k", "beacon_v", "beacon_o")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BeaconConfig, with_projections: bool):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BeaconConfig, with_projections: bool,
+                 last_layer: bool = False):
         super().__init__()
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"):
             if not hasattr(base_layer, name):
@@ -158,6 +159,8 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self.merged_adapters = []
+        self.frozen_peft_weight_names = {}
+        self.last_layer = last_layer
         self.update_layer(adapter_name, config, with_projections)
 
     @property
@@ -174,6 +177,10 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
                 else:
                     module = _linear_copy(base, torch.float32 if quantized else None)
                 getattr(self, f"beacon_{p}")[adapter_name] = module
+            if self.last_layer:
+                # in the last layer a beacon's query and output only shape its own final hidden state, which
+                # nothing reads (its K/V come from the layer's input): kept for checkpoint compatibility, frozen
+                self.frozen_peft_weight_names[adapter_name] = ("beacon_q", "beacon_o")
         self.set_adapter(self.active_adapters)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:

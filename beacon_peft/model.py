@@ -99,7 +99,8 @@ class BeaconModel(BaseTuner):
         if isinstance(target, BeaconAttention):
             target.update_layer(adapter_name, peft_config, with_projections)
             return
-        new_module = BeaconAttention(target, adapter_name, peft_config, with_projections)
+        last_layer = layer_idx == self._decoder(self.model).config.num_hidden_layers - 1
+        new_module = BeaconAttention(target, adapter_name, peft_config, with_projections, last_layer)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -138,6 +139,10 @@ class BeaconModel(BaseTuner):
 
     def ratio_picker(self, adapter_name: str) -> RatioPicker:
         return self._pickers[adapter_name]
+
+    def ratios_last_call(self, adapter_name: Optional[str] = None) -> list[int]:
+        """Compression ratio of every window step of the most recent forward call (training included)."""
+        return list(self._pickers[adapter_name or self.active_adapters[0]].last_call)
 
     def set_compression_ratio(self, ratio: Optional[int], adapter_name: Optional[str] = None) -> None:
         """Force every window to ``ratio`` (an entry of ``config.ratios``), or restore ``ratio_mix`` with None."""
@@ -184,12 +189,16 @@ class BeaconModel(BaseTuner):
         if labels is not None and adapter is not None and self.model.training:
             config = self.peft_config[adapter]
             if config.masks_first_window():
-                kwargs["labels"] = _mask_first_window(labels, kwargs.get("attention_mask"), config.window)
+                kwargs["labels"] = mask_first_window_labels(labels, kwargs.get("attention_mask"), config.window)
         return self.model(*args, **kwargs)
 
 
-def _mask_first_window(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], window: int) -> torch.Tensor:
-    """Blank the predictions made inside each row's first window (labels are unshifted: positions 1..window)."""
+def mask_first_window_labels(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], window: int) -> torch.Tensor:
+    """Blank the predictions made inside each row's first window (labels are unshifted: positions 1..window).
+
+    The adapter applies this itself in training when `BeaconConfig.masks_first_window()`; a data collator can
+    call it too so that a Trainer's count of loss tokens matches.
+    """
     labels = labels.clone()
     if attention_mask is None:
         labels[:, 1 : window + 1] = -100

@@ -106,6 +106,7 @@ class RatioPicker:
         self.max_positions = max_positions
         self.rng = random.Random(config.ratio_seed) if config.ratio_seed is not None else random
         self.override: Optional[int] = None
+        self.last_call: list[int] = []  # ratio of every window step of the most recent forward call
 
     def _adapt(self, sequence_length: int) -> int:
         cfg = self.config
