@@ -1,0 +1,55 @@
+"""Training beacon adapters with TRL's `SFTTrainer` (the library behind ``recipes/train.py``).
+
+Needs the ``train`` extra (``pip install beacon-peft[train]``: trl, accelerate, datasets). Importing this package
+is cheap: each name is imported from its module on first use, so ``import beacon_peft`` never imports trl.
+
+Modules: `arguments` (the dataclasses the recipe parses), `data` (corpora, tokenization, length filters),
+`collator`, `modeling` (base, 4-bit, base LoRA, beacon adapter), `callbacks` (ratio sampling and recording),
+`trainer` (`BeaconSFTTrainer`, `train`), `saving` (final adapter, model card), `evaluation` (held-out loss),
+`sizing` (parameter counts and memory estimates on a meta-device model).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "arguments": ["BeaconArguments", "BeaconSFTConfig", "ModelArguments", "ScriptArguments", "make_parser",
+                  "parse_args", "validate_args"],
+    "data": ["load_documents", "tokenize_dataset"],
+    "collator": ["BeaconCollator"],
+    "modeling": ["build_model", "load_base_model", "load_tokenizer", "load_trained", "resolve_model_path"],
+    "callbacks": ["RatioRecorder", "StepRatioCallback", "step_ratio"],
+    "trainer": ["BeaconSFTTrainer", "train", "use_cpu_for_multiprocess_without_gpu"],
+    "saving": ["atomic_write_dir", "model_card", "save_final"],
+    "evaluation": ["compare_heldout", "evaluate", "heldout_sequences"],
+    "sizing": ["adapter_footprint", "meta_model", "training_memory"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names resolve lazily in __getattr__
+    from .arguments import (BeaconArguments, BeaconSFTConfig, ModelArguments, ScriptArguments, make_parser,
+                            parse_args, validate_args)
+    from .callbacks import RatioRecorder, StepRatioCallback, step_ratio
+    from .collator import BeaconCollator
+    from .data import load_documents, tokenize_dataset
+    from .evaluation import compare_heldout, evaluate, heldout_sequences
+    from .modeling import build_model, load_base_model, load_tokenizer, load_trained, resolve_model_path
+    from .saving import atomic_write_dir, model_card, save_final
+    from .sizing import adapter_footprint, meta_model, training_memory
+    from .trainer import BeaconSFTTrainer, train, use_cpu_for_multiprocess_without_gpu
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
