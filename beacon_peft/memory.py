@@ -141,9 +141,13 @@ class BeaconMemory(Cache):
             if entries
         ]
 
+    def kv_tensors(self) -> list[torch.Tensor]:
+        """Every K/V tensor held: sink, compressed and raw-cache keys and values of every layer."""
+        return [t for lm in self.state.layers if lm is not None for t in lm.tensors()]
+
     def nbytes(self) -> int:
         """Bytes of every K/V tensor held (all layers, padding included): what the memory really occupies."""
-        return sum(t.numel() * t.element_size() for lm in self.state.layers if lm is not None for t in lm.tensors())
+        return sum(t.numel() * t.element_size() for t in self.kv_tensors())
 
     def layer_kv(self, layer: int, part: str, row: int = 0, pre_rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(H_kv, T, D)`` of one part (``"sink"``, ``"comp"``/``"beacon"``, ``"raw"``) of a row.

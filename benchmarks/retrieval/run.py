@@ -1,0 +1,178 @@
+"""Retrieval: pass key (one needle, context length x depth grid) and multi-key (4 named needles, one asked).
+
+Cases come from ``benchmarks/common/needles.py`` over held-out essays: ``context_tokens`` tokens exactly (intro,
+filler, needle(s)), then the question; the answer is read greedily (``max_new_tokens``, stopping at EOS) and is
+correct when the key appears in it as a whole number. Full attention and beacons run in this process
+(``model.generate``), kvpress presses in their worker (context compressed, question and answer not). Full
+attention and kvpress only run where context + question + answer fit the model's native positions.
+
+    python benchmarks/retrieval/run.py --quick      # or --full (GPU), --lengths 1024 4096 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.common import measure, report  # noqa: E402
+from benchmarks.common.harness import Bench, Method, add_common_args  # noqa: E402
+from benchmarks.common.needles import make_multikey_case, make_passkey_case, score_answer  # noqa: E402
+
+BENCHMARK = "retrieval"
+
+
+@dataclass
+class Settings:
+    lengths: list[int]
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    cases: int = 1  # pass-key cases per (length, depth) cell
+    multikey_cases: int = 1  # multi-key cases per length
+    n_keys: int = 4
+    max_new_tokens: int = 10
+
+
+SETTINGS = {
+    "quick": Settings([1024, 2048]),
+    "full": Settings([1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], cases=3, multikey_cases=5),
+}
+
+
+def make_cases(bench: Bench, s: Settings) -> list[dict]:
+    """Every case, with ``task`` ("passkey"/"multikey"), ``length``, ``cell`` (depth index or None), ``key``."""
+    from beacon_peft.offline import haystack_ids
+
+    hay = haystack_ids(bench.tokenizer, max(s.lengths), "held_out")
+    cases = []
+    for length in s.lengths:
+        for di, depth in enumerate(s.depths):
+            for c in range(s.cases):
+                seed = bench.args.seed * 1_000_003 + length * 31 + di * 7 + c
+                case = make_passkey_case(hay, bench.tokenizer, length, depth, seed,
+                                         filler_offset=random.Random(seed).randrange(len(hay)))
+                cases.append(dict(case, task="passkey", length=length, cell=di, key=["passkey", length, di, c]))
+        for c in range(s.multikey_cases):
+            seed = bench.args.seed * 1_000_003 + length * 31 + 5_000 + c
+            case = make_multikey_case(hay, bench.tokenizer, length, seed, n_keys=s.n_keys,
+                                      filler_offset=random.Random(seed).randrange(len(hay)))
+            cases.append(dict(case, task="multikey", length=length, cell=None, key=["multikey", length, c]))
+    return cases
+
+
+def run(bench: Bench, s: Settings) -> str:
+    """Measure, write results/<mode>.{json,md,png}, add summary records; returns the markdown."""
+    cases = make_cases(bench, s)
+    fits = {tuple(c["key"]): bench.fits(len(c["context_ids"]) + len(c["question_ids"]) + s.max_new_tokens)
+            for c in cases}
+    full = Method("full", "full")
+    local = [full] + bench.beacon_methods(bench.ratios)
+    presses = bench.press_methods(bench.ratios)
+    answers = []  # one row per (method, case)
+    todo = [(m, c) for m in local for c in cases if m.kind != "full" or fits[tuple(c["key"])]]
+    pad = bench.tokenizer.pad_token_id if bench.tokenizer.pad_token_id is not None else bench.tokenizer.eos_token_id
+    for m, c in tqdm(todo, desc="retrieval", unit="case"):
+        with bench.use(m) as model:
+            ids = measure.greedy(model, c["context_ids"] + c["question_ids"], s.max_new_tokens, pad, bench.device)
+        answers.append(_answer(bench, m, c, ids))
+    jobs = [dict(kind="generate", id=c["key"], context_ids=c["context_ids"], question_ids=c["question_ids"],
+                 max_new_tokens=s.max_new_tokens, stop_at_eos=True,
+                 presses=[dict(name=m.press, compression_ratio=m.compression_ratio) for m in presses])
+            for c in cases if fits[tuple(c["key"])]] if presses else []
+    result = bench.kvpress(jobs)
+    if result is not None:
+        by_key = {tuple(c["key"]): c for c in cases}
+        by_press = {(m.press, m.compression_ratio): m for m in presses}
+        for meas in result["measurements"]:
+            for r in meas["results"]:
+                m = by_press[(r["press"], r["compression_ratio"])]
+                answers.append(_answer(bench, m, by_key[tuple(meas["id"])], r["generated_ids"]))
+
+    methods = list(dict.fromkeys(a["method"] for a in answers))
+    by_method = {m.name: m for m in local + presses}
+    acc = _accuracy(answers)
+    for (name, task, length), value in sorted(acc["by_length"].items()):
+        metric = "passkey_accuracy" if task == "passkey" else "multikey_accuracy"
+        bench.record(BENCHMARK, by_method[name], length, metric, value)
+    markdown = _tables(bench, s, methods, acc)
+    payload = dict(settings=vars(s), accuracy=[dict(method=k[0], task=k[1], context_tokens=k[2], accuracy=v)
+                                               for k, v in sorted(acc["by_length"].items())],
+                   answers=answers)
+    out = bench.write(BENCHMARK, payload, markdown)
+    _plots(bench, s, methods, acc, out)
+    return markdown
+
+
+def _answer(bench: Bench, m: Method, case: dict, ids: list[int]) -> dict:
+    text = bench.tokenizer.decode(ids)  # special tokens kept visible (an untrained adapter often says EOS)
+    return dict(method=m.name, compression=m.ratio, task=case["task"], context_tokens=case["length"],
+                cell=case["cell"], depth=case["depth_actual"], case=case["key"], answer=case["answer"],
+                generated=text, correct=score_answer(text, case["answer"]))
+
+
+def _mean(xs: list[bool]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _accuracy(answers: list[dict]) -> dict:
+    """``by_length[(method, task, length)]`` and ``by_cell[(method, length, depth index)]`` (pass key)."""
+    groups: dict[str, dict] = {"by_length": {}, "by_cell": {}}
+    for a in answers:
+        groups["by_length"].setdefault((a["method"], a["task"], a["context_tokens"]), []).append(a["correct"])
+        if a["task"] == "passkey":
+            groups["by_cell"].setdefault((a["method"], a["context_tokens"], a["cell"]), []).append(a["correct"])
+    return {k: {key: _mean(v) for key, v in g.items()} for k, g in groups.items()}
+
+
+def _tables(bench: Bench, s: Settings, methods: list[str], acc: dict) -> str:
+    head = [f"{report.tokens(n)}{'' if bench.fits(n) else '*'}" for n in s.lengths]
+    tables = []
+    for task in ("passkey", "multikey"):
+        rows = [[m, *[acc["by_length"].get((m, task, n)) for n in s.lengths]] for m in methods]
+        tables.append(report.markdown_table(["method", *head], rows))
+    depth = ", ".join(f"{d:g}" for d in s.depths)
+    return (f"# Retrieval ({bench.args.mode})\n\n{bench.describe()}"
+            f"- pass key: {len(s.depths)} depths ({depth}) x {s.cases} case(s) per length; multi-key: "
+            f"{s.n_keys} keys, {s.multikey_cases} case(s) per length; greedy, {s.max_new_tokens} new tokens\n\n"
+            f"## Pass-key accuracy (mean over depths; * = beyond native positions; per depth: "
+            f"`{bench.stem}_passkey_heatmap.png`)\n\n{tables[0]}\n## Multi-key accuracy\n\n{tables[1]}")
+
+
+def _plots(bench: Bench, s: Settings, methods: list[str], acc: dict, out: Path) -> None:
+    grids = {m: [[acc["by_cell"].get((m, n, di)) for n in s.lengths] for di in range(len(s.depths))] for m in methods}
+    report.heatmaps(out / f"{bench.stem}_passkey_heatmap.png", grids,
+                    xticks=[report.tokens(n) for n in s.lengths], yticks=[f"{d:g}" for d in s.depths],
+                    xlabel="context tokens", ylabel="depth",
+                    title=f"{bench.model_name}: pass-key accuracy (grey: not run)")
+    report.line_plot(out / f"{bench.stem}_multikey.png",
+                     {m: (s.lengths, [acc["by_length"].get((m, "multikey", n)) for n in s.lengths]) for m in methods},
+                     xlabel="context tokens", ylabel="accuracy", title=f"{bench.model_name}: multi-key accuracy")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = SETTINGS[args.mode]
+    over = dict(lengths=args.lengths, cases=args.cases, multikey_cases=args.multikey_cases)
+    return replace(s, **{k: v for k, v in over.items() if v is not None})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--lengths", type=int, nargs="+", help="context lengths (tokens)")
+    parser.add_argument("--cases", type=int, help="pass-key cases per (length, depth)")
+    parser.add_argument("--multikey-cases", type=int, help="multi-key cases per length")
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    print(run(bench, settings_from(args)))
+    print(f"summary appended to {bench.flush_summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,304 @@
+"""Tests for the benchmark runners (benchmarks/*/run.py and benchmarks/common/{measure,harness,report}.py).
+
+Metrics are checked against hand-computed values (tail perplexity of a model with known logits, KV bytes of
+known caches and of beacon memories against the entry formula); the runners' quick paths run end to end on a
+tiny random Llama with a byte-level tokenizer (seconds); the same seed gives the same non-timing numbers. The
+kvpress part (last section) drives the kvpress venv and is skipped with the reason when it cannot be built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import beacon_peft  # noqa: E402
+from benchmarks import run as run_all  # noqa: E402
+from benchmarks.common import measure, metrics, report  # noqa: E402
+from benchmarks.common.harness import Method, parse_adapters, press_method  # noqa: E402
+from benchmarks.efficiency import run as efficiency  # noqa: E402
+from benchmarks.language_modeling import run as language_modeling  # noqa: E402
+from benchmarks.retrieval import run as retrieval  # noqa: E402
+
+NATIVE = 768  # tiny model's positions: 512 tokens fit, 1024 do not
+FAST = ["--window", "64", "--threads", "1", "--seed", "3"]
+TIMING = {"prefill_s", "decode_s_per_token", "peak_rss_bytes", "peak_gpu_bytes"}
+
+
+# ----------------------------------------------------------------------------- a tiny model on disk
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random 2-layer Llama (head_dim 16, 2 KV heads) and a byte-level tokenizer (259 ids), saved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_bench_model")
+    tok = _byte_tokenizer()
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=NATIVE, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return path
+
+
+def _tiny(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------- metrics, by hand
+
+
+class KnownLogits(torch.nn.Module):
+    """Logit log(3) on token (t + 1) mod V after token t, 0 elsewhere; honours ``logits_to_keep``."""
+
+    V = 10
+
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        logits = torch.zeros(*input_ids.shape, self.V)
+        logits.scatter_(2, ((input_ids + 1) % self.V)[..., None], math.log(3.0))
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def test_tail_nll_known_logits():
+    model = KnownLogits()
+    # the tail follows the rule (p = 3 / (3 + 9) = 1/4), the context does not: only the tail is scored,
+    # and its first token is predicted from the last context position
+    ctx, tail = [5, 5, 5, 5, 9], [0, 1, 2, 3]
+    total, count = measure.tail_nll(model, ctx + tail, len(tail))
+    assert count == 4 and total == pytest.approx(4 * math.log(4.0))
+    assert metrics.perplexity(total, count) == pytest.approx(4.0)
+    # a tail token off the rule has p = 1/12: geometric mean of 4, 4, 12
+    total, count = measure.tail_nll(model, [1, 2, 3, 7], 3)
+    assert metrics.perplexity(total, count) == pytest.approx((4 * 4 * 12) ** (1 / 3))
+    with pytest.raises(ValueError):
+        measure.tail_nll(model, [1, 2, 3], 3)
+
+
+def test_tail_nll_matches_cross_entropy_and_prefill_then_tail(tiny_dir):
+    """On a real model: equals CE of the full logits' last positions; with a beacon adapter it equals
+    prefilling the context and feeding the tail through the memory (the equivalence the benchmark uses)."""
+    from peft import get_peft_model
+
+    base = _tiny(tiny_dir)
+    ids = torch.randint(3, 259, (1, 300), generator=torch.Generator().manual_seed(0))
+    T = 40
+    with torch.no_grad():
+        logits = base(input_ids=ids).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[-T - 1 : -1], ids[0, -T:], reduction="sum")
+    assert measure.tail_nll(base, ids[0].tolist(), T)[0] == pytest.approx(float(expected), rel=1e-5)
+
+    model = get_peft_model(base, beacon_peft.BeaconConfig(window=64, ratios=[4])).eval()
+    total, _ = measure.tail_nll(model, ids[0].tolist(), T)
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :-T], logits_to_keep=1)
+        rest = model(input_ids=ids[:, -T:], past_key_values=first.past_key_values).logits[0, :-1]
+    by_parts = torch.nn.functional.cross_entropy(torch.cat([first.logits[0], rest]), ids[0, -T:], reduction="sum")
+    assert total == pytest.approx(float(by_parts), rel=1e-4)
+
+
+def test_kv_bytes_of_a_dynamic_cache(tiny_dir):
+    model = _tiny(tiny_dir)
+    per_entry = 2 * 2 * 2 * 16 * 4  # K+V x 2 layers x 2 KV heads x head_dim 16 x fp32
+    assert measure.bytes_per_entry(model.config, torch.float32) == per_entry
+    assert measure.bytes_per_entry(model.config, torch.bfloat16) == per_entry // 2
+    res = measure.prefill_decode(model, list(range(3, 203)), n_decode=3)
+    assert res["kv_entries"] == 200 and res["kv_bytes"] == 200 * per_entry
+    assert res["prefill_s"] > 0 and res["decode_s_per_token"] > 0 and res["peak_rss_bytes"] > 0
+
+
+def test_beacon_entry_formula_by_hand():
+    assert measure.beacon_entries(4096, 1024, 8) == 512  # 4 windows x 128 beacons, open window empty
+    assert measure.beacon_entries(4100, 1024, 8) == 512 + 4  # + 4 raw tokens, no beacon yet
+    assert measure.beacon_entries(4095, 1024, 8) == 384 + 1023 + 127
+    assert measure.beacon_entries(1000, 1024, 8, sink=4) == 4 + 1000 + 125
+    assert measure.beacon_bound_entries(4096, 1024, 8) == 512 + 1024
+    # the usual estimate sink + N/r + window is an upper bound, within 10% only when the open window is nearly full
+    assert measure.beacon_entries(4095, 1024, 8) / measure.beacon_bound_entries(4095, 1024, 8) > 0.99
+    assert measure.beacon_entries(4096, 1024, 8) / measure.beacon_bound_entries(4096, 1024, 8) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("n", [64, 200, 256, 300])
+def test_beacon_memory_bytes_match_the_formula(tiny_dir, n):
+    from peft import get_peft_model
+
+    base = _tiny(tiny_dir)
+    model = get_peft_model(base, beacon_peft.BeaconConfig(window=64, ratios=[8])).eval()
+    res = measure.prefill_decode(model, [3 + i % 250 for i in range(n)], n_decode=0)
+    per_entry = measure.bytes_per_entry(base.config, torch.float32)
+    assert res["kv_entries"] == measure.beacon_entries(n, 64, 8)
+    assert res["kv_bytes"] == measure.beacon_entries(n, 64, 8) * per_entry
+    assert res["kv_bytes"] <= measure.beacon_bound_entries(n, 64, 8) * per_entry
+    with torch.no_grad():
+        memory = model(input_ids=torch.tensor([[3 + i % 250 for i in range(n)]])).past_key_values
+    assert metrics.kv_bytes(measure.cache_tensors(memory)) == memory.nbytes() == res["kv_bytes"]
+
+
+def test_accuracy_aggregation_by_hand():
+    rows = [dict(method="m", task="passkey", context_tokens=1024, cell=d, correct=c)
+            for d, c in [(0, True), (0, False), (1, True), (1, True)]]
+    rows.append(dict(method="m", task="multikey", context_tokens=1024, cell=None, correct=False))
+    acc = retrieval._accuracy(rows)
+    assert acc["by_cell"] == {("m", 1024, 0): 0.5, ("m", 1024, 1): 1.0}
+    assert acc["by_length"] == {("m", "passkey", 1024): 0.75, ("m", "multikey", 1024): 0.0}
+
+
+def test_keep_min_and_ratios():
+    rows = {}
+    full, beacon = Method("full", "full"), Method("beacon-untrained-r8", "beacon", 8, adapter="untrained")
+    for m, times in [(full, (4.0, 3.0)), (beacon, (2.5, 2.0))]:
+        for t in times:
+            efficiency._keep_min(rows, m, 4096, dict(prefill_s=t, decode_s_per_token=t / 10, kv_bytes=8,
+                                                     kv_entries=1, peak_rss_bytes=int(100 * t)))
+    assert rows[("full", 4096)]["prefill_s"] == 3.0 and rows[("full", 4096)]["peak_rss_bytes"] == 300
+    assert rows[("beacon-untrained-r8", 4096)]["prefill_s"] == 2.0
+    with pytest.raises(RuntimeError, match="KV bytes"):
+        efficiency._keep_min(rows, full, 4096, dict(prefill_s=1.0, decode_s_per_token=0.1, kv_bytes=9))
+
+
+def test_method_names_and_helpers(tmp_path):
+    assert press_method("snapkv", 8).name == "kvpress-snapkv-0.875"
+    assert press_method("knorm", 4).compression_ratio == 0.75
+    assert press_method("snapkv", 8).family == "kvpress-snapkv"
+    assert Method("beacon-untrained-r16", "beacon", 16, "untrained").family == "beacon-untrained"
+    assert report.tokens(131072) == "128K" and report.tokens(1000) == "1000"
+    table = report.markdown_table(["a", "b"], [["x", None], ["y", 0.123456]])
+    assert table == "| a | b |\n|---|---|\n| x | n/a |\n| y | 0.123 |\n"
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text("{}")
+    assert parse_adapters([str(tmp_path / "ad")]) == [("beacon", tmp_path / "ad")]
+    assert parse_adapters([f"mine={tmp_path / 'ad'}", str(tmp_path / "ad")])[1][0] == "beacon-ad"
+    with pytest.raises(SystemExit):
+        parse_adapters([str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- runners end to end
+
+
+def _summary(root: Path) -> list[dict]:
+    return metrics.read_summary(root / "results" / "summary.jsonl")
+
+
+def _numbers(records: list[dict]) -> dict:
+    return {(r["benchmark"], r["method"], r["context_tokens"], r["metric"]): r["value"]
+            for r in records if r["metric"] not in TIMING}
+
+
+def _run_all(tiny_dir, out: Path, *extra: str) -> list[dict]:
+    assert run_all.main(["--quick", "--model", str(tiny_dir), "--out-root", str(out), *FAST, *extra]) == 0
+    return _summary(out)
+
+
+def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
+    """Each runner's quick path on the tiny model (short lengths), then the same seed again: same numbers."""
+    lm = ["--lengths", "512", "1024", "--tail", "32", "--sweep-length", "512"]
+    for module, extra in [(language_modeling, lm), (retrieval, ["--lengths", "512", "1024"]),
+                          (efficiency, ["--lengths", "512", "1024", "--repeats", "1", "--n-decode", "2"])]:
+        assert module.main(["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root", str(tmp_path),
+                            *FAST, "--ratios", "4", "8", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "# Language modelling (quick)" in out and "# Retrieval (quick)" in out and "# Efficiency (quick)" in out
+    records = _summary(tmp_path)
+    assert all(tuple(r) == metrics.SUMMARY_FIELDS for r in records)
+    got = {(r["benchmark"], r["method"], r["context_tokens"], r["metric"]) for r in records}
+    for method in ("full", "beacon-untrained-r4", "beacon-untrained-r8"):
+        assert ("language_modeling", method, 512, "perplexity") in got
+        assert ("retrieval", method, 512, "passkey_accuracy") in got
+        assert ("retrieval", method, 512, "multikey_accuracy") in got
+        assert ("efficiency", method, 512, "kv_bytes") in got
+    assert ("language_modeling", "full", 1024, "perplexity") not in got  # beyond the 768 native positions
+    assert ("retrieval", "full", 1024, "passkey_accuracy") not in got
+    assert ("language_modeling", "beacon-untrained-r8", 1024, "perplexity") in got
+    assert ("language_modeling", "beacon-untrained-r16", 512, "perplexity") in got  # quick ratio sweep
+    per_entry = 2 * 2 * 2 * 16 * 4
+    by = {k: r["value"] for r in records for k in [(r["benchmark"], r["method"], r["context_tokens"], r["metric"])]}
+    assert by[("efficiency", "full", 512, "kv_bytes")] == 512 * per_entry
+    expected = measure.beacon_entries(1024, 64, 8) * per_entry
+    assert by[("efficiency", "beacon-untrained-r8", 1024, "kv_bytes")] == expected
+    for name in ("language_modeling", "retrieval", "efficiency"):
+        folder = tmp_path / name / "results"
+        assert json.loads((folder / "quick.json").read_text())["mode"] == "quick"
+        assert (folder / "quick.md").read_text().startswith("#")
+        assert list(folder.glob("quick_*.png"))
+    answers = json.loads((tmp_path / "retrieval" / "results" / "quick.json").read_text())["answers"]
+    assert {a["task"] for a in answers} == {"passkey", "multikey"} and all(len(a["answer"]) == 5 for a in answers)
+
+    again = tmp_path / "again"
+    for module, extra in [(language_modeling, lm), (retrieval, ["--lengths", "512", "1024"])]:
+        module.main(["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root", str(again), *FAST,
+                     "--ratios", "4", "8", *extra])
+    first = {k: v for k, v in _numbers(records).items() if k[0] != "efficiency"}
+    assert _numbers(_summary(again)) == first
+
+
+# ----------------------------------------------------------------------------- with kvpress
+
+
+@pytest.fixture(scope="module")
+def kvpress_ready():
+    from benchmarks.common import kvpress_env
+
+    reason = kvpress_env.kvpress_unavailable_reason(create=True)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def test_run_all_with_kvpress_is_reproducible(kvpress_ready, tiny_dir, tmp_path, monkeypatch):
+    """benchmarks/run.py --quick on the tiny model with every press; language modelling and retrieval again with
+    the same seed give the same numbers."""
+    small = dict(language_modeling=language_modeling.Settings([512, 1024], 512, [4, 8], tail=32),
+                 retrieval=retrieval.Settings([512], cases=1, multikey_cases=1),
+                 efficiency=efficiency.Settings([512], n_decode=2, repeats=1, warmup_tokens=16))
+    for name, s in small.items():
+        monkeypatch.setitem(run_all.BENCHMARKS[name].SETTINGS, "quick", s)
+    records = _run_all(tiny_dir, tmp_path / "a")
+    methods = {r["method"] for r in records}
+    presses = {f"kvpress-{p}-0.875" for p in ("snapkv", "streamingllm", "knorm", "expected_attention")}
+    assert presses | {"full", "beacon-untrained-r8", "full-kvpress-venv", "kvpress-snapkv-0.75"} <= methods
+    by = {(r["benchmark"], r["method"], r["context_tokens"], r["metric"]): r["value"] for r in records}
+    per_entry = 2 * 2 * 2 * 16 * 4
+    for p in presses:
+        assert by[("efficiency", p, 512, "kv_bytes")] == 64 * per_entry  # 512 tokens at a 1/8 budget
+        assert ("language_modeling", p, 1024, "perplexity") not in by  # kvpress prefill is full attention
+        assert by[("language_modeling", p, 512, "perplexity")] > 1
+        assert ("retrieval", p, 512, "multikey_accuracy") in by
+    assert by[("efficiency", "full-kvpress-venv", 512, "kv_bytes")] == 512 * per_entry
+    again = _run_all(tiny_dir, tmp_path / "b", "--only", "language_modeling", "retrieval")
+    assert _numbers(again) == {k: v for k, v in _numbers(records).items() if k[0] != "efficiency"}
+
+
+def test_tail_nll_same_on_both_sides(kvpress_ready, tiny_dir):
+    """The worker's unpressed tail_nll and ours score the same tokens with the same weights alike."""
+    from benchmarks.common.kvpress_env import run_kvpress_job
+
+    ids = [3 + (7 * i) % 250 for i in range(300)]
+    job = dict(model_dir=str(tiny_dir), threads=1, measurements=[dict(
+        kind="tail_nll", id=0, context_ids=ids[:-40], tail_ids=ids[-40:], presses=[dict(name="none")])])
+    theirs = run_kvpress_job(job)["measurements"][0]["results"][0]
+    ours, count = measure.tail_nll(_tiny(tiny_dir), ids, 40)
+    assert theirs["count"] == count and theirs["sum_nll"] == pytest.approx(ours, rel=1e-4)
