@@ -32,8 +32,7 @@ def build_mask(plan: StepPlan, config: BeaconConfig, dtype: torch.dtype) -> torc
     allowed = torch.cat(
         (mem_valid[:, None, :].expand(B, L, S + C + R), causal[None] & plan.valid[:, None, :]), dim=-1
     )  # (B, L, K)
-    scoped = config.attention_scope != "full-coverage" and plan.has_beacons
-    if scoped:
+    if plan.scoped:
         outside = torch.zeros(B, S + C, dtype=torch.bool, device=device)
         key_beacon = torch.cat((outside, plan.mem_raw_is_beacon & raw_valid, plan.is_beacon & plan.valid), 1)
         key_raw = torch.cat((outside, ~plan.mem_raw_is_beacon & raw_valid, ~plan.is_beacon & plan.valid), 1)

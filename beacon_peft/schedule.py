@@ -69,9 +69,9 @@ class StepPlan:
     out_dst: torch.Tensor  # (n_raw,) flat index into (B * N) of each raw entry's input column
     out_src: torch.Tensor  # (n_raw,) flat index into (B * L) of that raw entry
     has_beacons: bool
-    plain: bool  # no padding anywhere and no scoped beacons: the mask is plain bottom-right causal
+    scoped: bool  # beacons in this step see only part of their window (step-expansion / segmentation)
+    plain: bool  # no padding anywhere and not scoped: the mask is plain bottom-right causal
     beacon_flat: Optional[torch.Tensor]  # (n_beacons,) flat index into (B * L) of beacon entries
-    other_flat: Optional[torch.Tensor]  # flat index of the non-beacon entries
     # memory update, applied identically by every layer (see `select_entries`)
     sink_index: object
     raw_index: object
@@ -280,6 +280,7 @@ class Scheduler:
                 raw_changes = raw_changes or Lb > 0
 
         has_beacons = bool(is_beacon.any())
+        scoped = cfg.attention_scope != "full-coverage" and has_beacons
         plan = StepPlan(
             input_cols=input_cols.to(self.device),
             is_beacon=is_beacon.to(self.device),
@@ -299,11 +300,11 @@ class Scheduler:
             out_dst=torch.cat(out_dst).to(self.device),
             out_src=torch.cat(out_src).to(self.device),
             has_beacons=has_beacons,
-            plain=all(c.length == L for c in chunks)
-            and all((r.sink, r.comp, r.raw) == (S, C, R) for r in st.rows)
-            and not (cfg.attention_scope != "full-coverage" and has_beacons),
+            scoped=scoped,
+            plain=not scoped
+            and all(c.length == L for c in chunks)
+            and all((r.sink, r.comp, r.raw) == (S, C, R) for r in st.rows),
             beacon_flat=is_beacon.flatten().nonzero().squeeze(1).to(self.device) if has_beacons else None,
-            other_flat=(~is_beacon).flatten().nonzero().squeeze(1).to(self.device) if has_beacons else None,
             sink_index=self._index(sink_lists, S, L, sink_changes, prefix_only=True),
             raw_index=self._index(raw_lists, R, L, raw_changes),
             comp_new_index=_pad_lists(comp_new_lists, self.device) if comp_changes else None,

@@ -17,7 +17,7 @@ import argparse
 import contextlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,11 @@ class Method:
 def press_method(press: str, ratio: int) -> Method:
     """A kvpress press at the KV budget of ratio ``ratio`` (``compression_ratio = 1 - 1/ratio``)."""
     return Method(f"kvpress-{press}-{Method('', 'kvpress', ratio).compression_ratio:g}", "kvpress", ratio, press=press)
+
+
+def with_overrides(settings, **values):
+    """``settings`` (a dataclass of a mode's defaults) with the command-line values that were given."""
+    return replace(settings, **{k: v for k, v in values.items() if v is not None})
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, add_common_args  # noqa: E402
+from benchmarks.common.harness import Bench, Method, add_common_args, with_overrides  # noqa: E402
 
 BENCHMARK = "efficiency"
 KVPRESS_FULL = Method("full-kvpress-venv", "kvpress", 1, press="none")
@@ -163,9 +163,7 @@ def _plots(bench: Bench, s: Settings, table: list[dict], out: Path) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    s = SETTINGS[args.mode]
-    over = dict(lengths=args.lengths, repeats=args.repeats, n_decode=args.n_decode)
-    return replace(s, **{k: v for k, v in over.items() if v is not None})
+    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, repeats=args.repeats, n_decode=args.n_decode)
 
 
 def main(argv=None) -> int:

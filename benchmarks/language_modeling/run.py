@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -25,7 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import measure, metrics, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, add_common_args  # noqa: E402
+from benchmarks.common.harness import Bench, Method, add_common_args, with_overrides  # noqa: E402
 
 BENCHMARK = "language_modeling"
 
@@ -164,9 +164,7 @@ def _plots(bench: Bench, s: Settings, todo, ppl, out: Path) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    s = SETTINGS[args.mode]
-    over = dict(lengths=args.lengths, samples=args.samples, tail=args.tail, sweep_length=args.sweep_length)
-    return replace(s, **{k: v for k, v in over.items() if v is not None})
+    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, samples=args.samples, tail=args.tail, sweep_length=args.sweep_length)
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, add_common_args  # noqa: E402
+from benchmarks.common.harness import Bench, Method, add_common_args, with_overrides  # noqa: E402
 from benchmarks.common.needles import make_multikey_case, make_passkey_case, score_answer  # noqa: E402
 
 BENCHMARK = "retrieval"
@@ -156,9 +156,7 @@ def _plots(bench: Bench, s: Settings, methods: list[str], acc: dict, out: Path) 
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    s = SETTINGS[args.mode]
-    over = dict(lengths=args.lengths, cases=args.cases, multikey_cases=args.multikey_cases)
-    return replace(s, **{k: v for k, v in over.items() if v is not None})
+    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases, multikey_cases=args.multikey_cases)
 
 
 def main(argv=None) -> int:
