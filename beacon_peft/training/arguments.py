@@ -37,7 +37,8 @@ class ScriptArguments:
         metadata={
             "help": "Training data: a local .txt/.jsonl/.json/.parquet file, a folder of such files (or a folder "
             "written by `Dataset.save_to_disk`), a `datasets` hub name, or `essays:train` (the bundled Paul Graham "
-            "training essays) / `offline:all` (those plus the other offline corpora). Held-out essays are refused."
+            "training essays) / `offline:all` (those plus the other offline corpora), or `offline:retrieval` (synthetic needle/QA examples built "
+            "from those, for --stage finetune; see beacon_peft.training.synthetic). Held-out essays are refused."
         },
     )
     dataset_config: Optional[str] = field(default=None, metadata={"help": "`datasets` configuration name."})
@@ -51,6 +52,16 @@ class ScriptArguments:
             "the answer, examples longer than `--max_length` dropped.",
             "choices": list(STAGES),
         },
+    )
+    chat_template: bool = field(
+        default=True,
+        metadata={"help": "finetune: format examples with the tokenizer's chat template (when it has one). `false`: "
+                          "raw text, prompt and completion concatenated exactly as given, then EOS (how "
+                          "`offline:retrieval` data and the benchmarks' raw prompts read)."},
+    )
+    retrieval_examples: int = field(
+        default=2000,
+        metadata={"help": "`offline:retrieval`: how many synthetic needle/QA examples to generate (from --seed)."},
     )
     messages_column: str = field(default="messages", metadata={"help": "finetune: column of chat messages."})
     prompt_column: str = field(default="prompt", metadata={"help": "finetune: prompt column (if no messages)."})
@@ -229,6 +240,8 @@ def validate_args(script_args, beacon_args, training_args, model_args) -> Beacon
         raise ValueError(f"min_length={script_args.min_length} must exceed window={config.window}")
     if max_length is not None and script_args.min_length is not None and script_args.min_length > max_length:
         raise ValueError(f"min_length={script_args.min_length} > max_length={max_length}")
+    if script_args.retrieval_examples < 1:
+        raise ValueError(f"retrieval_examples={script_args.retrieval_examples} must be >= 1")
     if model_args.use_lora and model_args.lora_r <= 0:
         raise ValueError(f"lora_r={model_args.lora_r} must be positive")
     if beacon_args.ratio_seed is not None and beacon_args.ratio_seed < 0:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .arguments import ScriptArguments
 
 STAGES = ("pretrain", "finetune")
-OFFLINE_DATA = ("essays:train", "offline:all")
+OFFLINE_DATA = ("essays:train", "offline:all", "offline:retrieval")
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -49,12 +49,33 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def load_documents(script_args: ScriptArguments, text_field: str):
-    """The raw training records as a `datasets.Dataset` (no tokenization yet)."""
+def load_documents(script_args: ScriptArguments, text_field: str, tokenizer=None, max_length: Optional[int] = None,
+                   seed: int = 0):
+    """The raw training records as a `datasets.Dataset` (no tokenization yet).
+
+    ``offline:retrieval`` synthesises ``--retrieval_examples`` prompt/completion pairs (`synthetic`) from the
+    training essays and other offline corpora, sized in tokens of ``tokenizer`` between ``--min_length`` (default
+    ``max_length // 2``) and ``max_length``, from ``seed``.
+    """
     import datasets
 
     spec = script_args.dataset_name
-    if spec in OFFLINE_DATA:
+    if spec == "offline:retrieval":
+        from .. import offline
+        from .synthetic import retrieval_examples
+
+        if tokenizer is None or max_length is None:
+            raise ValueError("dataset_name='offline:retrieval' needs the tokenizer and --max_length (example lengths "
+                             f"are in tokens), got max_length={max_length}")
+        if script_args.stage != "finetune":
+            raise ValueError(f"dataset_name='offline:retrieval' is prompt/completion data: use --stage finetune, "
+                             f"not {script_args.stage!r}")
+        train, _held_out = offline.essay_split()  # the held-out essays are never read into training data
+        texts = [text for _, text in train] + [text for _, text in offline.extra_corpora()]
+        rows = retrieval_examples(tokenizer, texts, script_args.retrieval_examples,
+                                  script_args.min_length or max_length // 2, max_length, seed=seed)
+        dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    elif spec in OFFLINE_DATA:
         from .. import offline
 
         train, _held_out = offline.essay_split()  # the held-out essays are never read into training data
@@ -129,7 +150,12 @@ def _finetune_example(tokenizer, example: dict, script_args: ScriptArguments) ->
         answer = {"role": "assistant", "content": example[script_args.completion_column]}
         if not isinstance(answer["content"], str):
             answer = _as_messages(answer["content"], "assistant")[-1]
-    if getattr(tokenizer, "chat_template", None):
+    if not script_args.chat_template:  # raw text: prompt and answer exactly as given, then EOS
+        prompt_ids = tokenizer("\n".join(m["content"] for m in prompt))["input_ids"]
+        full_ids = prompt_ids + tokenizer(answer["content"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            full_ids.append(tokenizer.eos_token_id)
+    elif getattr(tokenizer, "chat_template", None):
         prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
         full_ids = _chat_ids(tokenizer, prompt + [answer], add_generation_prompt=False)
         if full_ids[: len(prompt_ids)] != prompt_ids:

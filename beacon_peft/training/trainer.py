@@ -115,7 +115,8 @@ def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_a
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args, training_args)
     with training_args.main_process_first(desc="loading and tokenizing the training data"):
-        documents = load_documents(script_args, training_args.dataset_text_field)
+        documents = load_documents(script_args, training_args.dataset_text_field, tokenizer,
+                                   training_args.max_length, training_args.seed)
         train_dataset = tokenize_dataset(documents, tokenizer, script_args, training_args, config,
                                          num_proc=training_args.dataset_num_proc)
 

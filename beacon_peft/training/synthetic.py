@@ -1,0 +1,153 @@
+"""Synthetic long-context retrieval / QA examples for the fine-tuning stage of a beacon adapter.
+
+The paper (arXiv 2401.03462, §3.3) fine-tunes the beacons after the plain-text stage on long-context QA, so that a
+question after the compressed memory is answered from facts that only the beacons' activations still hold. Offline
+we synthesise that data from the training texts: a haystack of real prose (never a held-out essay), one or more
+*needles* (short facts: a pass key, a magic number, a person's code or city, ...) inserted at sentence boundaries at
+random depths, and a question that ends in the answer's lead-in, e.g.::
+
+    prompt     = [intro] haystack[:p] + " The secret code for Maria is 4071. " + haystack[p:]
+                 + "\\n\\nWhat is the secret code for Maria? The secret code for Maria is"
+    completion = " 4071."
+
+Phrasings, value kinds (3-7 digit numbers, words, letter-digit codes), the number of needles (distractors with
+other subjects and values), whether the intro or a repeated needle is present, and the depth all vary, so the
+beacons learn to keep *whatever fact* a window holds rather than one template. Everything is a pure function of
+``seed``. Lengths are exact in tokens of the given tokenizer (up to re-tokenization at the text boundaries).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+# (needle, question, answer lead-in); {s} is the subject, {v} the value. Subject-free templates take no
+# distractors of their own kind.
+TEMPLATES: tuple[tuple[str, str, str], ...] = (
+    ("The pass key is {v}. Remember it. {v} is the pass key.", "What is the pass key?", "The pass key is"),
+    ("The special magic number is {v}.", "What is the special magic number?", "The special magic number is"),
+    ("The secret code for {s} is {v}.", "What is the secret code for {s}?", "The secret code for {s} is"),
+    ("The pass key for {s} is {v}. Remember it.", "What is the pass key for {s}?", "The pass key for {s} is"),
+    ("{s}'s lucky number is {v}.", "What is {s}'s lucky number?", "{s}'s lucky number is"),
+    ("Note: the password of the {s} account is {v}.", "What is the password of the {s} account?",
+     "The password of the {s} account is"),
+    ("{s} keeps the spare key in the {v}.", "Where does {s} keep the spare key?", "{s} keeps the spare key in the"),
+    ("The best thing to do in {s} is to visit the {v}.", "What is the best thing to do in {s}?",
+     "The best thing to do in {s} is to visit the"),
+    ("Remember this: {s} was born in {v}.", "Where was {s} born?", "{s} was born in"),
+    ("The meeting with {s} is in room {v}.", "In which room is the meeting with {s}?",
+     "The meeting with {s} is in room"),
+)
+VALUE_KIND = ("number", "number", "number", "number", "number", "code", "word", "word", "city", "number")
+PEOPLE = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Louis",
+          "Maria", "Nathan", "Olivia", "Peter", "Quentin", "Rosa", "Samuel", "Tara", "Umar", "Vera", "Walter", "Yuki")
+PLACES = ("Lisbon", "Kyoto", "Oslo", "Cairo", "Lima", "Dublin", "Hanoi", "Nairobi", "Quebec", "Tbilisi", "Porto",
+          "Zagreb", "Austin", "Bergen", "Seville", "Krakow")
+ACCOUNTS = ("email", "bank", "server", "office", "garage", "archive", "library", "studio")
+WORDS = ("drawer", "garden shed", "blue vase", "glove box", "piano", "old boot", "bread bin", "teapot", "mailbox",
+         "toolbox", "bookshelf", "flower pot")
+SIGHTS = ("harbour", "castle", "old market", "botanical garden", "cathedral", "museum", "lighthouse", "bridge")
+INTROS = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about it.\n\n",
+    "Read the following text carefully; a question about it follows.\n\n",
+    "",
+)
+_BOUNDARY_END = (".", "!", "?", "\n")
+
+
+def _subject_pool(template: int) -> Sequence[str]:
+    needle = TEMPLATES[template][0]
+    if "{s} account" in needle:
+        return ACCOUNTS
+    if "thing to do in {s}" in needle:
+        return PLACES
+    return PEOPLE
+
+
+def _value(rng: random.Random, template: int) -> str:
+    kind = VALUE_KIND[template]
+    if kind == "number":
+        digits = rng.randint(3, 7)
+        return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    if kind == "code":
+        return f"{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}-{rng.randint(100, 999)}"
+    if kind == "city":
+        return rng.choice(PLACES)
+    pool = SIGHTS if "visit the" in TEMPLATES[template][0] else WORDS
+    return rng.choice(pool)
+
+
+def boundary_ids(tokenizer) -> frozenset[int]:
+    """Token ids whose text ends a sentence or line (``. ! ? \\n``): a needle goes right after one."""
+    vocab = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(vocab)])
+    return frozenset(i for i, t in enumerate(texts) if t.rstrip(" ").endswith(_BOUNDARY_END))
+
+
+def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: int, max_tokens: int,
+                       seed: int = 0, max_needles: int = 4) -> list[dict]:
+    """``n`` retrieval examples ``{"prompt", "completion", "template", "depth", "n_needles"}``.
+
+    The prompt (intro, haystack with needles, question and lead-in) is about ``min_tokens``..``max_tokens - 8``
+    tokens, drawn uniformly; the haystack is a random stretch of the concatenated ``documents`` (cycled). The
+    queried needle's ``depth`` is its position in the haystack in [0, 1]; one example in four has it in the last
+    sixth of the context, the rest anywhere before.
+
+    Raises:
+        ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 8], or no document text.
+    """
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    if not 64 <= min_tokens <= max_tokens - 8:
+        raise ValueError(f"min_tokens={min_tokens} must be in [64, max_tokens - 8 = {max_tokens - 8}]")
+    if not 1 <= max_needles <= len(ACCOUNTS):
+        raise ValueError(f"max_needles={max_needles} must be in [1, {len(ACCOUNTS)}]")
+    encoded = tokenizer([d + "\n\n" for d in documents if d.strip()], add_special_tokens=False)["input_ids"]
+    stream = [t for ids in encoded for t in ids]
+    if not stream:
+        raise ValueError("no document text to build haystacks from")
+    boundaries = boundary_ids(tokenizer)
+    rng = random.Random(seed)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    examples = []
+    for _ in range(n):
+        template = rng.randrange(len(TEMPLATES))
+        needle_t, question_t, lead_t = TEMPLATES[template]
+        has_subject = "{s}" in needle_t
+        n_needles = rng.randint(1, max_needles) if has_subject else 1
+        subjects = rng.sample(_subject_pool(template), n_needles) if has_subject else [""]
+        values: list[str] = []
+        while len(values) < n_needles:
+            v = _value(rng, template)
+            if v not in values:
+                values.append(v)
+        needles = [encode(" " + needle_t.format(s=s, v=v) + " ") for s, v in zip(subjects, values)]
+        if not has_subject and rng.random() < 0.3:  # a distractor fact of another kind
+            other = rng.choice([k for k, t in enumerate(TEMPLATES) if "{s}" in t[0]])
+            needles.append(encode(" " + TEMPLATES[other][0].format(s=rng.choice(_subject_pool(other)),
+                                                                    v=_value(rng, other)) + " "))
+        query = rng.randrange(n_needles)
+        intro = encode(rng.choice(INTROS))
+        question = encode("\n\n" + question_t.format(s=subjects[query]) + " " + lead_t.format(s=subjects[query]))
+        total = rng.randint(min_tokens, max_tokens - 8)
+        n_fill = max(16, total - len(intro) - len(question) - sum(map(len, needles)))
+        start = rng.randrange(len(stream))
+        filler = [stream[(start + i) % len(stream)] for i in range(n_fill)]
+        cuts = [i for i in range(1, n_fill) if filler[i - 1] in boundaries] or list(range(1, n_fill))
+        # depth of the queried needle: mostly inside what will be compressed, sometimes near the question
+        target = rng.uniform(5 / 6, 1.0) if rng.random() < 0.25 else rng.uniform(0.0, 5 / 6)
+        points = [min(cuts, key=lambda c: abs(c - target * n_fill))]
+        points += [rng.choice(cuts) for _ in needles[1:]]
+        order = sorted(range(len(needles)), key=lambda k: (points[k], k != query))
+        ids, prev = list(intro), 0
+        for k in order:
+            ids += filler[prev : points[k]] + needles[k]
+            prev = points[k]
+        ids += filler[prev:] + question
+        examples.append(dict(prompt=tokenizer.decode(ids), completion=" " + values[query] + ".",
+                             template=template, depth=points[0] / n_fill, n_needles=len(needles)))
+    return examples

@@ -1,0 +1,109 @@
+"""The synthetic retrieval/QA data of the fine-tuning stage (`beacon_peft.training.synthetic`, `offline:retrieval`)
+on the real SmolLM2 tokenizer and the offline texts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from beacon_peft import BeaconConfig, offline, training
+from beacon_peft.training.synthetic import ACCOUNTS, PEOPLE, PLACES, TEMPLATES, retrieval_examples
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(offline.smollm2_dir()))
+    except RuntimeError as err:  # the offline weights are an optional package
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def texts():
+    try:
+        train, _ = offline.essay_split()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    return [t for _, t in train]
+
+
+def test_examples_hold_their_answer_in_a_needle_and_end_with_the_lead_in(tokenizer, texts):
+    examples = retrieval_examples(tokenizer, texts, 60, 300, 600, seed=3)
+    assert {e["template"] for e in examples} >= set(range(6))  # many phrasings, not one
+    assert max(e["n_needles"] for e in examples) >= 3
+    for e in examples:
+        needle, question, lead = TEMPLATES[e["template"]]
+        value = e["completion"].strip().rstrip(".")
+        assert e["completion"] == f" {value}."
+        # the lead-in ends the prompt and names a subject whose needle, with this value, is in the haystack
+        subjects = [""] if "{s}" not in lead else PEOPLE + PLACES + ACCOUNTS
+        hits = [x for x in subjects if e["prompt"].endswith(" " + lead.format(s=x))
+                and needle.format(s=x, v=value) in e["prompt"]]
+        assert len(hits) == 1, (e["prompt"][-200:], e["completion"])
+        n = len(tokenizer(e["prompt"] + e["completion"])["input_ids"])
+        assert 300 - 8 <= n <= 600, n
+        assert 0.0 <= e["depth"] <= 1.0
+
+
+def test_same_seed_same_examples_other_seed_other_examples(tokenizer, texts):
+    a = retrieval_examples(tokenizer, texts, 5, 200, 400, seed=1)
+    assert a == retrieval_examples(tokenizer, texts, 5, 200, 400, seed=1)
+    assert a != retrieval_examples(tokenizer, texts, 5, 200, 400, seed=2)
+
+
+def test_distractor_needles_carry_other_values(tokenizer, texts):
+    many = [e for e in retrieval_examples(tokenizer, texts, 80, 300, 500, seed=5) if e["n_needles"] > 1]
+    assert many
+    for e in many:
+        needle = TEMPLATES[e["template"]][0]
+        if "{s}" not in needle:
+            continue
+        head, _ = needle.split("{v}")
+        pattern = re.escape(head).replace(re.escape("{s}"), r"([A-Za-z]+)") + r"([A-Za-z0-9\- ]+?)\."
+        found = re.findall(pattern, e["prompt"])
+        values = [v for _, v in found]
+        assert len(set(values)) == len(values) >= 2  # distinct values: the question has one right answer
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n=0, min_tokens=100, max_tokens=200), "n=0"),
+    (dict(n=1, min_tokens=10, max_tokens=200), "min_tokens=10"),
+    (dict(n=1, min_tokens=300, max_tokens=200), "min_tokens=300"),
+    (dict(n=1, min_tokens=100, max_tokens=200, max_needles=0), "max_needles=0"),
+])
+def test_bad_arguments_raise(tokenizer, texts, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        retrieval_examples(tokenizer, texts, **kwargs)
+
+
+def test_offline_retrieval_dataset_never_reads_held_out_essays_and_labels_only_the_answer(tokenizer, tmp_path):
+    _, held_out = offline.essay_split()
+    argv = ["--model_name_or_path", "m", "--dataset_name", "offline:retrieval", "--stage", "finetune",
+            "--chat_template", "false", "--retrieval_examples", "120", "--max_length", "768", "--min_length", "600",
+            "--window", "512", "--ratios", "8", "--output_dir", str(tmp_path)]
+    script_args, _, training_args, _ = training.parse_args(argv)
+    docs = training.load_documents(script_args, "text", tokenizer, training_args.max_length, seed=0)
+    assert len(docs) == 120 and set(docs.column_names) == {"prompt", "completion"}
+    probes = [re.sub(r"\s+", " ", text[len(text) // 2 : len(text) // 2 + 80]) for _, text in held_out]
+    for prompt in docs["prompt"]:
+        flat = re.sub(r"\s+", " ", prompt)
+        assert not any(p in flat for p in probes)
+    ds = training.tokenize_dataset(docs, tokenizer, script_args, training_args, BeaconConfig(window=512, ratios=[8]))
+    assert len(ds) >= 110  # a few may re-tokenize past max_length and are dropped
+    for example in ds.select(range(20)):
+        labelled = [t for t, l in zip(example["input_ids"], example["labels"]) if l != -100]
+        assert labelled[-1] == tokenizer.eos_token_id
+        answer = tokenizer.decode(labelled[:-1])
+        assert re.fullmatch(r" [A-Za-z0-9][A-Za-z0-9\- ]*\.", answer), answer
+        prompt = tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l == -100])
+        assert "<|im_start|>" not in prompt  # raw text, no chat template
+
+    script_args.stage = "pretrain"
+    with pytest.raises(ValueError, match="use --stage finetune"):
+        training.load_documents(script_args, "text", tokenizer, 768)
+    script_args.stage = "finetune"
+    with pytest.raises(ValueError, match="needs the tokenizer and --max_length"):
+        training.load_documents(script_args, "text")
