@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def test_every_yaml_config_parses_with_the_script_parser(path):
     assert training_args.max_length > config.window
     if path.name.startswith("smollm2-135m"):  # CPU configs on the offline model and corpora
         assert model_args.model_name_or_path == "offline:smollm2"
-        assert script_args.dataset_name in ("essays:train", "offline:all")
+        assert script_args.dataset_name in ("essays:train", "offline:all", "offline:retrieval")
         assert training_args.max_steps > 0
         return
     # the paper's settings
@@ -557,6 +558,14 @@ def test_init_adapter_continues_from_a_trained_adapter(trained, model_dir, chat_
     b = load_file(follow.final_dir / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert json.loads((follow.final_dir / "adapter_config.json").read_text())["ratios"] == [2, 4]
+    # one card tells both stages: this run's figures, then the first stage's card and the totals
+    card = (follow.final_dir / "README.md").read_text()
+    first = (out / "final" / "README.md").read_text()
+    assert f"started from the beacon weights of `{out / 'final'}`" in card
+    assert "### Training" in card and card.count("| optimizer steps |") == 2
+    seen = [int(x.replace(",", "")) for x in re.findall(r"\| tokens seen \(non-padding\) \| ([\d,]+) \|", card)]
+    assert len(seen) == 2 and f"Both stages together: {sum(seen):,} tokens seen" in card
+    assert first[first.index("## Data"):].replace("## ", "### ").splitlines()[0] in card
 
 
 def test_low_rank_beacons_train_only_their_deltas_and_the_embedding(model_dir, text_dir, tmp_path):
@@ -733,3 +742,27 @@ def test_cpu_smoke_config_trains_smollm2(tmp_path):
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "essays:train" in card
     assert "held-out essays" in card
     assert trainer.state.global_step == 1
+
+
+def test_retrieval_stage_config_continues_the_shipped_adapter(tmp_path):
+    """The second stage of the shipped adapter (`offline:retrieval`, raw text, from a first-stage adapter) runs
+    end to end on SmolLM2, starting from the shipped adapter's weights."""
+    from beacon_peft import offline
+
+    try:
+        offline.smollm2_dir()
+        offline.essay_split()
+    except RuntimeError as err:  # the offline weights / essays are optional packages
+        pytest.skip(str(err))
+    shipped = ROOT / "adapters" / "smollm2-135m-beacon"
+    config = ROOT / "recipes" / "configs" / "smollm2-135m-beacon-retrieval.yaml"
+    trainer = run_script(["--config", str(config), "--output_dir", str(tmp_path), "--final_dir", str(tmp_path / "f"),
+                          "--init_adapter", str(shipped), "--max_steps", "1", "--retrieval_examples", "3",
+                          "--max_length", "768", "--min_length", "600", "--save_strategy", "no",
+                          "--disable_tqdm", "true"])
+    assert trainer.state.global_step == 1
+    card = (trainer.final_dir / "README.md").read_text()
+    assert "offline:retrieval" in card and "raw text, no chat template" in card
+    assert f"started from the beacon weights of `{shipped}`" in card
+    labels = trainer.train_dataset[0]["labels"]
+    assert 2 <= sum(l != -100 for l in labels) <= 8  # only the answer (and EOS) is learnt

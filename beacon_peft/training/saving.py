@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -96,11 +97,14 @@ def card_info(script_args, beacon_args, training_args, model_args, config: Beaco
         base_model=OFFLINE_MODELS[name][0] if name in OFFLINE_MODELS else name,
         base_note=OFFLINE_MODELS[name][1] if name in OFFLINE_MODELS else None,
         base_path=resolve_model_path(name),
+        base_load="str(beacon_peft.offline.smollm2_dir())" if name in OFFLINE_MODELS else None,
         dataset=dataset,
         dataset_is_hub=not (dataset in OFFLINE_DATA or os.path.exists(dataset)),
         stage=script_args.stage,
         stage_help="plain text, loss on every token" if script_args.stage == "pretrain"
-        else "chat template, loss on the answer only",
+        else ("chat template" if script_args.chat_template else "raw text, no chat template")
+        + ", loss on the answer only",
+        init_adapter=beacon_args.init_adapter,
         ratio_mix=beacon_args.ratio_mix,
         ratio_mix_help=RATIO_MIX_HELP[beacon_args.ratio_mix],
         n_documents=n_documents,
@@ -192,9 +196,10 @@ def model_card(trainer, info: dict) -> str:
         "",
         "```python",
         "import beacon_peft  # registers the BEACON adapter type",
+        *(["import beacon_peft.offline"] if info.get("base_load") else []),
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
-        f'base = AutoModelForCausalLM.from_pretrained("{info.get("base_path", base)}")',
+        f'base = AutoModelForCausalLM.from_pretrained({info.get("base_load") or repr(info.get("base_path", base))})',
         'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         f"model.base_model.set_compression_ratio({max(r for r in config.ratios)})  # or None: ratio_mix="
         f"{config.ratio_mix!r}",
@@ -257,7 +262,30 @@ def model_card(trainer, info: dict) -> str:
     if info.get("resumed_from"):
         lines.append(f"| resumed from | `{info['resumed_from']}` |")
     lines += ["", "Command:", "", "```bash", info.get("command", ""), "```", ""]
+    lines += earlier_stage(info.get("init_adapter"), tokens, wall)
     return "\n".join(line for line in lines if line is not None)
+
+
+def earlier_stage(folder, tokens, wall) -> list[str]:
+    """Card lines for the stage this run started from (``--init_adapter``): its own card's data and training
+    sections (headings demoted) and the totals over both stages, so one card tells the adapter's whole history."""
+    if not folder:
+        return []
+    lines = ["## Earlier stage", "", f"This run started from the beacon weights of `{folder}`."]
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        return lines + ["(That folder has no model card.)", ""]
+    text = card.read_text(encoding="utf-8")
+    body = text[text.find("## Data"):] if "## Data" in text else ""
+    earlier = re.search(r"\| tokens seen \(non-padding\) \| ([\d,]+) \|", body)
+    earlier_wall = re.search(r"\| wall time of train\(\) \| ([\d.]+) s", body)
+    if earlier and tokens:
+        total_wall = (f", {float(earlier_wall.group(1)) + wall:.1f} s of train() wall time"
+                      if earlier_wall and wall is not None else "")
+        lines.append(f"Both stages together: {int(earlier.group(1).replace(',', '')) + int(tokens):,} tokens seen"
+                     f"{total_wall}.")
+    lines += ["", *[("#" + line if line.startswith("## ") else line) for line in body.rstrip().splitlines()], ""]
+    return lines
 
 
 def _has_dist(name: str) -> bool:
