@@ -256,6 +256,36 @@ def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
     assert _numbers(_summary(again)) == first
 
 
+def test_trained_adapter_runs_beside_a_fresh_untrained_copy(tiny_dir, tmp_path, capsys):
+    """``--adapter LABEL=PATH --with-untrained``: both adapters in one run, the untrained one with the saved
+    adapter's settings and fresh weights, so the training's effect is visible in one table."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = get_peft_model(base, beacon_peft.BeaconConfig(window=48, ratios=[4, 8], sink_size=1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))  # stands in for training
+    model.save_pretrained(tmp_path / "ad")
+    assert retrieval.main(["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root", str(tmp_path / "r"),
+                           "--threads", "1", "--adapter", f"trained={tmp_path / 'ad'}", "--with-untrained",
+                           "--lengths", "512", "--ratios", "8"]) == 0
+    assert "fresh UNTRAINED adapter with `trained`'s settings" in capsys.readouterr().out
+    got = {(r["method"], r["context_tokens"]) for r in _summary(tmp_path / "r")}
+    assert {("trained-r8", 512), ("beacon-untrained-r8", 512), ("full", 512)} <= got
+    assert language_modeling.main(["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root",
+                                   str(tmp_path / "l"), "--threads", "1", "--adapter", f"trained={tmp_path / 'ad'}",
+                                   "--with-untrained", "--lengths", "512", "--sweep-length", "512", "--tail", "32",
+                                   "--ratios", "8"]) == 0
+    ppl = {r["method"]: r["value"] for r in _summary(tmp_path / "l")
+           if r["metric"] == "perplexity" and r["context_tokens"] == 512}
+    assert ppl["trained-r8"] != ppl["beacon-untrained-r8"]  # different weights, same settings
+    header = json.loads((tmp_path / "l" / "language_modeling" / "results" / "quick.json").read_text())
+    assert header["adapters"] == {"trained": str(tmp_path / "ad")}
+
+
 # ----------------------------------------------------------------------------- with kvpress
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import sys
 from dataclasses import dataclass, replace
@@ -66,11 +67,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                       help="short contexts, a few minutes on 2 CPU cores with SmolLM2-135M (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="long contexts (up to 128K tokens) and more samples: meant for a GPU")
+    mode.add_argument("--long", dest="mode", action="store_const", const="long",
+                      help="8K-32K tokens, one sample per cell: a trained adapter's figures on a CPU (~30 min)")
     parser.set_defaults(mode="quick")
     parser.add_argument("--model", default=None,
                         help="transformers model folder with its tokenizer (default: offline SmolLM2-135M)")
     parser.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
                         help="beacon adapter folder (repeatable); default: a fresh untrained adapter")
+    parser.add_argument("--with-untrained", action="store_true",
+                        help="also run a fresh UNTRAINED adapter with the first --adapter's settings, side by side")
     parser.add_argument("--ratios", type=int, nargs="+", default=[8], help="compression ratios (default 8)")
     parser.add_argument("--window", type=int, default=1024, help="window of the fresh adapter (default 1024)")
     parser.add_argument("--presses", nargs="*", default=list(PRESSES), choices=PRESSES,
@@ -136,6 +141,9 @@ class Bench:
             model = PeftModel.from_pretrained(base, path, adapter_name=label)
             for label, path in rest:
                 model.load_adapter(path, adapter_name=label)
+            if getattr(args, "with_untrained", False):  # same window / ratios / sink, beacon weights fresh
+                fresh = copy.deepcopy(model.peft_config[self.adapters[0][0]])
+                model.add_adapter("untrained", fresh)
         else:
             config = beacon_peft.BeaconConfig(window=args.window, ratios=sorted(set(self.ratios) | set(extra_ratios)))
             model = get_peft_model(base, config, adapter_name="untrained")
@@ -232,8 +240,11 @@ class Bench:
         if not self.adapters:
             return (f"a fresh UNTRAINED adapter (beacon projections = copies of the base ones), window "
                     f"{cfgs['untrained'].window}")
-        return ", ".join(f"`{label}` = `{path}` (window {cfgs[label].window}, ratios {cfgs[label].ratios})"
+        text = ", ".join(f"`{label}` = `{path}` (window {cfgs[label].window}, ratios {cfgs[label].ratios})"
                          for label, path in self.adapters)
+        if "untrained" in cfgs:
+            text += f"; `beacon-untrained`: a fresh UNTRAINED adapter with `{self.adapters[0][0]}`'s settings"
+        return text
 
     def results_dir(self, benchmark: str) -> Path:
         path = Path(self.args.out_root) / benchmark / "results"

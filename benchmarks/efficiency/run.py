@@ -45,6 +45,7 @@ class Settings:
 SETTINGS = {
     "quick": Settings([1024, 2048, 4096]),
     "full": Settings([1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], n_decode=32, repeats=3),
+    "long": Settings([8192, 16384, 32768]),
 }
 
 

@@ -42,6 +42,8 @@ class Settings:
 SETTINGS = {
     "quick": Settings([1024, 2048]),
     "full": Settings([1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], cases=3, multikey_cases=5),
+    # 8,150 context tokens: question and answer still fit full attention's 8,192 positions (SmolLM2)
+    "long": Settings([8150, 16384, 32768]),
 }
 
 
