@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,7 +40,8 @@ def build_prompt(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[lis
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="beacon-peft demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192, help="context length (default 8192)")
+    parser.add_argument("--tokens", type=int, default=32768,
+                        help="context length (default 32768: 4x SmolLM2's 8,192 native positions)")
     parser.add_argument("--ratio", type=int, default=8, help="compression ratio (default 8)")
     parser.add_argument("--window", type=int, default=1024, help="window of a fresh adapter (default 1024)")
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
@@ -90,7 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f" pass key at depth {args.depth:.2f}")
     print(f"window {config.window}, ratio {args.ratio}: {time.strftime('%M:%S', time.gmtime(seconds))} "
           "to read and answer")
-    print(f"answer: {text.strip()!r}   expected: {answer}   -> {'CORRECT' if answer in text else 'wrong'}")
+    correct = re.search(rf"(?<!\d){answer}(?!\d)", text) is not None
+    print(f"answer: {text.strip()!r}   expected: {answer}   -> {'CORRECT' if correct else 'wrong'}")
     print(f"KV memory held with beacons : {sizes['total']:>6} entries "
           f"(sink {sizes['sink']} + beacons {sizes['comp']} + open window {sizes['raw']}) = {_gib(memory.nbytes())}")
     print(f"KV memory of full attention : {total:>6} entries = {_gib(total * per_entry)}"
