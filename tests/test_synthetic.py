@@ -48,6 +48,22 @@ def test_examples_hold_their_answer_in_a_needle_and_end_with_the_lead_in(tokeniz
         assert 0.0 <= e["depth"] <= 1.0
 
 
+def test_depth_is_the_queried_needles_position(tokenizer, texts):
+    """``depth`` places the needle the question asks about (not a distractor): about one example in four has it in
+    the last sixth of the haystack, the rest earlier."""
+    examples = retrieval_examples(tokenizer, texts, 80, 1500, 2000, seed=7)
+    assert sum(e["n_needles"] > 1 for e in examples) >= 20
+    for e in examples:
+        needle, _, lead = TEMPLATES[e["template"]]
+        value = e["completion"].strip().rstrip(".")
+        subjects = [""] if "{s}" not in lead else PEOPLE + PLACES + ACCOUNTS
+        subject = next(x for x in subjects if e["prompt"].endswith(" " + lead.format(s=x)))
+        at = e["prompt"].index(needle.format(s=subject, v=value)) / len(e["prompt"])
+        assert abs(at - e["depth"]) < 0.1, (at, e["depth"], e["n_needles"])
+    late = sum(e["depth"] > 5 / 6 for e in examples)
+    assert 8 <= late <= 32, late
+
+
 def test_same_seed_same_examples_other_seed_other_examples(tokenizer, texts):
     a = retrieval_examples(tokenizer, texts, 5, 200, 400, seed=1)
     assert a == retrieval_examples(tokenizer, texts, 5, 200, 400, seed=1)

@@ -140,8 +140,8 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
         cuts = [i for i in range(1, n_fill) if filler[i - 1] in boundaries] or list(range(1, n_fill))
         # depth of the queried needle: mostly inside what will be compressed, sometimes near the question
         target = rng.uniform(5 / 6, 1.0) if rng.random() < 0.25 else rng.uniform(0.0, 5 / 6)
-        points = [min(cuts, key=lambda c: abs(c - target * n_fill))]
-        points += [rng.choice(cuts) for _ in needles[1:]]
+        points = [rng.choice(cuts) for _ in needles]  # distractors anywhere
+        points[query] = min(cuts, key=lambda c: abs(c - target * n_fill))
         order = sorted(range(len(needles)), key=lambda k: (points[k], k != query))
         ids, prev = list(intro), 0
         for k in order:
@@ -149,5 +149,5 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
             prev = points[k]
         ids += filler[prev:] + question
         examples.append(dict(prompt=tokenizer.decode(ids), completion=" " + values[query] + ".",
-                             template=template, depth=points[0] / n_fill, n_needles=len(needles)))
+                             template=template, depth=points[query] / n_fill, n_needles=len(needles)))
     return examples
