@@ -91,6 +91,21 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="name of the result files (default: the mode, quick or full): <tag>.json, <tag>.md, ...")
 
 
+def runner_main(argv, description: str, add_args, settings_from, run, extra_ratios=lambda settings: ()) -> int:
+    """The command line of one benchmark runner: the common options plus its own (``add_args(parser)``), its
+    settings (``settings_from(args)``), the model loaded once (with ``extra_ratios(settings)`` besides
+    ``--ratios``), ``run(bench, settings)`` printed, and the summary appended."""
+    parser = argparse.ArgumentParser(description=description)
+    add_common_args(parser)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    settings = settings_from(args)
+    bench = Bench(args, extra_ratios=tuple(extra_ratios(settings)))
+    print(run(bench, settings))
+    print(f"summary appended to {bench.flush_summary()}")
+    return 0
+
+
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     """``[LABEL=]PATH`` -> (label, path); unlabelled: ``beacon`` alone, else ``beacon-<folder name>``."""
     out = []
@@ -141,7 +156,7 @@ class Bench:
             model = PeftModel.from_pretrained(base, path, adapter_name=label)
             for label, path in rest:
                 model.load_adapter(path, adapter_name=label)
-            if getattr(args, "with_untrained", False):  # same window / ratios / sink, beacon weights fresh
+            if args.with_untrained:  # same window / ratios / sink, beacon weights fresh
                 fresh = copy.deepcopy(model.peft_config[self.adapters[0][0]])
                 model.add_adapter("untrained", fresh)
         else:

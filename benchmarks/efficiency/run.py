@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, add_common_args, with_overrides  # noqa: E402
+from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
 
 BENCHMARK = "efficiency"
 KVPRESS_FULL = Method("full-kvpress-venv", "kvpress", 1, press="none")
@@ -167,17 +167,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return with_overrides(SETTINGS[args.mode], lengths=args.lengths, repeats=args.repeats, n_decode=args.n_decode)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="context lengths (tokens)")
     parser.add_argument("--repeats", type=int, help="alternating repeats (minimum kept)")
     parser.add_argument("--n-decode", type=int, help="greedy decode steps timed")
-    args = parser.parse_args(argv)
-    bench = Bench(args)
-    print(run(bench, settings_from(args)))
-    print(f"summary appended to {bench.flush_summary()}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return runner_main(argv, __doc__.splitlines()[0], add_args, settings_from, run)
 
 
 if __name__ == "__main__":

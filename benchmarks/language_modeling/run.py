@@ -25,7 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import measure, metrics, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, add_common_args, with_overrides  # noqa: E402
+from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
 
 BENCHMARK = "language_modeling"
 
@@ -165,22 +165,20 @@ def _plots(bench: Bench, s: Settings, todo, ppl, out: Path) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, samples=args.samples, tail=args.tail, sweep_length=args.sweep_length)
+    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, samples=args.samples, tail=args.tail,
+                          sweep_length=args.sweep_length)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (tokens, tail included)")
     parser.add_argument("--samples", type=int, help="sequences per length")
     parser.add_argument("--tail", type=int, help="scored tail tokens (default 256)")
     parser.add_argument("--sweep-length", type=int, help="sequence length of the ratio sweep")
-    args = parser.parse_args(argv)
-    s = settings_from(args)
-    bench = Bench(args, extra_ratios=tuple(s.sweep_ratios))
-    print(run(bench, s))
-    print(f"summary appended to {bench.flush_summary()}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return runner_main(argv, __doc__.splitlines()[0], add_args, settings_from, run,
+                       extra_ratios=lambda s: s.sweep_ratios)
 
 
 if __name__ == "__main__":

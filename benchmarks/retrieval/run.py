@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, add_common_args, with_overrides  # noqa: E402
+from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
 from benchmarks.common.needles import make_multikey_case, make_passkey_case, score_answer  # noqa: E402
 
 BENCHMARK = "retrieval"
@@ -158,20 +158,18 @@ def _plots(bench: Bench, s: Settings, methods: list[str], acc: dict, out: Path) 
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases, multikey_cases=args.multikey_cases)
+    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases,
+                          multikey_cases=args.multikey_cases)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="context lengths (tokens)")
     parser.add_argument("--cases", type=int, help="pass-key cases per (length, depth)")
     parser.add_argument("--multikey-cases", type=int, help="multi-key cases per length")
-    args = parser.parse_args(argv)
-    bench = Bench(args)
-    print(run(bench, settings_from(args)))
-    print(f"summary appended to {bench.flush_summary()}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return runner_main(argv, __doc__.splitlines()[0], add_args, settings_from, run)
 
 
 if __name__ == "__main__":
