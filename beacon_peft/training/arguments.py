@@ -37,8 +37,9 @@ class ScriptArguments:
         metadata={
             "help": "Training data: a local .txt/.jsonl/.json/.parquet file, a folder of such files (or a folder "
             "written by `Dataset.save_to_disk`), a `datasets` hub name, or `essays:train` (the bundled Paul Graham "
-            "training essays) / `offline:all` (those plus the other offline corpora), or `offline:retrieval` (synthetic needle/QA examples built "
-            "from those, for --stage finetune; see beacon_peft.training.synthetic). Held-out essays are refused."
+            "training essays) / `offline:all` (those plus the other offline corpora), or `offline:retrieval` "
+            "(synthetic needle/QA examples built from those, for --stage finetune; see "
+            "beacon_peft.training.synthetic). Held-out essays are refused."
         },
     )
     dataset_config: Optional[str] = field(default=None, metadata={"help": "`datasets` configuration name."})

@@ -49,6 +49,16 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def _offline_documents(with_extra: bool) -> list[tuple[str, str]]:
+    """(source, text) of the bundled training essays (plus `offline.extra_corpora` when ``with_extra``); the
+    held-out essays are never read into training data."""
+    from .. import offline
+
+    train, _held_out = offline.essay_split()
+    rows = [("essays/" + name, text) for name, text in train]
+    return rows + list(offline.extra_corpora()) if with_extra else rows
+
+
 def load_documents(script_args: ScriptArguments, text_field: str, tokenizer=None, max_length: Optional[int] = None,
                    seed: int = 0):
     """The raw training records as a `datasets.Dataset` (no tokenization yet).
@@ -61,7 +71,6 @@ def load_documents(script_args: ScriptArguments, text_field: str, tokenizer=None
 
     spec = script_args.dataset_name
     if spec == "offline:retrieval":
-        from .. import offline
         from .synthetic import retrieval_examples
 
         if tokenizer is None or max_length is None:
@@ -70,18 +79,12 @@ def load_documents(script_args: ScriptArguments, text_field: str, tokenizer=None
         if script_args.stage != "finetune":
             raise ValueError(f"dataset_name='offline:retrieval' is prompt/completion data: use --stage finetune, "
                              f"not {script_args.stage!r}")
-        train, _held_out = offline.essay_split()  # the held-out essays are never read into training data
-        texts = [text for _, text in train] + [text for _, text in offline.extra_corpora()]
+        texts = [text for _, text in _offline_documents(with_extra=True)]
         rows = retrieval_examples(tokenizer, texts, script_args.retrieval_examples,
                                   script_args.min_length or max_length // 2, max_length, seed=seed)
         dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     elif spec in OFFLINE_DATA:
-        from .. import offline
-
-        train, _held_out = offline.essay_split()  # the held-out essays are never read into training data
-        rows = [("essays/" + name, text) for name, text in train]
-        if spec == "offline:all":
-            rows += list(offline.extra_corpora())
+        rows = _offline_documents(with_extra=spec == "offline:all")
         dataset = datasets.Dataset.from_dict({"source": [n for n, _ in rows], text_field: [t for _, t in rows]})
     elif spec.startswith(("essays:", "offline:")):
         raise ValueError(f"dataset_name={spec!r}: the offline data sets are {list(OFFLINE_DATA)} (held-out essays "

@@ -71,7 +71,8 @@ def _value(rng: random.Random, template: int) -> str:
         digits = rng.randint(3, 7)
         return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
     if kind == "code":
-        return f"{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}-{rng.randint(100, 999)}"
+        letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+        return f"{rng.choice(letters)}{rng.choice(letters)}-{rng.randint(100, 999)}"
     if kind == "city":
         return rng.choice(PLACES)
     pool = SIGHTS if "visit the" in TEMPLATES[template][0] else WORDS
