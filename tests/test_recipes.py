@@ -764,5 +764,8 @@ def test_retrieval_stage_config_continues_the_shipped_adapter(tmp_path):
     card = (trainer.final_dir / "README.md").read_text()
     assert "offline:retrieval" in card and "raw text, no chat template" in card
     assert f"started from the beacon weights of `{shipped}`" in card
-    labels = trainer.train_dataset[0]["labels"]
-    assert 2 <= sum(l != -100 for l in labels) <= 8  # only the answer (and EOS) is learnt
+    assert "every needle asked in turn" in card and "40% of the rows plain training text" in card
+    labels = [row["labels"] for row in trainer.train_dataset]
+    text_rows = [row for row in labels if all(label != -100 for label in row)]  # plain text: every token learnt
+    qa_rows = [row for row in labels if 2 <= sum(label != -100 for label in row) <= 120]  # the answers only
+    assert len(text_rows) == 2 and len(qa_rows) >= 2 and len(text_rows) + len(qa_rows) == len(labels)

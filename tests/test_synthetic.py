@@ -8,7 +8,8 @@ import re
 import pytest
 
 from beacon_peft import BeaconConfig, offline, training
-from beacon_peft.training.synthetic import ACCOUNTS, PEOPLE, PLACES, TEMPLATES, retrieval_examples
+from beacon_peft.training.synthetic import (ACCOUNTS, PEOPLE, PLACES, TEMPLATES, plain_text_examples,
+                                            retrieval_examples)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,59 @@ def test_offline_retrieval_dataset_never_reads_held_out_essays_and_labels_only_t
     script_args.stage = "finetune"
     with pytest.raises(ValueError, match="needs the tokenizer and --max_length"):
         training.load_documents(script_args, "text")
+
+
+def test_ask_all_asks_about_every_needle_and_labels_each_answer(tokenizer, texts):
+    """``ask_all``: the completion answers the first question, then asks about each other needle (distractors
+    included) once, every answer being that needle's value in the prompt."""
+    examples = retrieval_examples(tokenizer, texts, 60, 600, 1000, seed=11, ask_all=True)
+    assert max(e["n_questions"] for e in examples) >= 3
+    for e in examples:
+        assert e["n_questions"] == e["n_needles"]
+        parts = e["completion"].split("\n\n")
+        assert len(parts) == e["n_questions"]
+        asked = [e["prompt"].rsplit("\n\n", 1)[1] + parts[0]] + parts[1:]
+        leads = set()
+        for qa in asked:
+            matches = [(t, x) for t in TEMPLATES for x in (PEOPLE + PLACES + ACCOUNTS if "{s}" in t[0] else ("",))
+                       if qa.startswith(f"{t[1].format(s=x)} {t[2].format(s=x)} ") and qa.endswith(".")]
+            assert len(matches) == 1, qa
+            (needle, question, lead), subject = matches[0]
+            value = qa[len(f"{question.format(s=subject)} {lead.format(s=subject)} ") : -1]
+            assert needle.format(s=subject, v=value) in e["prompt"], (qa, e["prompt"][-300:])
+            leads.add(lead.format(s=subject))
+        assert len(leads) == len(asked)  # each needle asked once
+        n = len(tokenizer(e["prompt"] + e["completion"])["input_ids"])
+        assert n <= 1000, n
+
+
+def test_plain_text_rows_have_no_prompt_and_exact_lengths(tokenizer, texts):
+    rows = plain_text_examples(tokenizer, texts, 6, 200, 400, seed=4)
+    assert rows == plain_text_examples(tokenizer, texts, 6, 200, 400, seed=4)
+    for r in rows:
+        assert r["prompt"] == ""
+        assert 200 - 8 <= len(tokenizer(r["completion"])["input_ids"]) <= 400 + 8  # re-tokenization at the ends
+    with pytest.raises(ValueError, match="min_tokens=500"):
+        plain_text_examples(tokenizer, texts, 1, 500, 400)
+    with pytest.raises(ValueError, match="n=0"):
+        plain_text_examples(tokenizer, texts, 0, 200, 400)
+
+
+def test_retrieval_stage_mixes_plain_text_rows_labelled_on_every_token(tokenizer, tmp_path):
+    argv = ["--model_name_or_path", "m", "--dataset_name", "offline:retrieval", "--stage", "finetune",
+            "--chat_template", "false", "--retrieval_examples", "60", "--retrieval_text_fraction", "0.25",
+            "--retrieval_ask_all", "true", "--max_length", "768", "--min_length", "600",
+            "--window", "512", "--ratios", "8", "--output_dir", str(tmp_path)]
+    script_args, _, training_args, _ = training.parse_args(argv)
+    docs = training.load_documents(script_args, "text", tokenizer, training_args.max_length, seed=0)
+    assert len(docs) == 80 and sum(p == "" for p in docs["prompt"]) == 20  # 60 retrieval + 20 text (1 in 4)
+    at = [i for i, p in enumerate(docs["prompt"]) if p == ""]
+    assert at[0] < 4 and all(b - a == 4 for a, b in zip(at, at[1:]))  # every 4th row, not appended
+    ds = training.tokenize_dataset(docs, tokenizer, script_args, training_args, BeaconConfig(window=512, ratios=[8]))
+    fully_labelled = [e for e in ds if all(label != -100 for label in e["labels"])]
+    answer_only = [e for e in ds if sum(label != -100 for label in e["labels"]) < 200]
+    assert len(fully_labelled) >= 15 and len(answer_only) >= 50 and len(fully_labelled) + len(answer_only) == len(ds)
+
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(ValueError, match=f"retrieval_text_fraction={float(bad)}"):
+            training.parse_args(argv[:10] + ["--retrieval_text_fraction", bad] + argv[12:])

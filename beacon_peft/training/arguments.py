@@ -64,6 +64,16 @@ class ScriptArguments:
         default=2000,
         metadata={"help": "`offline:retrieval`: how many synthetic needle/QA examples to generate (from --seed)."},
     )
+    retrieval_ask_all: bool = field(
+        default=False,
+        metadata={"help": "`offline:retrieval`: after the first answer, ask about every other needle in turn (each "
+                          "answer labelled), so one compressed context trains several retrievals."},
+    )
+    retrieval_text_fraction: float = field(
+        default=0.0,
+        metadata={"help": "`offline:retrieval`: fraction in [0, 1) of the rows that are plain training text with "
+                          "loss on every token (keeps the plain-text stage's language modelling)."},
+    )
     messages_column: str = field(default="messages", metadata={"help": "finetune: column of chat messages."})
     prompt_column: str = field(default="prompt", metadata={"help": "finetune: prompt column (if no messages)."})
     completion_column: str = field(default="completion", metadata={"help": "finetune: answer column."})
@@ -243,6 +253,8 @@ def validate_args(script_args, beacon_args, training_args, model_args) -> Beacon
         raise ValueError(f"min_length={script_args.min_length} > max_length={max_length}")
     if script_args.retrieval_examples < 1:
         raise ValueError(f"retrieval_examples={script_args.retrieval_examples} must be >= 1")
+    if not 0.0 <= script_args.retrieval_text_fraction < 1.0:
+        raise ValueError(f"retrieval_text_fraction={script_args.retrieval_text_fraction} must be in [0, 1)")
     if model_args.use_lora and model_args.lora_r <= 0:
         raise ValueError(f"lora_r={model_args.lora_r} must be positive")
     if beacon_args.ratio_seed is not None and beacon_args.ratio_seed < 0:

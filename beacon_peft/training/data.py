@@ -71,7 +71,7 @@ def load_documents(script_args: ScriptArguments, text_field: str, tokenizer=None
 
     spec = script_args.dataset_name
     if spec == "offline:retrieval":
-        from .synthetic import retrieval_examples
+        from .synthetic import plain_text_examples, retrieval_examples
 
         if tokenizer is None or max_length is None:
             raise ValueError("dataset_name='offline:retrieval' needs the tokenizer and --max_length (example lengths "
@@ -80,9 +80,16 @@ def load_documents(script_args: ScriptArguments, text_field: str, tokenizer=None
             raise ValueError(f"dataset_name='offline:retrieval' is prompt/completion data: use --stage finetune, "
                              f"not {script_args.stage!r}")
         texts = [text for _, text in _offline_documents(with_extra=True)]
-        rows = retrieval_examples(tokenizer, texts, script_args.retrieval_examples,
-                                  script_args.min_length or max_length // 2, max_length, seed=seed)
-        dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        lo, n = script_args.min_length or max_length // 2, script_args.retrieval_examples
+        rows = retrieval_examples(tokenizer, texts, n, lo, max_length, seed=seed, ask_all=script_args.retrieval_ask_all)
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+        n_text = round(n * script_args.retrieval_text_fraction / (1 - script_args.retrieval_text_fraction))
+        if n_text:  # plain text, loss on every token, spread evenly among the retrieval rows
+            text_rows = plain_text_examples(tokenizer, texts, n_text, lo, max_length, seed=seed + 1)
+            keyed = [((i + 0.5) / n, 1, row) for i, row in enumerate(rows)]
+            keyed += [((k + 0.5) / n_text, 0, row) for k, row in enumerate(text_rows)]
+            rows = [row for *_, row in sorted(keyed, key=lambda item: item[:2])]
+        dataset = datasets.Dataset.from_list(rows)
     elif spec in OFFLINE_DATA:
         rows = _offline_documents(with_extra=spec == "offline:all")
         dataset = datasets.Dataset.from_dict({"source": [n for n, _ in rows], text_field: [t for _, t in rows]})

@@ -82,6 +82,17 @@ def save_final(trainer, final_dir: Path, model_args, base_name: str) -> None:
 # --- the model card --------------------------------------------------------------------------------------------
 
 
+def _retrieval_mix(script_args) -> str:
+    """The `offline:retrieval` options that change what the loss covers, for the model card."""
+    if script_args.dataset_name != "offline:retrieval":
+        return ""
+    parts = [" (every needle asked in turn)"] if script_args.retrieval_ask_all else []
+    if script_args.retrieval_text_fraction:
+        parts.append(f"; {script_args.retrieval_text_fraction:.0%} of the rows plain training text, loss on every "
+                     "token")
+    return "".join(parts)
+
+
 def card_info(script_args, beacon_args, training_args, model_args, config: BeaconConfig, model, n_documents: int,
               train_dataset, command: str, resumed_from) -> dict:
     """What the model card reports that the trainer does not know (a dict, ``trainer.card_info``)."""
@@ -103,7 +114,7 @@ def card_info(script_args, beacon_args, training_args, model_args, config: Beaco
         stage=script_args.stage,
         stage_help="plain text, loss on every token" if script_args.stage == "pretrain"
         else ("chat template" if script_args.chat_template else "raw text, no chat template")
-        + ", loss on the answer only",
+        + ", loss on the answer only" + _retrieval_mix(script_args),
         init_adapter=beacon_args.init_adapter,
         ratio_mix=beacon_args.ratio_mix,
         ratio_mix_help=RATIO_MIX_HELP[beacon_args.ratio_mix],

@@ -87,13 +87,18 @@ def boundary_ids(tokenizer) -> frozenset[int]:
 
 
 def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: int, max_tokens: int,
-                       seed: int = 0, max_needles: int = 4) -> list[dict]:
-    """``n`` retrieval examples ``{"prompt", "completion", "template", "depth", "n_needles"}``.
+                       seed: int = 0, max_needles: int = 4, ask_all: bool = False) -> list[dict]:
+    """``n`` retrieval examples ``{"prompt", "completion", "template", "depth", "n_needles", "n_questions"}``.
 
     The prompt (intro, haystack with needles, question and lead-in) is about ``min_tokens``..``max_tokens - 8``
     tokens, drawn uniformly; the haystack is a random stretch of the concatenated ``documents`` (cycled). The
     queried needle's ``depth`` is its position in the haystack in [0, 1]; one example in four has it in the last
     sixth of the context, the rest anywhere before.
+
+    ``ask_all``: after the first answer the completion asks about every other needle (distractors included) in
+    random order, each question followed by its answer, ``"\n\n" + question + " " + lead-in + " " + value + "."``;
+    so one compressed context yields ``n_questions`` labelled answers instead of one. The extra questions and
+    answers come out of the same length budget (the haystack is shorter by their tokens).
 
     Raises:
         ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 8], or no document text.
@@ -117,7 +122,7 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
     examples = []
     for _ in range(n):
         template = rng.randrange(len(TEMPLATES))
-        needle_t, question_t, lead_t = TEMPLATES[template]
+        needle_t = TEMPLATES[template][0]
         has_subject = "{s}" in needle_t
         n_needles = rng.randint(1, max_needles) if has_subject else 1
         subjects = rng.sample(_subject_pool(template), n_needles) if has_subject else [""]
@@ -126,15 +131,24 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
             v = _value(rng, template)
             if v not in values:
                 values.append(v)
-        needles = [encode(" " + needle_t.format(s=s, v=v) + " ") for s, v in zip(subjects, values)]
+        facts = [(template, s, v) for s, v in zip(subjects, values)]  # (template, subject, value) per needle
         if not has_subject and rng.random() < 0.3:  # a distractor fact of another kind
             other = rng.choice([k for k, t in enumerate(TEMPLATES) if "{s}" in t[0]])
-            needles.append(encode(" " + TEMPLATES[other][0].format(s=rng.choice(_subject_pool(other)),
-                                                                    v=_value(rng, other)) + " "))
+            facts.append((other, rng.choice(_subject_pool(other)), _value(rng, other)))
+        needles = [encode(" " + TEMPLATES[t][0].format(s=s, v=v) + " ") for t, s, v in facts]
         query = rng.randrange(n_needles)
+
+        def ask(k: int) -> str:
+            t, s, _ = facts[k]
+            return TEMPLATES[t][1].format(s=s) + " " + TEMPLATES[t][2].format(s=s)
+
+        later = [k for k in range(len(facts)) if k != query] if ask_all else []
+        rng.shuffle(later)
+        completion = " " + facts[query][2] + "." + "".join(f"\n\n{ask(k)} {facts[k][2]}." for k in later)
         intro = encode(rng.choice(INTROS))
-        question = encode("\n\n" + question_t.format(s=subjects[query]) + " " + lead_t.format(s=subjects[query]))
-        total = rng.randint(min_tokens, max_tokens - 8)
+        question = encode("\n\n" + ask(query))
+        extra = len(encode(completion)) - 4 if later else 0  # the later questions and answers, in tokens
+        total = rng.randint(min_tokens, max_tokens - 8) - extra
         n_fill = max(16, total - len(intro) - len(question) - sum(map(len, needles)))
         start = rng.randrange(len(stream))
         filler = [stream[(start + i) % len(stream)] for i in range(n_fill)]
@@ -149,6 +163,33 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
             ids += filler[prev : points[k]] + needles[k]
             prev = points[k]
         ids += filler[prev:] + question
-        examples.append(dict(prompt=tokenizer.decode(ids), completion=" " + values[query] + ".",
-                             template=template, depth=points[query] / n_fill, n_needles=len(needles)))
+        examples.append(dict(prompt=tokenizer.decode(ids), completion=completion, template=template,
+                             depth=points[query] / n_fill, n_needles=len(needles), n_questions=1 + len(later)))
     return examples
+
+
+def plain_text_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: int, max_tokens: int,
+                        seed: int = 0) -> list[dict]:
+    """``n`` rows ``{"prompt": "", "completion": text}`` of plain training text, ``min_tokens``..``max_tokens - 1``
+    tokens each (a random stretch of the concatenated ``documents``): mixed into the retrieval stage they keep the
+    loss on every raw token (the plain-text stage's objective), so the beacons learn to hold facts without
+    forgetting how to condense prose.
+
+    Raises:
+        ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 1], or no document text.
+    """
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    if not 64 <= min_tokens <= max_tokens - 1:
+        raise ValueError(f"min_tokens={min_tokens} must be in [64, max_tokens - 1 = {max_tokens - 1}]")
+    encoded = tokenizer([d + "\n\n" for d in documents if d.strip()], add_special_tokens=False)["input_ids"]
+    stream = [t for ids in encoded for t in ids]
+    if not stream:
+        raise ValueError("no document text to build plain-text rows from")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length, start = rng.randint(min_tokens, max_tokens - 1), rng.randrange(len(stream))
+        rows.append(dict(prompt="", completion=tokenizer.decode([stream[(start + i) % len(stream)]
+                                                                  for i in range(length)])))
+    return rows
