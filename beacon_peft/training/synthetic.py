@@ -86,6 +86,20 @@ def boundary_ids(tokenizer) -> frozenset[int]:
     return frozenset(i for i, t in enumerate(texts) if t.rstrip(" ").endswith(_BOUNDARY_END))
 
 
+def _token_stream(tokenizer, documents: Sequence[str], n: int, min_tokens: int, longest: int) -> list[int]:
+    """The non-empty ``documents`` as one token stream (each followed by a blank line), after checking the sizes:
+    ``n >= 1`` rows of ``min_tokens``..``longest`` tokens (``min_tokens >= 64``)."""
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    if not 64 <= min_tokens <= longest:
+        raise ValueError(f"min_tokens={min_tokens} must be in [64, {longest}] for these max_tokens")
+    encoded = tokenizer([d + "\n\n" for d in documents if d.strip()], add_special_tokens=False)["input_ids"]
+    stream = [t for ids in encoded for t in ids]
+    if not stream:
+        raise ValueError("no document text to build examples from")
+    return stream
+
+
 def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: int, max_tokens: int,
                        seed: int = 0, max_needles: int = 4, ask_all: bool = False) -> list[dict]:
     """``n`` retrieval examples ``{"prompt", "completion", "template", "depth", "n_needles", "n_questions"}``.
@@ -103,16 +117,9 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
     Raises:
         ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 8], or no document text.
     """
-    if n < 1:
-        raise ValueError(f"n={n} must be >= 1")
-    if not 64 <= min_tokens <= max_tokens - 8:
-        raise ValueError(f"min_tokens={min_tokens} must be in [64, max_tokens - 8 = {max_tokens - 8}]")
     if not 1 <= max_needles <= len(ACCOUNTS):
         raise ValueError(f"max_needles={max_needles} must be in [1, {len(ACCOUNTS)}]")
-    encoded = tokenizer([d + "\n\n" for d in documents if d.strip()], add_special_tokens=False)["input_ids"]
-    stream = [t for ids in encoded for t in ids]
-    if not stream:
-        raise ValueError("no document text to build haystacks from")
+    stream = _token_stream(tokenizer, documents, n, min_tokens, max_tokens - 8)
     boundaries = boundary_ids(tokenizer)
     rng = random.Random(seed)
 
@@ -178,14 +185,7 @@ def plain_text_examples(tokenizer, documents: Sequence[str], n: int, min_tokens:
     Raises:
         ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 1], or no document text.
     """
-    if n < 1:
-        raise ValueError(f"n={n} must be >= 1")
-    if not 64 <= min_tokens <= max_tokens - 1:
-        raise ValueError(f"min_tokens={min_tokens} must be in [64, max_tokens - 1 = {max_tokens - 1}]")
-    encoded = tokenizer([d + "\n\n" for d in documents if d.strip()], add_special_tokens=False)["input_ids"]
-    stream = [t for ids in encoded for t in ids]
-    if not stream:
-        raise ValueError("no document text to build plain-text rows from")
+    stream = _token_stream(tokenizer, documents, n, min_tokens, max_tokens - 1)
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
