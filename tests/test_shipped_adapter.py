@@ -67,7 +67,7 @@ def test_needle_in_the_open_window_at_16k_tokens(shipped):
 @NEEDS_OFFLINE
 @pytest.mark.xfail(strict=True, reason="MEASURED: the shipped adapter (stage 1 of two, 35 CPU-minutes, 236K tokens) "
                    "does not carry a pass key through compression (it also misses the 32K demo key); neither did "
-                   "either retrieval stage trained from it (0 of 14 keys in compressed windows at 8K-32K; 0 of 8 at "
+                   "either retrieval stage trained from it (0 of 14 keys in compressed windows at 8K-32K; 0 of 10 at "
                    "1.5K; docs/benchmarks.md). strict: passes once a better adapter ships")
 def test_needle_in_compressed_memory_at_16k_tokens(shipped):
     """The issue's test: a pass key in the middle of 16K held-out tokens, compressed 8x with its window, answered."""
