@@ -217,7 +217,7 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         return out.index_copy_(0, plan.beacon_flat, beacon_out).view(B, L, -1)
 
     def _beacon_forward(self, x: torch.Tensor, position_embeddings, ctx: ChunkContext):
-        attn, plan = self.base_layer, ctx.plan
+        attn = self.base_layer
         B, L, _ = x.shape
         D = attn.head_dim
         q = self._project("q", x, ctx).view(B, L, -1, D)

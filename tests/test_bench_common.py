@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import metrics, needles  # noqa: E402
+from benchmarks.common import metrics  # noqa: E402
 from benchmarks.common.needles import (  # noqa: E402
     INTRO,
     MULTIKEY_NEEDLE,

@@ -339,7 +339,7 @@ def test_training_reduces_the_loss(trained, model_dir, text_dir):
 def test_only_beacon_parameters_change_bitwise(trained, model_dir):
     trainer, _ = trained
     reference = base_model(model_dir).state_dict()
-    changed, beacons = [], 0
+    beacons = 0
     for name, tensor in trainer.model.state_dict().items():
         if "beacon_" in name:
             beacons += 1
