@@ -1,4 +1,4 @@
-"""Run every benchmark (language modelling, retrieval, efficiency) in one invocation.
+"""Run every benchmark (language modelling, retrieval, memory probe, efficiency) in one invocation.
 
     python benchmarks/run.py --quick                  # a few minutes on 2 CPU cores with SmolLM2-135M
     python benchmarks/run.py --full --model DIR       # long contexts (up to 128K tokens): meant for a GPU
@@ -23,9 +23,11 @@ if __package__ in (None, ""):
 from benchmarks.common.harness import Bench, add_common_args  # noqa: E402
 from benchmarks.efficiency import run as efficiency  # noqa: E402
 from benchmarks.language_modeling import run as language_modeling  # noqa: E402
+from benchmarks.memory_probe import run as memory_probe  # noqa: E402
 from benchmarks.retrieval import run as retrieval  # noqa: E402
 
-BENCHMARKS = {"language_modeling": language_modeling, "retrieval": retrieval, "efficiency": efficiency}
+BENCHMARKS = {"language_modeling": language_modeling, "retrieval": retrieval, "memory_probe": memory_probe,
+              "efficiency": efficiency}
 
 
 def main(argv=None) -> int:

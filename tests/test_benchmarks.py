@@ -27,6 +27,7 @@ from benchmarks.common import measure, metrics, report  # noqa: E402
 from benchmarks.common.harness import Method, parse_adapters, press_method  # noqa: E402
 from benchmarks.efficiency import run as efficiency  # noqa: E402
 from benchmarks.language_modeling import run as language_modeling  # noqa: E402
+from benchmarks.memory_probe import run as memory_probe  # noqa: E402
 from benchmarks.retrieval import run as retrieval  # noqa: E402
 
 NATIVE = 768  # tiny model's positions: 512 tokens fit, 1024 do not
@@ -254,6 +255,48 @@ def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
                      "--ratios", "4", "8", *extra])
     first = {k: v for k, v in _numbers(records).items() if k[0] != "efficiency"}
     assert _numbers(_summary(again)) == first
+
+
+def test_needle_compressed_by_hand():
+    """The answer's first token is predicted at position n_prompt - 1; windows before its own are compressed."""
+    assert memory_probe.needle_compressed({"needle_token_end": 128}, 129, 64, 64)  # reads in window 2: 0-127 done
+    assert not memory_probe.needle_compressed({"needle_token_end": 129}, 129, 64, 64)
+    assert memory_probe.needle_compressed({"needle_token_end": 64}, 128, 64, 64)  # reads at 127: window 1 open
+    assert not memory_probe.needle_compressed({"needle_token_end": 65}, 128, 64, 64)
+    # overlap (stride 48): the last 16 raw activations of a completed window stay raw
+    assert memory_probe.needle_compressed({"needle_token_end": 80}, 129, 64, 48)
+    assert not memory_probe.needle_compressed({"needle_token_end": 81}, 129, 64, 48)
+
+
+def test_memory_probe_quick_on_the_tiny_model(tiny_dir, tmp_path, capsys):
+    """Both measurements for full attention (where it fits) and a beacon adapter; the table and the summary are
+    the means of the per-case rows (key information over compressed needles only)."""
+    assert memory_probe.main(["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root", str(tmp_path),
+                              *FAST, "--ratios", "8", "--lengths", "512", "1024", "--cases", "3",
+                              "--tail", "32"]) == 0
+    assert "# Memory probe (quick)" in capsys.readouterr().out
+    got = {(r["method"], r["context_tokens"], r["metric"]): r["value"] for r in _summary(tmp_path)}
+    for metric in ("key_information_nats", "context_gain_nats"):
+        assert ("full", 512, metric) in got and ("full", 1024, metric) not in got  # 768 native positions
+        assert ("beacon-untrained-r8", 512, metric) in got and ("beacon-untrained-r8", 1024, metric) in got
+    folder = tmp_path / "memory_probe" / "results"
+    result = json.loads((folder / "quick.json").read_text())
+    rows = result["rows"]
+    for r in rows:
+        if r["kind"] == "key":
+            assert r["key_information"] == pytest.approx(r["other_nll"] - r["own_nll"])
+            assert r["compressed"] is (r["method"] != "full" and r["context_tokens"] >= 512)  # 64-token windows
+        else:
+            assert r["context_gain"] == pytest.approx(r["alone_nll"] - r["with_context_nll"]) and r["tail"] == 32
+    for method, length in (("full", 512), ("beacon-untrained-r8", 1024)):
+        keys = [r["key_information"] for r in rows if r["kind"] == "key" and r["method"] == method
+                and r["context_tokens"] == length]
+        gains = [r["context_gain"] for r in rows if r["kind"] == "text" and r["method"] == method
+                 and r["context_tokens"] == length]
+        assert len(keys) == 3 and len(gains) == 3
+        assert got[(method, length, "key_information_nats")] == pytest.approx(sum(keys) / 3)
+        assert got[(method, length, "context_gain_nats")] == pytest.approx(sum(gains) / 3)
+    assert (folder / "quick_key_information.png").is_file() and (folder / "quick_context_gain.png").is_file()
 
 
 def test_trained_adapter_runs_beside_a_fresh_untrained_copy(tiny_dir, tmp_path, capsys):

@@ -1,0 +1,194 @@
+"""Memory probe: how much of a compressed window the memory still holds, in nats, before accuracy moves.
+
+Two measurements per method and context length, each the difference of two negative log-likelihoods (nats per
+token), so they are near 0 when the memory holds nothing and they grow as it holds more:
+
+- **key information**: a pass-key case (``needles.make_passkey_case``, held-out essays) is scored twice on the
+  same answer, the key's tokens: once after its own context, once after the same context whose needle holds
+  another key. ``other - own`` is what the context tells about the key (full attention: about 2.3 nats, the
+  cost of a random digit). Beacon cases count only where the needle sits in a compressed window when the answer
+  is read (``compressed`` in the json); with the needle in the open window the raw tokens answer directly.
+- **context gain**: the last ``tail`` tokens of a held-out stretch are scored after the whole stretch and after
+  only the token before them. ``alone - with`` is what the earlier context is worth to the prediction.
+
+A trained adapter that retrieves has a key information close to full attention's; one that only condenses the
+gist of a window has a context gain above 0 and a key information near 0. Full attention runs where the
+sequence fits the native positions; the kvpress presses are not probed (their worker scores no answers).
+
+    python benchmarks/memory_probe/run.py --quick --adapter shipped=adapters/smollm2-135m-beacon --with-untrained
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.common import measure, report  # noqa: E402
+from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
+from benchmarks.common.needles import make_passkey_case  # noqa: E402
+
+BENCHMARK = "memory_probe"
+
+
+@dataclass
+class Settings:
+    lengths: list[int]
+    cases: int = 4  # pass-key cases (and text stretches) per length
+    depths: tuple[float, float] = (0.05, 0.5)  # the needles' depths are spread over this range
+    tail: int = 256  # tokens scored for the context gain
+
+
+SETTINGS = {
+    "quick": Settings([1024, 2048]),
+    "full": Settings([1024, 4096, 16384, 65536], cases=8),
+    "long": Settings([4096, 8150, 16384], cases=4),
+}
+
+
+def needle_compressed(case: dict, n_prompt: int, window: int, stride: int) -> bool:
+    """Whether the needle lies in a completed (compressed) window when the token after ``n_prompt`` prompt tokens
+    is predicted: windows cover raw tokens ``[k * stride, k * stride + window)``, and a completed window keeps its
+    last ``window - stride`` raw activations (overlap) as the start of the next one."""
+    reading = n_prompt - 1  # the position whose output predicts the first answer token
+    completed_end = stride * (reading // stride) - (window - stride)
+    return case["needle_token_end"] <= completed_end
+
+
+def make_cases(bench: Bench, s: Settings) -> tuple[list[dict], dict[int, list[list[int]]]]:
+    """Pass-key case pairs (own key, other key; same filler and depth) and text stretches per length."""
+    from beacon_peft.offline import haystack_ids
+
+    hay = haystack_ids(bench.tokenizer, max(s.lengths) + s.cases * 4096, "held_out")
+    lo, hi = s.depths
+    pairs, texts = [], {}
+    for length in s.lengths:
+        for c in range(s.cases):
+            depth = lo + (hi - lo) * c / max(1, s.cases - 1)
+            seed = bench.args.seed * 1_000_003 + length * 31 + c
+            offset = random.Random(seed).randrange(len(hay))
+            own = make_passkey_case(hay, bench.tokenizer, length, depth, seed, filler_offset=offset)
+            other = make_passkey_case(hay, bench.tokenizer, length, depth, seed + 7_919, filler_offset=offset)
+            if other["answer"] == own["answer"] or other["needle_token_start"] != own["needle_token_start"]:
+                continue  # keys of different token lengths move the filler: not a like-for-like pair
+            pairs.append(dict(length=length, depth=own["depth_actual"], own=own, other=other,
+                              answer_ids=bench.tokenizer.encode(" " + own["answer"], add_special_tokens=False)))
+        texts[length] = [[hay[(c * 4096 + i) % len(hay)] for i in range(length)] for c in range(s.cases)]
+    return pairs, texts
+
+
+def _nll_per_token(model, ids: list[int], tail: int, device) -> float:
+    total, count = measure.tail_nll(model, ids, tail, device)
+    return total / count
+
+
+def run(bench: Bench, s: Settings) -> str:
+    """Measure, write results/<mode>.{json,md} and the two plots, add summary records; returns the markdown."""
+    pairs, texts = make_cases(bench, s)
+    full = Method("full", "full")
+    methods = [full] + bench.beacon_methods(bench.ratios)
+    rows = []  # one per (method, case)
+    for m in methods:
+        config = bench.model.peft_config.get(m.adapter) if m.adapter else None
+        for p in tqdm(pairs, desc=f"memory probe {m.name}", unit="case"):
+            answer = p["answer_ids"]
+            own_ids = p["own"]["context_ids"] + p["own"]["question_ids"]
+            other_ids = p["other"]["context_ids"] + p["other"]["question_ids"]
+            if m.kind == "full" and not bench.fits(len(own_ids) + len(answer)):
+                continue
+            compressed = config is not None and needle_compressed(p["own"], len(own_ids), config.window,
+                                                                  config.stride or config.window)
+            with bench.use(m) as model:
+                own = _nll_per_token(model, own_ids + answer, len(answer), bench.device)
+                other = _nll_per_token(model, other_ids + answer, len(answer), bench.device)
+            rows.append(dict(method=m.name, kind="key", context_tokens=p["length"], depth=p["depth"],
+                             answer=p["own"]["answer"], compressed=compressed, own_nll=own, other_nll=other,
+                             key_information=other - own))
+        for length, stretches in texts.items():
+            if m.kind == "full" and not bench.fits(length):
+                continue
+            tail = min(s.tail, length // 2)
+            with bench.use(m) as model:
+                for ids in stretches:
+                    with_ctx = _nll_per_token(model, ids, tail, bench.device)
+                    alone = _nll_per_token(model, ids[-tail - 1:], tail, bench.device)
+                    rows.append(dict(method=m.name, kind="text", context_tokens=length, tail=tail,
+                                     with_context_nll=with_ctx, alone_nll=alone, context_gain=alone - with_ctx))
+
+    table = summarize(rows)
+    names = [m.name for m in methods]
+    by_method = {m.name: m for m in methods}
+    for (name, length), cell in sorted(table.items()):
+        for metric in ("key_information", "context_gain"):
+            if cell[metric] is not None:
+                bench.record(BENCHMARK, by_method[name], length, f"{metric}_nats", cell[metric])
+    markdown = _tables(bench, s, names, table)
+    out = bench.write(BENCHMARK, dict(settings=vars(s), summary=[dict(method=k[0], context_tokens=k[1], **v)
+                                                                  for k, v in sorted(table.items())],
+                                      rows=rows), markdown)
+    for metric, label in (("key_information", "key information (nats/token)"),
+                          ("context_gain", "context gain (nats/token)")):
+        report.line_plot(out / f"{bench.stem}_{metric}.png",
+                         {n: (s.lengths, [table.get((n, x), {}).get(metric) for x in s.lengths]) for n in names},
+                         xlabel="context tokens", ylabel=label, title=f"{bench.model_name}: {label}")
+    return markdown
+
+
+def summarize(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """Per (method, length): mean key information over the cases whose needle was compressed (all cases for
+    full attention), their count, and the mean context gain. A metric with no case is None."""
+    table: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        cell = table.setdefault((r["method"], r["context_tokens"]), dict(key=[], text=[]))
+        if r["kind"] == "key" and (r["compressed"] or r["method"] == "full"):
+            cell["key"].append(r["key_information"])
+        elif r["kind"] == "text":
+            cell["text"].append(r["context_gain"])
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {k: dict(key_information=mean(v["key"]), key_cases=len(v["key"]), context_gain=mean(v["text"]))
+            for k, v in table.items()}
+
+
+def _tables(bench: Bench, s: Settings, names: list[str], table: dict) -> str:
+    head = ["method", *[f"{report.tokens(n)}{'' if bench.fits(n) else '*'}" for n in s.lengths]]
+
+    def cell(name, n, metric):
+        v = table.get((name, n), {})
+        if v.get(metric) is None:
+            return None
+        return f"{v[metric]:.3f}" + (f" ({v['key_cases']})" if metric == "key_information" else "")
+
+    key = report.markdown_table(head, [[m, *[cell(m, n, "key_information") for n in s.lengths]] for m in names])
+    gain = report.markdown_table(head, [[m, *[cell(m, n, "context_gain") for n in s.lengths]] for m in names])
+    lo, hi = s.depths
+    return (f"# Memory probe ({bench.args.mode})\n\n{bench.describe()}"
+            f"- {s.cases} pass-key pairs per length, needles at depths {lo:g}..{hi:g}; context gain on the last "
+            f"{s.tail} tokens (half the length if shorter) of {s.cases} held-out stretches\n\n"
+            f"## Key information: answer NLL after another key minus after its own (nats/token; in brackets the "
+            f"cases whose needle was compressed; * = beyond native positions)\n\n{key}\n"
+            f"## Context gain: NLL of the tail alone minus after the whole stretch (nats/token)\n\n{gain}")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases, tail=args.tail)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", help="context lengths (tokens)")
+    parser.add_argument("--cases", type=int, help="pass-key pairs and text stretches per length")
+    parser.add_argument("--tail", type=int, help="tokens scored for the context gain")
+
+
+def main(argv=None) -> int:
+    return runner_main(argv, __doc__.splitlines()[0], add_args, settings_from, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
