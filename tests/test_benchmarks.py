@@ -342,10 +342,11 @@ def kvpress_ready():
 
 
 def test_run_all_with_kvpress_is_reproducible(kvpress_ready, tiny_dir, tmp_path, monkeypatch):
-    """benchmarks/run.py --quick on the tiny model with every press; language modelling and retrieval again with
-    the same seed give the same numbers."""
+    """benchmarks/run.py --quick on the tiny model with every press; language modelling, retrieval and the memory
+    probe again with the same seed give the same numbers."""
     small = dict(language_modeling=language_modeling.Settings([512, 1024], 512, [4, 8], tail=32),
                  retrieval=retrieval.Settings([512], cases=1, multikey_cases=1),
+                 memory_probe=memory_probe.Settings([512], cases=2, tail=32),
                  efficiency=efficiency.Settings([512], n_decode=2, repeats=1, warmup_tokens=16))
     for name, s in small.items():
         monkeypatch.setitem(run_all.BENCHMARKS[name].SETTINGS, "quick", s)
@@ -361,7 +362,8 @@ def test_run_all_with_kvpress_is_reproducible(kvpress_ready, tiny_dir, tmp_path,
         assert by[("language_modeling", p, 512, "perplexity")] > 1
         assert ("retrieval", p, 512, "multikey_accuracy") in by
     assert by[("efficiency", "full-kvpress-venv", 512, "kv_bytes")] == 512 * per_entry
-    again = _run_all(tiny_dir, tmp_path / "b", "--only", "language_modeling", "retrieval")
+    assert ("memory_probe", "beacon-untrained-r8", 512, "key_information_nats") in by
+    again = _run_all(tiny_dir, tmp_path / "b", "--only", "language_modeling", "retrieval", "memory_probe")
     assert _numbers(again) == {k: v for k, v in _numbers(records).items() if k[0] != "efficiency"}
 
 
