@@ -104,7 +104,7 @@ def run(bench: Bench, s: Settings) -> str:
             if m.kind == "full" and not bench.fits(len(own_ids) + len(answer)):
                 continue
             compressed = config is not None and needle_compressed(p["own"], len(own_ids), config.window,
-                                                                  config.stride or config.window)
+                                                                  config.stride)
             with bench.use(m) as model:
                 own = _nll_per_token(model, own_ids + answer, len(answer), bench.device)
                 other = _nll_per_token(model, other_ids + answer, len(answer), bench.device)
