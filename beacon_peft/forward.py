@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .compat import cache_kwarg, model_output, take_cache
+
 from .layer import ChunkContext
 from .masks import build_mask
 from .memory import BeaconMemory
@@ -73,6 +75,85 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int
     return batch, length
 
 
+# Keywords a causal LM, the Trainer or generate() may hand the decoder that change nothing here (the loss
+# normaliser is the causal LM's business; False/None output flags ask for nothing). Anything else is refused.
+_IGNORED_KWARGS = ("num_items_in_batch", "return_dict", "output_attentions", "output_hidden_states",
+                   "output_router_logits", "is_causal")
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _check_kwargs(kwargs: dict) -> None:
+    """Refuse keywords the compression loop would otherwise drop silently."""
+    packed = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
+    if packed:
+        raise ValueError(f"{packed} describe padding-free packed sequences, which window-by-window compression "
+                         "cannot read: pad the batch instead (attention_mask with 0 for padding)")
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS and k not in _PACKED_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown} for a model with an active beacon adapter; "
+                        f"it takes input_ids or inputs_embeds, attention_mask, position_ids (ignored: positions are "
+                        f"re-based onto the memory), use_cache, a cache/past_key_values, and {list(_IGNORED_KWARGS)}")
+
+
+def _check_ids(input_ids: torch.Tensor, embed: torch.nn.Module) -> None:
+    """Token ids must be integers inside the embedding's vocabulary (checked before any work)."""
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+        raise TypeError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
+    vocab = embed.num_embeddings if hasattr(embed, "num_embeddings") else embed.weight.shape[0]
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary: allowed [0, {vocab - 1}]")
+
+
+def _check_embeds(inputs_embeds: torch.Tensor, hidden: int) -> None:
+    if not inputs_embeds.dtype.is_floating_point:
+        raise TypeError(f"inputs_embeds must be a floating-point tensor, got dtype {inputs_embeds.dtype}")
+    if inputs_embeds.shape[-1] != hidden:
+        raise ValueError(f"inputs_embeds has hidden size {inputs_embeds.shape[-1]} but the model's is {hidden}: "
+                         f"pass shape (batch, length, {hidden})")
+
+
+def memory_signature(decoder: torch.nn.Module, config) -> dict:
+    """What a memory must agree on with the model and adapter that continue it: the layout of its K/V (layers,
+    K/V heads, head size) and the settings that define its positions and windows."""
+    cfg = decoder.config
+    heads = cfg.num_attention_heads
+    return {
+        "num_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "window": config.window,
+        "stride": config.stride,
+        "ratios": list(config.ratios),
+        "sink_size": config.sink_size,
+        "placement": config.placement,
+        "attention_scope": config.attention_scope,
+    }
+
+
+def _resolve_memory(cache, batch: int, signature: dict) -> BeaconMemory | None:
+    """The memory to continue from, or None for a fresh sequence (no cache, or generate()'s empty one)."""
+    if cache is None:
+        return None
+    if isinstance(cache, BeaconMemory):
+        if cache.batch_size != batch:
+            raise ValueError(f"the memory holds {cache.batch_size} rows but the input has {batch}")
+        differs = {k: (cache.signature.get(k), v) for k, v in signature.items()
+                   if cache.signature and cache.signature.get(k) != v}
+        if differs:
+            shown = ", ".join(f"{k}: memory {a!r} vs model {b!r}" for k, (a, b) in differs.items())
+            raise ValueError(f"this BeaconMemory was made by another model or adapter setting ({shown})")
+        return cache
+    if isinstance(cache, Cache):
+        if cache.get_seq_length() == 0:
+            return None  # generate() hands an empty cache of its own to a fresh sequence
+        raise ValueError(f"the cache must be a BeaconMemory from an earlier call (or None), got "
+                         f"{type(cache).__name__} holding {cache.get_seq_length()} tokens")
+    raise TypeError(f"the cache must be a BeaconMemory from an earlier call (or None), got {type(cache).__name__}"
+                    + (" (legacy tuple caches are not supported)" if isinstance(cache, (tuple, list)) else ""))
+
+
 def beacon_decoder_forward(
     tuner: "BeaconModel",
     original_forward: Callable,
@@ -80,33 +161,33 @@ def beacon_decoder_forward(
     input_ids: torch.LongTensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
-    past_key_values: Cache | None = None,
     inputs_embeds: torch.Tensor | None = None,
     use_cache: bool | None = None,
     **kwargs,
 ) -> BaseModelOutputWithPast:
+    cache = take_cache(kwargs)  # `cache=` (transformers >= 5.24) or `past_key_values=` (earlier), never dropped
     adapter = tuner.active_beacon_adapter()
     if adapter is None:  # adapter disabled: exactly the base model
-        if isinstance(past_key_values, BeaconMemory):
+        if isinstance(cache, BeaconMemory):
             raise ValueError("a BeaconMemory was passed while the beacon adapter is disabled")
         return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                **kwargs)
+                                inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                **{cache_kwarg(decoder): cache}, **kwargs)
     config = tuner.peft_config[adapter]
     batch, length = _check_inputs(input_ids, inputs_embeds, attention_mask, kwargs)
+    _check_kwargs(kwargs)
     kwargs.pop("output_attentions", None), kwargs.pop("output_hidden_states", None)
     num_layers = decoder.config.num_hidden_layers
     device = (input_ids if input_ids is not None else inputs_embeds).device
-
-    if isinstance(past_key_values, BeaconMemory):
-        memory = past_key_values
-        if memory.batch_size != batch:
-            raise ValueError(f"past_key_values holds {memory.batch_size} rows but the input has {batch}")
-    elif past_key_values is None or past_key_values.get_seq_length() == 0:
-        memory = BeaconMemory(num_layers, batch, decoder.rotary_emb, device)  # a fresh sequence
+    if input_ids is not None:
+        _check_ids(input_ids, decoder.get_input_embeddings())
     else:
-        raise ValueError(f"past_key_values must be a BeaconMemory from an earlier call (or None), got "
-                         f"{type(past_key_values).__name__} holding {past_key_values.get_seq_length()} tokens")
+        _check_embeds(inputs_embeds, decoder.config.hidden_size)
+
+    signature = memory_signature(decoder, config)
+    memory = _resolve_memory(cache, batch, signature)
+    if memory is None:
+        memory = BeaconMemory(num_layers, batch, decoder.rotary_emb, device, signature=signature)  # a fresh sequence
 
     if decoder.training and torch.is_grad_enabled():
         _ensure_non_reentrant_checkpointing(decoder)
@@ -119,6 +200,7 @@ def beacon_decoder_forward(
     embed = decoder.get_input_embeddings()
     beacon_embedding = tuner.beacon_embedding[adapter]  # (1, H)
 
+    cache_name = cache_kwarg(decoder)
     pieces, destinations = [], []
     longest = max(len(c) for c in cols)
     estimate = math.ceil(longest / config.stride) + 1
@@ -139,7 +221,7 @@ def beacon_decoder_forward(
             ctx = ChunkContext(adapter, plan, list(state.layers), partial(build_mask, plan, config, embeds.dtype),
                                mem_cos, mem_sin, comp_cos, comp_sin, [None] * num_layers)
             out = original_forward(inputs_embeds=embeds, position_ids=plan.position_ids, attention_mask=None,
-                                   past_key_values=None, use_cache=False, beacon_ctx=ctx, **kwargs)
+                                   use_cache=False, beacon_ctx=ctx, **{cache_name: None}, **kwargs)
             if any(layer is None for layer in ctx.new_layers):
                 missing = [i for i, layer in enumerate(ctx.new_layers) if layer is None]
                 raise RuntimeError(f"decoder layers {missing} bypassed the beacon attention (not wrapped?)")
@@ -154,7 +236,4 @@ def beacon_decoder_forward(
     state.columns += length
     memory.state = state
     tuner.ratio_picker(adapter).last_call = state.ratio_log[steps_before:]
-    return BaseModelOutputWithPast(
-        last_hidden_state=hidden.view(batch, length, -1),
-        past_key_values=memory if use_cache is not False else None,
-    )
+    return model_output(hidden.view(batch, length, -1), memory if use_cache is not False else None)

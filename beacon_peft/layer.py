@@ -132,8 +132,9 @@ def split_causal_attention(query, mem_key, mem_value, key, value, scaling: float
         folded = query.reshape(B, Hkv, groups * L, D)  # head h = kv head h // groups: a pure view
         out_mem, lse_mem = flash(folded, mem_key, mem_value, 0.0, False, scale=scaling)[:2]
         out_mem, lse_mem = out_mem.reshape(B, Hq, L, D), lse_mem.reshape(B, Hq, L)
-        total = torch.logaddexp(lse, lse_mem)
-        out = out * (lse - total).exp()[..., None] + out_mem * (lse_mem - total).exp()[..., None]
+        total = torch.logaddexp(lse, lse_mem)  # (B, Hq, L) float32 whatever the inputs' dtype
+        merged = out.float() * (lse - total).exp()[..., None] + out_mem.float() * (lse_mem - total).exp()[..., None]
+        out = merged.to(query.dtype)  # half-precision inputs give half-precision outputs
     return out.transpose(1, 2)
 
 

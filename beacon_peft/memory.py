@@ -100,9 +100,11 @@ class BeaconMemory(Cache):
 
     is_compileable = False
 
-    def __init__(self, num_layers: int, batch_size: int, rope: Callable, device=None):
+    def __init__(self, num_layers: int, batch_size: int, rope: Callable, device=None,
+                 signature: Optional[dict] = None):
         super().__init__(layers=[])
         self.num_layers = num_layers
+        self.signature = dict(signature or {})  # model layout and adapter settings it was made with
         self.rows = batch_size
         self._rope = rope  # positions (B, T) -> (cos, sin) of the base model's rotary embedding
         empty_bool = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
