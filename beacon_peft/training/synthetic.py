@@ -79,11 +79,18 @@ def _value(rng: random.Random, template: int) -> str:
     return rng.choice(pool)
 
 
+_BOUNDARIES: dict[tuple[int, int], frozenset[int]] = {}
+
+
 def boundary_ids(tokenizer) -> frozenset[int]:
-    """Token ids whose text ends a sentence or line (``. ! ? \\n``): a needle goes right after one."""
-    vocab = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(vocab)])
-    return frozenset(i for i, t in enumerate(texts) if t.rstrip(" ").endswith(_BOUNDARY_END))
+    """Token ids whose text ends a sentence or line (``. ! ? \\n``): a needle goes right after one.
+
+    Decoding the whole vocabulary takes about a second, so the set is kept per tokenizer object."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _BOUNDARIES:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _BOUNDARIES[key] = frozenset(i for i, t in enumerate(texts) if t.rstrip(" ").endswith(_BOUNDARY_END))
+    return _BOUNDARIES[key]
 
 
 def _token_stream(tokenizer, documents: Sequence[str], n: int, min_tokens: int, longest: int) -> list[int]:
@@ -101,7 +108,8 @@ def _token_stream(tokenizer, documents: Sequence[str], n: int, min_tokens: int, 
 
 
 def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: int, max_tokens: int,
-                       seed: int = 0, max_needles: int = 4, ask_all: bool = False) -> list[dict]:
+                       seed: int = 0, max_needles: int = 4, ask_all: bool = False,
+                       templates: Sequence[int] | None = None, as_ids: bool = False) -> list[dict]:
     """``n`` retrieval examples ``{"prompt", "completion", "template", "depth", "n_needles", "n_questions"}``.
 
     The prompt (intro, haystack with needles, question and lead-in) is about ``min_tokens``..``max_tokens - 8``
@@ -114,9 +122,17 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
     so one compressed context yields ``n_questions`` labelled answers instead of one. The extra questions and
     answers come out of the same length budget (the haystack is shorter by their tokens).
 
+    ``templates``: indices into `TEMPLATES` to draw needles from (default all), so that some phrasings can be held
+    out of training and scored as unseen. ``as_ids``: also return ``prompt_ids``/``completion_ids`` and leave
+    ``prompt`` empty (no decode/re-encode round trip, for generating rows on the fly).
+
     Raises:
-        ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 8], or no document text.
+        ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 8], no document text, or a template
+            index outside ``[0, len(TEMPLATES) - 1]``.
     """
+    pool = list(range(len(TEMPLATES))) if templates is None else list(templates)
+    if not pool or any(not isinstance(t, int) or not 0 <= t < len(TEMPLATES) for t in pool):
+        raise ValueError(f"templates={templates!r} must be a non-empty list of indices in [0, {len(TEMPLATES) - 1}]")
     if not 1 <= max_needles <= len(ACCOUNTS):
         raise ValueError(f"max_needles={max_needles} must be in [1, {len(ACCOUNTS)}]")
     stream = _token_stream(tokenizer, documents, n, min_tokens, max_tokens - 8)
@@ -128,7 +144,7 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
 
     examples = []
     for _ in range(n):
-        template = rng.randrange(len(TEMPLATES))
+        template = rng.choice(pool)
         needle_t = TEMPLATES[template][0]
         has_subject = "{s}" in needle_t
         n_needles = rng.randint(1, max_needles) if has_subject else 1
@@ -140,7 +156,7 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
                 values.append(v)
         facts = [(template, s, v) for s, v in zip(subjects, values)]  # (template, subject, value) per needle
         if not has_subject and rng.random() < 0.3:  # a distractor fact of another kind
-            other = rng.choice([k for k, t in enumerate(TEMPLATES) if "{s}" in t[0]])
+            other = rng.choice([k for k in pool if "{s}" in TEMPLATES[k][0]] or [k for k, t in enumerate(TEMPLATES) if "{s}" in t[0]])
             facts.append((other, rng.choice(_subject_pool(other)), _value(rng, other)))
         needles = [encode(" " + TEMPLATES[t][0].format(s=s, v=v) + " ") for t, s, v in facts]
         query = rng.randrange(n_needles)
@@ -170,8 +186,11 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
             ids += filler[prev : points[k]] + needles[k]
             prev = points[k]
         ids += filler[prev:] + question
-        examples.append(dict(prompt=tokenizer.decode(ids), completion=completion, template=template,
-                             depth=points[query] / n_fill, n_needles=len(needles), n_questions=1 + len(later)))
+        row = dict(prompt="" if as_ids else tokenizer.decode(ids), completion=completion, template=template,
+                   depth=points[query] / n_fill, n_needles=len(needles), n_questions=1 + len(later))
+        if as_ids:
+            row.update(prompt_ids=ids, completion_ids=encode(completion))
+        examples.append(row)
     return examples
 
 

@@ -1,0 +1,110 @@
+"""Quick read-back evaluation of a beacon adapter (GPU or CPU): pass key and synthetic needles, held-out text.
+
+* pass key (`benchmarks.common.needles`) at each ``--lengths`` with ``--cases`` keys over depths 0.05-0.85, the
+  needle inside a compressed window, at ``--ratio``; full attention beside it where the length fits the base
+  model's positions;
+* synthetic needles (`beacon_peft.training.synthetic`) built from the held-out essays, split into the phrasings
+  the read-back stage trained on and those it held out (``held_out_templates`` of the adapter's
+  ``readback_args.json``).
+
+Greedy answers, scored by `needles.score_answer`. Writes ``--out`` (json) and prints a markdown table.
+
+    python recipes/eval_readback.py --adapter outputs/readback/final --lengths 4096 8192 16384 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common.needles import make_passkey_case, score_answer  # noqa: E402
+
+
+def greedy_text(model, tokenizer, ids: list[int], device, new: int = 12) -> str:
+    x = torch.tensor([ids], device=device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--needle_cases", type=int, default=20, help="synthetic needles per template group and length")
+    p.add_argument("--needle_lengths", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--ratio", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    from peft import PeftModel
+
+    import beacon_peft  # noqa: F401  (registers BEACON)
+    from beacon_peft.offline import essay_split, haystack_ids, load_smollm2
+    from beacon_peft.training.synthetic import TEMPLATES, retrieval_examples
+
+    base, tok = load_smollm2(dtype=getattr(torch, args.dtype))
+    model = PeftModel.from_pretrained(base.to(args.device), args.adapter).eval()
+    model.base_model.set_compression_ratio(args.ratio)
+    meta_path = Path(args.adapter) / "readback_args.json"
+    held = json.loads(meta_path.read_text()).get("held_out_templates", []) if meta_path.is_file() else []
+    hay = haystack_ids(tok, max(args.lengths) + 8192, "held_out")
+    native = base.config.max_position_embeddings
+    results: dict = {"adapter": args.adapter, "ratio": args.ratio, "passkey": [], "needles": []}
+    start = time.time()
+    for length in args.lengths:
+        for c in range(args.cases):
+            depth = 0.05 + 0.8 * c / max(1, args.cases - 1)
+            case = make_passkey_case(hay, tok, length, depth, seed=10_000 + length + c, filler_offset=c * 997)
+            prompt = case["context_ids"] + case["question_ids"]
+            row = dict(length=length, depth=round(case["depth_actual"], 3), answer=case["answer"])
+            row["beacon"] = score_answer(greedy_text(model, tok, prompt, args.device), case["answer"])
+            if len(prompt) + 12 <= native:
+                with model.disable_adapter():
+                    row["full"] = score_answer(greedy_text(model, tok, prompt, args.device), case["answer"])
+            results["passkey"].append(row)
+    docs = [text for _, text in essay_split()[1]]
+    groups = {"trained": [t for t in range(len(TEMPLATES)) if t not in held]}
+    if held:
+        groups["held_out"] = held
+    for length in args.needle_lengths:
+        for group, templates in groups.items():
+            examples = retrieval_examples(tok, docs, args.needle_cases, length - 200, length - 8, seed=length,
+                                          max_needles=4, templates=templates, as_ids=True)
+            for ex in examples:
+                value = ex["completion"].strip().rstrip(".")
+                ok = score_answer(greedy_text(model, tok, ex["prompt_ids"], args.device, new=10), value)
+                results["needles"].append(dict(length=length, group=group, template=ex["template"],
+                                               depth=round(ex["depth"], 3), ok=ok))
+    results["seconds"] = round(time.time() - start, 1)
+    lines = ["| test | length | beacon (ratio %d) | full attention |" % args.ratio, "|---|---|---|---|"]
+    for length in args.lengths:
+        rows = [r for r in results["passkey"] if r["length"] == length]
+        full = [r["full"] for r in rows if "full" in r]
+        lines.append(f"| pass key | {length} | {sum(r['beacon'] for r in rows)}/{len(rows)} | "
+                     + (f"{sum(full)}/{len(full)} |" if full else "beyond native positions |"))
+    for length in args.needle_lengths:
+        for group in groups:
+            rows = [r for r in results["needles"] if r["length"] == length and r["group"] == group]
+            lines.append(f"| needles, {group} phrasings | {length} | {sum(r['ok'] for r in rows)}/{len(rows)} | |")
+    results["table"] = "\n".join(lines)
+    print(results["table"], flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Read-back stage: teach a beacon adapter to answer from facts held only in compressed memory.
+
+A plain PyTorch loop (no TRL) over `beacon_peft.training.readback`: mixed rows (plain text + synthetic retrieval
+rows from the training texts, some needle phrasings held out) and a loss of three terms,
+
+    loss = CE(prose) + answer_weight * CE(answers) + kl_weight * KL(full-attention base || compressed model)
+
+where the teacher is the frozen base with the adapter disabled (no second model in memory). Every
+``--eval_every`` steps it measures *key information* on a fixed held-out probe (the NLL of a pass key's tokens
+after a context holding another key, minus after its own; the needle inside a compressed window) and writes the
+curve; every ``--save_minutes`` it writes a resumable checkpoint (adapter, optimizer, step) atomically.
+
+    python recipes/train_readback.py --config recipes/configs/smollm2-135m-readback.yaml            # GPU
+    python recipes/train_readback.py --config recipes/configs/smollm2-135m-readback.yaml --resume    # continue
+    python recipes/train_readback.py --config recipes/configs/smollm2-135m-readback.yaml \\
+        --device cpu --dtype float32 --max_tokens 1024 --min_tokens 600 --batch_size 1 --max_steps 2   # smoke
+
+Outputs under ``--output_dir``: ``checkpoint/`` (resume), ``final/`` (the adapter: PEFT folder, loadable with
+``PeftModel.from_pretrained``), ``curve.json`` (step, tokens, loss terms, key information), ``train_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=None, help="YAML file of defaults (command line wins)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="base model dtype (adapter: fp32)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--sink_size", type=int, default=1)
+    p.add_argument("--init_adapter", default=None, help="start from this adapter folder (same settings)")
+    p.add_argument("--min_tokens", type=int, default=2048)
+    p.add_argument("--max_tokens", type=int, default=8192)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--text_fraction", type=float, default=0.3)
+    p.add_argument("--held_out_templates", type=int, nargs="*", default=[2, 6, 8],
+                   help="synthetic.TEMPLATES indices never trained on (scored as unseen phrasings)")
+    p.add_argument("--answer_weight", type=float, default=1.0)
+    p.add_argument("--kl_weight", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup_steps", type=int, default=20)
+    p.add_argument("--max_steps", type=int, default=100000)
+    p.add_argument("--max_minutes", type=float, default=60.0)
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--probe_cases", type=int, default=12)
+    p.add_argument("--save_minutes", type=float, default=5.0)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", type=Path, default=Path("outputs/readback"))
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    first, _ = p.parse_known_args(argv)
+    if first.config is not None:
+        import yaml
+
+        defaults = yaml.safe_load(first.config.read_text()) or {}
+        unknown = sorted(set(defaults) - {a.dest for a in p._actions})
+        if unknown:
+            raise ValueError(f"{first.config}: unknown keys {unknown}")
+        p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    if args.max_tokens > 8192:
+        raise ValueError(f"max_tokens={args.max_tokens}: the full-attention teacher reads at most the base model's "
+                         "8192 positions")
+    return args
+
+
+def load(args):
+    """Base (frozen) + beacon adapter on the device; trainable parameters in float32."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    import beacon_peft
+    from beacon_peft.offline import load_smollm2
+
+    base, tokenizer = load_smollm2(dtype=DTYPES[args.dtype])
+    base.to(args.device)
+    config = beacon_peft.BeaconConfig(window=args.window, ratios=list(args.ratios), ratio_mix="step-random",
+                                      sink_size=args.sink_size, beacon_projections=["q", "k", "v"])
+    model = get_peft_model(base, config)
+    if args.init_adapter:
+        set_peft_model_state_dict(model, load_file(str(Path(args.init_adapter) / "adapter_model.safetensors")))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if args.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def training_documents() -> list[str]:
+    from beacon_peft.offline import essay_split, extra_corpora
+
+    train, _ = essay_split()  # the held-out essays are never read here
+    return [text for _, text in train] + [text for _, text in extra_corpora()]
+
+
+def make_probe(tokenizer, n: int, window: int, seed: int = 1234) -> list[dict]:
+    """Fixed held-out key pairs (own key, other key, same filler) whose needle ends inside a compressed window."""
+    from benchmarks.common.needles import make_passkey_case
+
+    from beacon_peft.offline import haystack_ids
+
+    hay = haystack_ids(tokenizer, 40000, "held_out")
+    cases, c = [], 0
+    while len(cases) < n and c < 20 * n:
+        length = (1024, 2048, 4096)[c % 3]
+        depth = 0.05 + 0.5 * random.Random(seed + c).random()
+        offset = random.Random(seed * 7 + c).randrange(len(hay))
+        own = make_passkey_case(hay, tokenizer, length, depth, seed + c, filler_offset=offset)
+        other = make_passkey_case(hay, tokenizer, length, depth, seed + c + 7919, filler_offset=offset)
+        c += 1
+        reading = length + len(own["question_ids"]) - 1
+        if other["answer"] == own["answer"] or other["needle_token_start"] != own["needle_token_start"]:
+            continue
+        if own["needle_token_end"] > window * (reading // window):
+            continue  # the needle must lie in a completed (compressed) window
+        answer = tokenizer.encode(" " + own["answer"], add_special_tokens=False)
+        cases.append(dict(own=own["context_ids"] + own["question_ids"],
+                          other=other["context_ids"] + other["question_ids"], answer=answer, length=length))
+    return cases
+
+
+@torch.no_grad()
+def key_information(model, probe: list[dict], device, ratio: int = 8) -> float:
+    """Mean over the probe of NLL(key | other context) - NLL(key | own context), nats per key token."""
+    model.eval()
+    model.base_model.set_compression_ratio(ratio)
+    gaps = []
+    try:
+        for case in probe:
+            nll = {}
+            for side in ("own", "other"):
+                ids = torch.tensor([case[side] + case["answer"]], device=device)
+                logits = model(input_ids=ids, logits_to_keep=len(case["answer"]) + 1).logits[0, :-1].float()
+                target = torch.tensor(case["answer"], device=device)
+                nll[side] = float(torch.nn.functional.cross_entropy(logits, target))
+            gaps.append(nll["other"] - nll["own"])
+    finally:
+        model.base_model.set_compression_ratio(None)
+        model.train()
+    return sum(gaps) / max(1, len(gaps))
+
+
+def save_checkpoint(model, optimizer, step: int, tokens: int, out: Path) -> None:
+    """Adapter + optimizer + counters into ``out/checkpoint`` through a temporary sibling (atomic rename)."""
+    from peft import get_peft_model_state_dict
+
+    tmp = out / f".checkpoint-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(), "step": step,
+                "tokens": tokens, "rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    final = out / "checkpoint"
+    old = out / f".checkpoint-old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None) -> Path:
+    from peft import set_peft_model_state_dict
+
+    from beacon_peft.training.readback import MixedRows, collate_rows, kl_to_teacher, masked_ce
+
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    model, tokenizer = load(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, tokens = 0, 0
+    if args.resume and (out / "checkpoint" / "state.pt").is_file():
+        state = torch.load(out / "checkpoint" / "state.pt", map_location=device, weights_only=False)
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens = state["step"], state["tokens"]
+        random.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from step {step} ({tokens} tokens)", flush=True)
+    from beacon_peft.training.synthetic import TEMPLATES
+
+    train_templates = [t for t in range(len(TEMPLATES)) if t not in set(args.held_out_templates)]
+    rows = MixedRows(tokenizer, training_documents(), args.min_tokens, args.max_tokens, seed=args.seed,
+                     text_fraction=args.text_fraction, templates=train_templates,
+                     start_block=step * args.batch_size // 32 + (1000 if step else 0))
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=partial(collate_rows, pad_token_id=tokenizer.pad_token_id))
+    probe = make_probe(tokenizer, args.probe_cases, args.window)
+    curve_path, log_path = out / "curve.json", out / "train_log.jsonl"
+    curve = json.loads(curve_path.read_text()) if args.resume and curve_path.is_file() else []
+    if not curve or curve[-1]["step"] != step:
+        curve.append(dict(step=step, tokens=tokens, key_information=key_information(model, probe, device)))
+        curve_path.write_text(json.dumps(curve, indent=1))
+        print(f"step {step}: key information {curve[-1]['key_information']:.3f}", flush=True)
+    model.train()
+    start, last_save, window_tokens, window_start = time.time(), time.time(), 0, time.time()
+    sums = {"text": 0.0, "answer": 0.0, "kl": 0.0, "n": 0}
+    for batch in loader:
+        if step >= args.max_steps or (time.time() - start) / 60 >= args.max_minutes:
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+        teacher = None
+        if args.kl_weight > 0:
+            with torch.no_grad(), model.disable_adapter():
+                teacher = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        text_sum, text_n = masked_ce(logits, batch["text_labels"])
+        ans_sum, ans_n = masked_ce(logits, batch["answer_labels"])
+        loss = text_sum / text_n.clamp(min=1) + args.answer_weight * ans_sum / ans_n.clamp(min=1)
+        kl = torch.zeros((), device=device)
+        if teacher is not None:
+            kl_sum, kl_n = kl_to_teacher(logits, teacher, batch["attention_mask"].bool(), args.temperature)
+            kl = kl_sum / kl_n.clamp(min=1)
+            loss = loss + args.kl_weight * kl
+            del teacher
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        n_tok = int(batch["attention_mask"].sum())
+        tokens += n_tok
+        window_tokens += n_tok
+        sums["text"] += float(text_sum / text_n.clamp(min=1))
+        sums["answer"] += float(ans_sum / ans_n.clamp(min=1))
+        sums["kl"] += float(kl)
+        sums["n"] += 1
+        if step % args.log_every == 0:
+            rate = window_tokens / (time.time() - window_start)
+            record = dict(step=step, tokens=tokens, minutes=round((time.time() - start) / 60, 2),
+                          tokens_per_s=round(rate), **{k: round(sums[k] / sums["n"], 4) for k in ("text", "answer", "kl")})
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+            sums = {"text": 0.0, "answer": 0.0, "kl": 0.0, "n": 0}
+            window_tokens, window_start = 0, time.time()
+        if step % args.eval_every == 0:
+            curve.append(dict(step=step, tokens=tokens, key_information=key_information(model, probe, device)))
+            curve_path.write_text(json.dumps(curve, indent=1))
+            print(f"step {step}: key information {curve[-1]['key_information']:.3f}", flush=True)
+        if (time.time() - last_save) / 60 >= args.save_minutes:
+            save_checkpoint(model, optimizer, step, tokens, out)
+            last_save = time.time()
+    if curve[-1]["step"] != step:
+        curve.append(dict(step=step, tokens=tokens, key_information=key_information(model, probe, device)))
+        curve_path.write_text(json.dumps(curve, indent=1))
+        print(f"step {step}: key information {curve[-1]['key_information']:.3f}", flush=True)
+    save_checkpoint(model, optimizer, step, tokens, out)
+    final = out / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    (final / "readback_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                          for k, v in vars(args).items()}, indent=1))
+    print(f"saved {final} after {step} steps, {tokens} tokens, {(time.time() - start) / 60:.1f} minutes", flush=True)
+    return final
+
+
+if __name__ == "__main__":
+    main()
