@@ -14,6 +14,7 @@ Terms used throughout the package (the paper's):
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -164,6 +165,9 @@ class BeaconConfig(PeftConfig):
         if not isinstance(self.attend_prev, bool):
             raise TypeError(f"attend_prev must be a bool, got {self.attend_prev!r}")
         _check_int("sink_size", self.sink_size, 0, self.window)
+        if not isinstance(self.beacon_projections, (list, tuple)) or not self.beacon_projections:
+            raise TypeError(f"beacon_projections={self.beacon_projections!r} must be a non-empty list: allowed "
+                            f"distinct entries of {list(PROJECTIONS)}, e.g. ['q', 'k', 'v']")
         projections = list(self.beacon_projections)
         bad = [p for p in projections if p not in PROJECTIONS]
         if bad or len(set(projections)) != len(projections):
@@ -176,9 +180,22 @@ class BeaconConfig(PeftConfig):
             raise TypeError(f"mask_first_window_loss must be a bool or None, got {self.mask_first_window_loss!r}")
         if self.beacon_layers is not None:
             layers = [self.beacon_layers] if isinstance(self.beacon_layers, int) else self.beacon_layers
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise TypeError(f"beacon_layers={self.beacon_layers!r} must be None or a non-empty list of decoder "
+                                "layer indices (ints >= 0)")
             for index in layers:
                 _check_int("beacon_layers entry", index, 0)
             self.beacon_layers = sorted(set(layers))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
+        """`PeftConfig.from_pretrained`, remembering a local folder so that injection can check the adapter's
+        weights against the model before it touches it (see `checkpoint.check_adapter_weights`)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        if isinstance(config, BeaconConfig) and os.path.isdir(folder):
+            config.__dict__["_beacon_source"] = folder  # not a dataclass field: never saved
+        return config
 
     @property
     def compresses(self) -> bool:

@@ -9,6 +9,7 @@ unloading it) restores the base model exactly.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .checkpoint import check_adapter_weights
 from .config import BeaconConfig
 from .forward import beacon_decoder_forward
 from .layer import BeaconAttention
@@ -54,8 +56,27 @@ class BeaconModel(BaseTuner):
             raise TypeError(f"expected a BeaconConfig, got {type(config).__name__}")
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Wrap the attention modules, add the beacon embedding and patch the decoder: all or nothing.
+
+        The config (and, for an adapter read from a local folder, its weights' names and shapes) is checked
+        against the model first; any failure after that rolls every change back, so the base model is left
+        exactly as it was.
+        """
         config = self.peft_config[adapter_name]
         decoder = self._decoder(model)
+        self._check_beacon_layers(decoder, config)
+        source = config.__dict__.pop("_beacon_source", None)  # set by BeaconConfig.from_pretrained
+        if source is not None:
+            check_adapter_weights(source, model, decoder, config, adapter_name, self._remove_adapter_name_from_key)
+        snapshot = self._snapshot(model)
+        try:
+            self._inject(model, decoder, adapter_name, config, **kwargs)
+        except BaseException:
+            self._rollback(model, adapter_name, snapshot)
+            raise
+
+    def _inject(self, model: nn.Module, decoder: nn.Module, adapter_name: str, config: BeaconConfig,
+                **kwargs) -> None:
         self._add_beacon_embedding(decoder, adapter_name, config)
         super().inject_adapter(model, adapter_name, **kwargs)
         layers = [m for m in model.modules() if isinstance(m, BeaconAttention)]
@@ -66,6 +87,47 @@ class BeaconModel(BaseTuner):
             )
         self._pickers[adapter_name] = RatioPicker(config, getattr(decoder.config, "max_position_embeddings", None))
         self._patch_decoder(decoder)
+
+    @staticmethod
+    def _check_beacon_layers(decoder: nn.Module, config: BeaconConfig) -> None:
+        depth = decoder.config.num_hidden_layers
+        beyond = [i for i in (config.beacon_layers or []) if i >= depth]
+        if beyond:
+            raise ValueError(f"beacon_layers={config.beacon_layers} names layer(s) {beyond} beyond the model's "
+                             f"depth: allowed [0, {depth - 1}] (num_hidden_layers={depth})")
+
+    def _snapshot(self, model: nn.Module) -> dict:
+        """What `_rollback` needs to undo a failed injection."""
+        return {
+            "wrapped": {id(m) for m in model.modules() if isinstance(m, BeaconAttention)},
+            "patched": self._patched_decoder is not None,
+            "embedding_dict": "beacon_embedding" in self._modules,
+            "requires_grad": [(p, p.requires_grad) for p in model.parameters()],
+            "targeted": list(self.targeted_module_names),
+        }
+
+    def _rollback(self, model: nn.Module, adapter_name: str, snapshot: dict) -> None:
+        """Undo a failed injection: unpatch the decoder, unwrap new layers (or drop this adapter from layers that
+        were wrapped before), delete the embedding entry, restore trainability flags."""
+        if not snapshot["patched"]:
+            self._unpatch_decoder()
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, BeaconAttention):
+                continue
+            if id(module) in snapshot["wrapped"]:
+                module.delete_adapter(adapter_name)
+            else:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, module.base_layer)
+        if "beacon_embedding" in self._modules:
+            if adapter_name in self.beacon_embedding:
+                del self.beacon_embedding[adapter_name]
+            if not snapshot["embedding_dict"]:
+                del self.beacon_embedding
+        self._pickers.pop(adapter_name, None)
+        for param, flag in snapshot["requires_grad"]:
+            param.requires_grad_(flag)
+        self.targeted_module_names[:] = snapshot["targeted"]
 
     @staticmethod
     def _decoder(model: nn.Module) -> nn.Module:
@@ -183,6 +245,17 @@ class BeaconModel(BaseTuner):
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar, safe_merge=safe_merge,
                                                     adapter_names=adapter_names)
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """`PeftModel.forward`/`generate` enter this with the call's keywords, then drop LoRA's per-row adapter
+        keywords: refuse them instead of running every row with the active adapter."""
+        for key in ("adapter_names", "alora_offsets"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key}={kwargs[key]!r} is not supported by beacon adapters (one adapter runs for "
+                                 f"the whole batch): allowed None; choose the adapter with set_adapter() "
+                                 f"(available: {sorted(self.peft_config)})")
+        yield
+
     def forward(self, *args: Any, **kwargs: Any):
         labels = kwargs.get("labels")
         adapter = self.active_beacon_adapter()
@@ -190,7 +263,20 @@ class BeaconModel(BaseTuner):
             config = self.peft_config[adapter]
             if config.masks_first_window():
                 kwargs["labels"] = mask_first_window_labels(labels, kwargs.get("attention_mask"), config.window)
+                if kwargs.get("num_items_in_batch") is None:
+                    _check_labels_left(labels, kwargs["labels"], config)
         return self.model(*args, **kwargs)
+
+
+def _check_labels_left(labels: torch.Tensor, masked: torch.Tensor, config: BeaconConfig) -> None:
+    """Masking the first window must not remove every prediction: a mean over no token is NaN (0/0)."""
+    if bool((labels[:, 1:] != -100).any()) and not bool((masked[:, 1:] != -100).any()):
+        raise ValueError(
+            f"labels of length {labels.shape[1]} hold no prediction after the first window (window={config.window}), "
+            f"which training masks with placement={config.placement!r}, attention_scope={config.attention_scope!r}: "
+            f"the loss would be NaN (0/0). Allowed: sequences longer than window+1={config.window + 1} tokens, "
+            "mask_first_window_loss=False, or num_items_in_batch (the Trainer's) for a loss of 0"
+        )
 
 
 def mask_first_window_labels(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], window: int) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Check a saved beacon adapter against a model *before* anything is injected.
+
+`PeftModel.from_pretrained` and `PeftModel.load_adapter` inject an adapter from its config first and load its
+weights afterwards; a weights file that is corrupt, truncated, incomplete or made for another model would then
+fail (or only warn) after the base model was already wrapped. `BeaconConfig.from_pretrained` records the local
+folder it was read from, and `BeaconModel.inject_adapter` calls `check_adapter_weights` with it, so such a file
+is refused while the base model is still untouched. Only tensor headers are read (no tensor data).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def saved_shapes(folder: str | Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """The weights file of an adapter folder and the shape of every tensor it holds (headers only).
+
+    Raises:
+        FileNotFoundError: the folder holds neither ``adapter_model.safetensors`` nor ``adapter_model.bin``.
+        ValueError: the file is corrupt or truncated.
+    """
+    folder = Path(folder)
+    path = folder / SAFETENSORS_NAME
+    try:
+        if path.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:  # validates the header against the file size
+                return path, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        path = folder / BIN_NAME
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return path, {k: tuple(v.shape) for k, v in state.items()}
+    except Exception as err:  # safetensors / pickle errors: one clear type for the user
+        raise ValueError(f"adapter weights file {str(path)!r} is corrupt or truncated ({err}): re-save or "
+                         "re-download the adapter") from err
+    raise FileNotFoundError(f"adapter folder {str(folder)!r} holds no {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def _in_out(proj: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear (a packed 4-bit weight's shape is not its logical one)."""
+    weight = proj.weight
+    return (getattr(proj, "out_features", None) or weight.shape[0], getattr(proj, "in_features", None) or weight.shape[1])
+
+
+def projection_shapes(attn: nn.Module, config, with_projections: bool) -> dict[tuple[str, str], tuple[int, ...]]:
+    """Shapes of the beacon parameters `BeaconAttention.update_layer` creates for one attention module, keyed by
+    (container, parameter): ``("beacon_q", "weight")``, ``("beacon_k", "A.weight")``, ..."""
+    shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+    if not with_projections:
+        return shapes
+    for p in config.beacon_projections:
+        proj = getattr(attn, f"{p}_proj")
+        out_f, in_f = _in_out(proj)
+        if config.beacon_rank is not None:
+            shapes[(f"beacon_{p}", "A.weight")] = (config.beacon_rank, in_f)
+            shapes[(f"beacon_{p}", "B.weight")] = (out_f, config.beacon_rank)
+            continue
+        shapes[(f"beacon_{p}", "weight")] = (out_f, in_f)
+        if getattr(proj, "bias", None) is not None:
+            shapes[(f"beacon_{p}", "bias")] = (out_f,)
+    return shapes
+
+
+def expected_shapes(model: nn.Module, decoder: nn.Module, config, adapter_name: str,
+                    to_checkpoint_key: Callable[[str, str], str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a saved adapter of ``config`` holds for ``model``, keyed as in ``adapter_model.safetensors``:
+    model keys mapped by the loader's own ``to_checkpoint_key(key, adapter_name)`` (PEFT drops the adapter name
+    only where it ends a module path)."""
+    shapes = {to_checkpoint_key(f"base_model.beacon_embedding.{adapter_name}", adapter_name):
+              (1, decoder.get_input_embeddings().weight.shape[-1])}
+    for name, module in model.named_modules():
+        if not name or not check_target_module_exists(config, name):
+            continue
+        attn = getattr(module, "base_layer", module)
+        if not hasattr(attn, "q_proj"):
+            continue
+        layer_idx = getattr(attn, "layer_idx", None)
+        with_projections = config.beacon_layers is None or layer_idx in config.beacon_layers
+        for (container, param), shape in projection_shapes(attn, config, with_projections).items():
+            key = f"base_model.model.{name}.{container}.{adapter_name}.{param}"
+            shapes[to_checkpoint_key(key, adapter_name)] = shape
+    return shapes
+
+
+def _layers(keys: Iterable[str]) -> list[int]:
+    return sorted({int(m.group(1)) for k in keys if (m := _LAYER.search(k))})
+
+
+def _explain(saved: dict, expected: dict, num_layers: int) -> list[str]:
+    """What differs between a saved adapter's tensors and the ones this model needs, in words."""
+    reasons = []
+    extra, missing = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
+    saved_layers = _layers(saved)
+    if saved_layers and saved_layers[-1] >= num_layers:
+        reasons.append(f"it holds beacon weights for decoder layers up to {saved_layers[-1]} (made for a model with "
+                       f">= {saved_layers[-1] + 1} layers) but this model has num_hidden_layers={num_layers}")
+    if any(k.endswith(".bias") for k in extra):
+        reasons.append("it has beacon projection biases (an architecture with attention biases, e.g. Qwen2) but "
+                       "this model's projections have none")
+    if any(k.endswith(".bias") for k in missing) and not any(k.endswith(".bias") for k in saved):
+        reasons.append("this model's projections have biases (e.g. Qwen2) but the adapter has none")
+    if any(k.endswith(".A.weight") for k in saved) != any(k.endswith(".A.weight") for k in expected):
+        reasons.append("one side uses low-rank beacon projections (beacon_rank) and the other full copies")
+    for key in sorted(set(saved) & set(expected)):
+        if saved[key] != expected[key]:
+            reasons.append(f"{key}: adapter shape {saved[key]} vs model {expected[key]} (another hidden size / "
+                           "head_dim / head count)")
+    if missing:
+        reasons.append(f"{len(missing)} tensor(s) missing from the adapter, e.g. {missing[:3]}")
+    if extra:
+        reasons.append(f"{len(extra)} tensor(s) the model has no place for, e.g. {extra[:3]}")
+    return reasons
+
+
+def check_adapter_weights(folder: str | Path, model: nn.Module, decoder: nn.Module, config, adapter_name: str,
+                          to_checkpoint_key: Callable[[str, str], str]) -> None:
+    """Refuse an adapter folder whose weights do not fit ``model`` exactly (before any injection).
+
+    Raises:
+        ValueError: corrupt/truncated file, or tensors missing, extra or of another shape (named in the message).
+        FileNotFoundError: no weights file in the folder.
+    """
+    path, saved = saved_shapes(folder)
+    expected = expected_shapes(model, decoder, config, adapter_name, to_checkpoint_key)
+    if saved == expected:
+        return
+    reasons = _explain(saved, expected, decoder.config.num_hidden_layers)
+    arch = getattr(decoder.config, "model_type", type(decoder).__name__)
+    raise ValueError(
+        f"adapter {str(path)!r} does not fit this model (model_type={arch!r}, num_hidden_layers="
+        f"{decoder.config.num_hidden_layers}, hidden_size={decoder.config.hidden_size}): " + "; ".join(reasons)
+    )
