@@ -14,6 +14,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     conv.add_argument("src", help="official checkpoint folder (config.json with beacon_* fields)")
     conv.add_argument("--out", required=True, help="adapter folder to write")
     conv.add_argument("--base-out", default=None, help="also write the base model (without beacons) here")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --out/--base-out (never the source, nor a folder holding it)")
     sub.add_parser("demo", help="needle in held-out essays on SmolLM2-135M (offline); see `beacon-peft demo -h`",
                    add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -26,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .convert import convert_official
 
     try:
-        config = convert_official(args.src, args.out, args.base_out)
+        config = convert_official(args.src, args.out, args.base_out, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as err:
         print(f"beacon-peft: error: {err}", file=sys.stderr)
         return 2

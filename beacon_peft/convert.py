@@ -80,14 +80,78 @@ def _adapter_key(name: str) -> Optional[str]:
     return None
 
 
-def convert_official(src_dir: PathLike, adapter_dir: PathLike, base_dir: Optional[PathLike] = None) -> BeaconConfig:
+def _nested(a: Path, b: Path) -> bool:
+    """True when resolved paths ``a`` and ``b`` are equal or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(name: str, target: PathLike, src: Path, overwrite: bool) -> None:
+    """Refuse an output folder that would destroy anything the user did not ask to replace.
+
+    Never allowed: the source itself, a folder inside it or one holding it (replacing it would delete the
+    source), or a path that is a file. Without ``overwrite``: a folder that is not empty.
+    """
+    out, source = Path(target).resolve(), src.resolve()
+    if _nested(out, source):
+        where = "is" if out == source else ("lies inside" if source in out.parents else "contains")
+        raise ValueError(f"{name}={str(target)!r} {where} the source checkpoint {str(src)!r}: allowed a folder "
+                         "outside the source (the source is never modified)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{name}={str(target)!r} is an existing file: allowed a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        count = sum(1 for _ in out.iterdir())
+        raise ValueError(f"{name}={str(target)!r} is not empty ({count} entries): allowed a new or empty folder; "
+                         "pass --overwrite (overwrite=True) to replace it")
+
+
+def check_outputs(src: Path, adapter_dir: PathLike, base_dir: Optional[PathLike], overwrite: bool) -> None:
+    """`check_output` for both outputs, which must also be distinct and not nested in each other."""
+    check_output("out", adapter_dir, src, overwrite)
+    if base_dir is None:
+        return
+    check_output("base_out", base_dir, src, overwrite)
+    if _nested(Path(adapter_dir).resolve(), Path(base_dir).resolve()):
+        raise ValueError(f"base_out={str(base_dir)!r} and out={str(adapter_dir)!r} overlap: allowed two separate "
+                         "folders")
+
+
+def publish(target: Path, write) -> None:
+    """Run ``write(folder)`` on a temporary sibling of ``target`` and move it into place: a failure leaves
+    ``target`` as it was; an existing ``target`` (allowed by `check_output`) is replaced only once the new
+    folder is complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old = None
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old)  # the replaced folder, deleted once the new one is in place
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+                old = None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def convert_official(src_dir: PathLike, adapter_dir: PathLike, base_dir: Optional[PathLike] = None,
+                     overwrite: bool = False) -> BeaconConfig:
     """Write a PEFT adapter folder (and, with ``base_dir``, a stock base-model folder) from an official one.
 
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)`` then reproduces
     the official model. Each folder is written to a temporary sibling and moved into place at the end, so a
-    failure never leaves a half-written folder. Returns the adapter's `BeaconConfig`.
+    failure never leaves a half-written folder. An output folder must be new or empty unless ``overwrite``; it
+    may never be the source, lie inside it or hold it (the source is never modified). Returns the adapter's
+    `BeaconConfig`.
     """
     src = Path(src_dir)
+    check_outputs(src, adapter_dir, base_dir, overwrite)
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} has no config.json: pass an official Activation Beacon checkpoint folder")
     official = json.loads((src / "config.json").read_text())
@@ -101,17 +165,6 @@ def convert_official(src_dir: PathLike, adapter_dir: PathLike, base_dir: Optiona
         raise ValueError(f"beacon_param={config.beacon_projections} but the weights hold beacon projections "
                          f"{sorted(present)}")
     config.base_model_name_or_path = str(base_dir) if base_dir is not None else official.get("_name_or_path")
-
-    def publish(target: Path, write) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            write(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def write_adapter(tmp: Path) -> None:
         config.save_pretrained(tmp)

@@ -40,10 +40,12 @@ def test_console_script_is_installed(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    assert main(["convert-official", str(tmp_path), "--out", str(tmp_path / "ad")]) == 2
+    src = tmp_path / "src"
+    src.mkdir()
+    assert main(["convert-official", str(src), "--out", str(tmp_path / "ad")]) == 2
     assert "no config.json" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert main(["convert-official", str(tmp_path), "--out", str(tmp_path / "ad")]) == 2
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["convert-official", str(src), "--out", str(tmp_path / "ad")]) == 2
     assert "beacon_window" in capsys.readouterr().err
     assert not (tmp_path / "ad").exists()  # nothing half-written
 
