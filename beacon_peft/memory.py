@@ -120,8 +120,16 @@ class BeaconMemory(Cache):
         return self.rows
 
     # --- reading -------------------------------------------------------------------------------------------
+    def _check_index(self, name: str, value, count: int) -> None:
+        """``value`` must be an int in ``[0, count - 1]`` (no negative indexing: it would silently pick a row)."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}={value!r} must be an int in [0, {count - 1}], got {type(value).__name__}")
+        if not 0 <= value < count:
+            raise ValueError(f"{name}={value} is out of range: allowed [0, {count - 1}]")
+
     def sizes(self, row: int = 0) -> dict[str, int]:
         """Entries held for ``row``: ``{"sink", "comp", "raw", "total", "tokens"}``."""
+        self._check_index("row", row, self.batch_size)
         r = self.state.rows[row]
         return {"sink": r.sink, "comp": r.comp, "raw": r.raw, "total": r.sink + r.comp + r.raw, "tokens": r.tokens}
 
@@ -136,6 +144,7 @@ class BeaconMemory(Cache):
 
     def steps(self, row: int = 0) -> list[dict[str, int]]:
         """Every forward step of ``row`` so far: chunk entries, memory entries before it, beacons in it."""
+        self._check_index("row", row, self.batch_size)
         return [
             {"input_len": entries, "mem_size": mem, "beacon_size": beacons}
             for step in self.state.step_log
@@ -156,13 +165,11 @@ class BeaconMemory(Cache):
 
         Keys are returned before RoPE (compressed keys are un-rotated from their stored positions).
         """
+        if part not in PARTS + ("beacon",):
+            raise ValueError(f"part={part!r} is not allowed: choose one of {list(PARTS)} (or 'beacon')")
         part = "comp" if part == "beacon" else part
-        if part not in PARTS:
-            raise ValueError(f"part={part!r} is not one of {list(PARTS)} (or 'beacon')")
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer={layer} is out of range [0, {self.num_layers - 1}]")
-        if not 0 <= row < self.batch_size:
-            raise ValueError(f"row={row} is out of range [0, {self.batch_size - 1}]")
+        self._check_index("layer", layer, self.num_layers)
+        self._check_index("row", row, self.batch_size)
         lm = self.state.layers[layer]
         length = getattr(self.state.rows[row], part)
         if lm is None:

@@ -18,6 +18,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .checkpoint import check_adapter_weights
+from .compat import CACHE_NAMES
 from .config import BeaconConfig
 from .forward import beacon_decoder_forward
 from .layer import BeaconAttention
@@ -209,9 +210,14 @@ class BeaconModel(BaseTuner):
     def set_compression_ratio(self, ratio: Optional[int], adapter_name: Optional[str] = None) -> None:
         """Force every window to ``ratio`` (an entry of ``config.ratios``), or restore ``ratio_mix`` with None."""
         adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of this model: allowed "
+                             f"{sorted(self.peft_config)}")
         config = self.peft_config[adapter_name]
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int)):
+            raise TypeError(f"ratio={ratio!r} must be an int from this adapter's ratios {config.ratios} or None")
         if ratio is not None and ratio not in config.ratios:
-            raise ValueError(f"ratio={ratio} is not one of this adapter's ratios {config.ratios}")
+            raise ValueError(f"ratio={ratio} is not one of this adapter's ratios: allowed {config.ratios} or None")
         self._pickers[adapter_name].override = ratio
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
@@ -257,6 +263,7 @@ class BeaconModel(BaseTuner):
         yield
 
     def forward(self, *args: Any, **kwargs: Any):
+        _check_one_cache(kwargs)
         labels = kwargs.get("labels")
         adapter = self.active_beacon_adapter()
         if labels is not None and adapter is not None and self.model.training:
@@ -266,6 +273,14 @@ class BeaconModel(BaseTuner):
                 if kwargs.get("num_items_in_batch") is None:
                     _check_labels_left(labels, kwargs["labels"], config)
         return self.model(*args, **kwargs)
+
+
+def _check_one_cache(kwargs: dict) -> None:
+    """The causal LM keeps one of ``cache=``/``past_key_values=`` and drops the other: refuse two different ones."""
+    given = {k: kwargs[k] for k in CACHE_NAMES if kwargs.get(k) is not None}
+    if len({id(v) for v in given.values()}) > 1:
+        raise ValueError(f"the cache was passed twice with different objects under {sorted(given)}: allowed one "
+                         "(cache= on transformers >= 5.24, past_key_values= before)")
 
 
 def _check_labels_left(labels: torch.Tensor, masked: torch.Tensor, config: BeaconConfig) -> None:
