@@ -187,6 +187,10 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise NotImplementedError("Beacon projections act on beacon tokens only; they cannot be merged into the base.")
 
+    def unmerge(self) -> None:
+        raise NotImplementedError("Beacon adapters are never merged into the base (merging is not supported), so there "
+                                  "is nothing to unmerge.")
+
     def forward(self, hidden_states: torch.Tensor, **kwargs):
         ctx: Optional[ChunkContext] = kwargs.pop("beacon_ctx", None)
         if ctx is None or self.disable_adapters:

@@ -192,6 +192,13 @@ class BeaconMemory(Cache):
         return -1
 
     @property
+    def is_linear(self) -> list[bool]:
+        """One False per layer. The base `Cache` reads this from its (here empty) `layers`, and an empty list reads
+        as "every layer is a linear-attention state": generate() then skips slicing a restarted prompt to its new
+        tokens and the whole prompt would be appended to the memory a second time."""
+        return [False] * self.num_layers
+
+    @property
     def is_initialized(self) -> bool:
         return any(lm is not None for lm in self.state.layers)
 
