@@ -79,31 +79,15 @@ class BeaconModel(BaseTuner):
     def _inject(self, model: nn.Module, decoder: nn.Module, adapter_name: str, config: BeaconConfig,
                 **kwargs) -> None:
         self._add_beacon_embedding(decoder, adapter_name, config)
-        try:
-            super().inject_adapter(model, adapter_name, **kwargs)
-            layers = [m for m in model.modules() if isinstance(m, BeaconAttention)]
-            if len(layers) != decoder.config.num_hidden_layers:
-                raise ValueError(
-                    f"target_modules={config.target_modules} wrapped {len(layers)} attention modules but the decoder "
-                    f"has {decoder.config.num_hidden_layers} layers: every layer must read the compressed memory"
-                )
-        except Exception:
-            # PeftModel.add_adapter drops the config of a failed adapter; drop its weights too, or a stray (trainable)
-            # beacon embedding and layer entries would stay behind
-            self._discard_adapter_weights(model, adapter_name)
-            raise
+        super().inject_adapter(model, adapter_name, **kwargs)
+        layers = [m for m in model.modules() if isinstance(m, BeaconAttention)]
+        if len(layers) != decoder.config.num_hidden_layers:
+            raise ValueError(
+                f"target_modules={config.target_modules} wrapped {len(layers)} attention modules but the decoder "
+                f"has {decoder.config.num_hidden_layers} layers: every layer must read the compressed memory"
+            )
         self._pickers[adapter_name] = RatioPicker(config, getattr(decoder.config, "max_position_embeddings", None))
         self._patch_decoder(decoder)
-
-    def _discard_adapter_weights(self, model: nn.Module, adapter_name: str) -> None:
-        if "beacon_embedding" in self._modules and adapter_name in self.beacon_embedding:
-            del self.beacon_embedding[adapter_name]
-        for module in model.modules():
-            if isinstance(module, BeaconAttention):
-                for layer_name in module.adapter_layer_names:
-                    if adapter_name in getattr(module, layer_name):
-                        del getattr(module, layer_name)[adapter_name]
-                module.frozen_peft_weight_names.pop(adapter_name, None)
 
     @staticmethod
     def _check_beacon_layers(decoder: nn.Module, config: BeaconConfig) -> None:
@@ -254,18 +238,6 @@ class BeaconModel(BaseTuner):
             param.requires_grad_(name in names and not inference_mode)
         self.active_adapter = names[0] if len(names) == 1 else names
 
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        # PeftModel.forward/generate strip `adapter_names` (mixed-adapter batches) and `alora_offsets` before calling
-        # the model and only honour them through this hook: refuse them rather than drop them silently
-        for key, why in (("adapter_names", "mixed-adapter batches are not supported: one beacon adapter runs per "
-                                           "call (its memory layout is the adapter's); use set_adapter() and "
-                                           "separate calls"),
-                         ("alora_offsets", "alora_offsets belongs to activated LoRA, not to beacon adapters")):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"{key} was passed but {why}")
-        yield
-
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError(
             "Beacon adapters cannot be combined into a weighted adapter: a beacon adapter is a set of projections "
@@ -291,8 +263,8 @@ class BeaconModel(BaseTuner):
         keywords: refuse them instead of running every row with the active adapter."""
         for key in ("adapter_names", "alora_offsets"):
             if kwargs.get(key) is not None:
-                raise ValueError(f"{key}={kwargs[key]!r} is not supported by beacon adapters (one adapter runs for "
-                                 f"the whole batch): allowed None; choose the adapter with set_adapter() "
+                raise ValueError(f"{key}={kwargs[key]!r} is not supported by beacon adapters (mixed-adapter batches "
+                                 f"are not supported: one adapter runs for the whole batch): allowed None; choose the adapter with set_adapter() "
                                  f"(available: {sorted(self.peft_config)})")
         yield
 
