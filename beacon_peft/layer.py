@@ -67,7 +67,16 @@ def _linear_copy(base: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Lin
     if weight.__class__.__name__ == "Params4bit":
         import bitsandbytes as bnb
 
-        weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes >= 0.49 repacks 4-bit weights in place for its CPU kernel (eval, no grad, AVX512-BF16
+            # CPUs) into a layout dequantize_4bit does not read: undo the packing on a copy of the state
+            import copy
+
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        weight = bnb.functional.dequantize_4bit(data, state)
     elif weight.__class__.__name__ == "Int8Params":
         import bitsandbytes as bnb
 

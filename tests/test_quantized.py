@@ -12,6 +12,10 @@ from tiny import random_ids, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install '.[quant]')")
 W = 16
+# bitsandbytes' CPU fast path (eval, no grad, CPUs with AVX512-BF16) repacks 4-bit weights assuming in_features is a
+# multiple of the quantization block (64) and out_features of 32, as in real models (SmolLM2: 576, 1536). The
+# tiny models' MLP width 96 is neither; 128 is (docs/training.md, "4-bit on CPU").
+QUANT_SHAPES = dict(intermediate_size=128)
 
 
 def load_4bit(path):
@@ -22,7 +26,7 @@ def load_4bit(path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_4bit_train_generate_save_load(arch, tmp_path):
-    tiny_model(arch).save_pretrained(tmp_path / "base")
+    tiny_model(arch, **QUANT_SHAPES).save_pretrained(tmp_path / "base")
     base = prepare_model_for_kbit_training(load_4bit(tmp_path / "base"), use_gradient_checkpointing=True)
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
@@ -51,10 +55,27 @@ def test_4bit_train_generate_save_load(arch, tmp_path):
 
 
 def test_4bit_with_low_rank_beacon_projections(tmp_path):
-    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tiny_model("llama", **QUANT_SHAPES).save_pretrained(tmp_path / "base")
     base = prepare_model_for_kbit_training(load_4bit(tmp_path / "base"), use_gradient_checkpointing=True)
     model = get_peft_model(base, BeaconConfig(window=W, ratios=[4], beacon_rank=2)).train()
     ids = random_ids(1, 3 * W)
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [n for n, p in model.named_parameters() if p.grad is not None]
     assert grads and all(".A." in n or ".B." in n or "beacon_embedding" in n for n in grads)
+
+
+def test_beacon_copies_of_a_4bit_base_already_run_in_eval_mode(tmp_path):
+    """bitsandbytes repacks 4-bit weights for its CPU kernel on the first eval forward (on CPUs with AVX512-BF16);
+    beacon copies made afterwards must still equal the weights the base computes with."""
+    tiny_model("llama", **QUANT_SHAPES).save_pretrained(tmp_path / "base")
+    base = load_4bit(tmp_path / "base").eval()
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        base(input_ids=ids)  # may repack every Linear4bit for the CPU kernel
+        x = torch.randn(3, base.config.hidden_size)
+        expected = base.model.layers[0].self_attn.q_proj(x)
+    model = get_peft_model(base, BeaconConfig(window=W, ratios=[4]))
+    beacon_q = model.base_model.model.model.layers[0].self_attn.beacon_q["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(beacon_q(x), expected, atol=2e-2, rtol=2e-2)
+        assert torch.equal(model.base_model.model.model.layers[0].self_attn.base_layer.q_proj(x), expected)

@@ -28,9 +28,12 @@ ARCHS = {
 }
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "eager") -> torch.nn.Module:
+def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "eager", **overrides) -> torch.nn.Module:
+    """A tiny random model of ``arch``; ``overrides`` replace config fields (e.g. ``intermediate_size``)."""
     torch.manual_seed(seed)
     config = ARCHS[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if arch == "qwen2":  # Qwen2 has q/k/v biases: make them non-zero so the beacon copies matter
