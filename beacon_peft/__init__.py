@@ -4,12 +4,14 @@
 `peft.PeftModel.from_pretrained` and the other PEFT entry points accept a `BeaconConfig`.
 """
 
+from . import compat
 from .config import BeaconConfig, BeaconPeftType
 from .convert import convert_official
 from .memory import BeaconMemory
 from .model import BeaconModel, mask_first_window_labels
 from .registry import register
 
+compat.check_versions()  # warns once when transformers lies outside the tested range
 register()
 
 __all__ = ["BeaconConfig", "BeaconMemory", "BeaconModel", "BeaconPeftType", "convert_official", "mask_first_window_labels", "register"]

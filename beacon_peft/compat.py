@@ -72,12 +72,14 @@ def version_problem(installed: str, low: str = TRANSFORMERS_MIN, below: str = TR
 _warned = False
 
 
-def check_versions() -> None:
-    """Warn once per process when the installed transformers lies outside the tested range."""
+def check_versions(installed: str | None = None) -> None:
+    """Warn once per process when the installed transformers (or ``installed``) lies outside the tested range."""
     global _warned
-    import transformers
+    if installed is None:
+        import transformers
 
-    problem = version_problem(transformers.__version__)
+        installed = transformers.__version__
+    problem = version_problem(installed)
     if problem and not _warned:
         _warned = True
         warnings.warn(problem, RuntimeWarning, stacklevel=3)

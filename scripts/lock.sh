@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Refresh requirements/lock.txt: resolve the newest releases inside the declared ranges in a scratch venv, run the
+# whole suite there, and only if it passes write the frozen versions to requirements/lock.txt (review the diff).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SCRATCH=.venv-lock
+rm -rf "$SCRATCH"
+CONSTRAINTS=$(mktemp); echo "torch==2.13.0" > "$CONSTRAINTS"
+VENV=$SCRATCH CONSTRAINTS=$CONSTRAINTS bash scripts/setup.sh
+"$SCRATCH/bin/python" -m pytest -q -p no:cacheprovider
+{ sed -n '1,3p' requirements/lock.txt
+  "$SCRATCH/bin/python" -m pip freeze --exclude-editable | grep -v '^-e' | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'
+} > requirements/lock.txt.new
+mv requirements/lock.txt.new requirements/lock.txt
+echo "requirements/lock.txt rewritten; git diff requirements/lock.txt"
