@@ -56,7 +56,11 @@ def model_output(last_hidden_state: torch.Tensor, cache: Any) -> BaseModelOutput
 def output_cache(output: Any) -> Any:
     """The cache of a model output, under whichever field the installed transformers uses (no deprecation
     warning): ``out.cache`` on 5.24+, ``out.past_key_values`` before."""
-    return output[OUTPUT_CACHE_FIELD] if OUTPUT_CACHE_FIELD in output.keys() else None
+    keys = output.keys()
+    for name in (OUTPUT_CACHE_FIELD, "cache", "past_key_values"):
+        if name in keys:
+            return output[name]
+    return None
 
 
 def version_problem(installed: str, low: str = TRANSFORMERS_MIN, below: str = TRANSFORMERS_BELOW) -> str | None:

@@ -32,6 +32,8 @@ from safetensors.torch import load_file
 
 import beacon_peft  # noqa: F401  (registers BEACON)
 from beacon_peft import BeaconConfig
+from beacon_peft.compat import OUTPUT_CACHE_FIELD as CACHE
+from beacon_peft.compat import output_cache
 from beacon_peft.layer import BeaconAttention
 from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
 
@@ -117,7 +119,7 @@ def test_save_pretrained_round_trip(arch, safe, tmp_path):
     with torch.no_grad():
         again = reloaded(input_ids=ids)
     torch.testing.assert_close(again.logits, out.logits, atol=0, rtol=0)
-    assert again.cache.sizes(1) == out.cache.sizes(1)
+    assert output_cache(again).sizes(1) == output_cache(out).sizes(1)
 
 
 @pytest.mark.parametrize("arch", ARCH_LIST)
@@ -318,7 +320,7 @@ def test_disable_adapter_gives_the_base_model_exactly(arch):
     peft_scores = model.generate(input_ids=ids, **kw).scores[0]
     assert not torch.allclose(peft_scores, base_scores, atol=1e-4)
     with torch.no_grad():
-        memory = model(input_ids=ids).cache
+        memory = output_cache(model(input_ids=ids))
     with model.disable_adapter():
         # the forward is bit-identical; generate's scores come from lm_head on a one-token slice, where CPU matmul
         # kernels can differ in the last ulp with the operands' memory addresses (seen between two identical base
@@ -326,7 +328,7 @@ def test_disable_adapter_gives_the_base_model_exactly(arch):
         torch.testing.assert_close(model.generate(input_ids=ids, **kw).scores[0], base_scores, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(logits(model, ids), logits(base, ids), atol=0, rtol=0)
         with pytest.raises(ValueError, match="disabled"):  # a beacon memory cannot feed the base model
-            model(input_ids=ids[:, :1], cache=memory)
+            model(input_ids=ids[:, :1], **{CACHE: memory})
     torch.testing.assert_close(model.generate(input_ids=ids, **kw).scores[0], peft_scores, atol=1e-6, rtol=1e-6)
 
 
@@ -505,10 +507,10 @@ def test_generate_variants(arch):
 
     # continuing: generate again from the returned memory with the full sequence so far (generate slices it)
     part = model.generate(input_ids=ids, max_new_tokens=5, return_dict_in_generate=True, **GREEDY)
-    assert part.cache.get_seq_length() == ids.shape[1] + 4  # the last new token is not in the memory yet
-    rest = model.generate(input_ids=part.sequences, cache=part.cache, max_new_tokens=new - 5, **GREEDY)
+    assert output_cache(part).get_seq_length() == ids.shape[1] + 4  # the last new token is not in the memory yet
+    rest = model.generate(input_ids=part.sequences, **{CACHE: output_cache(part)}, max_new_tokens=new - 5, **GREEDY)
     assert torch.equal(rest, greedy)
-    assert part.cache.get_seq_length() == greedy.shape[1] - 1
+    assert output_cache(part).get_seq_length() == greedy.shape[1] - 1
 
     # a left-padded row generates what it generates alone
     padded = torch.cat([torch.zeros(1, 6, dtype=torch.long), ids[1:, 6:]], 1)
@@ -536,12 +538,12 @@ def test_prepare_inputs_for_generation(arch):
         out = model(input_ids=ids)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     extended = torch.cat([ids, token], 1)
-    inputs = model.prepare_inputs_for_generation(extended, next_sequence_length=1, cache=out.cache,
+    inputs = model.prepare_inputs_for_generation(extended, next_sequence_length=1, **{CACHE: output_cache(out)},
                                                  attention_mask=torch.ones_like(extended), use_cache=True)
-    assert inputs["input_ids"].tolist() == token.tolist() and inputs["cache"] is out.cache
+    assert inputs["input_ids"].tolist() == token.tolist() and inputs[CACHE] is output_cache(out)
     with torch.no_grad():
         step = model(**inputs)
-    assert out.cache.get_seq_length() == extended.shape[1]
+    assert output_cache(out).get_seq_length() == extended.shape[1]
     torch.testing.assert_close(step.logits[:, -1], logits(model, extended)[:, -1], atol=1e-4, rtol=1e-4)
     # generate() swaps PeftModel's version in for the call and restores the base model's afterwards
     model.generate(input_ids=ids, max_new_tokens=2, **GREEDY)
