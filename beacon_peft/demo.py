@@ -17,6 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .compat import output_cache
+from .precision import DTYPE_NAMES, resolve_dtype
+
 SHIPPED = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-beacon"
 
 
@@ -47,6 +50,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
     parser.add_argument("--adapter", default=None, help="adapter folder (default: the shipped one if present)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                        help="compute dtype (default float32; auto: bfloat16 where the CPU has native bf16)")
     args = parser.parse_args(argv)
     if args.tokens < 256:
         parser.error(f"--tokens={args.tokens} is too short: use at least 256")
@@ -59,7 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .offline import load_smollm2
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_smollm2()
+    dtype = resolve_dtype(args.dtype)
+    model, tokenizer = load_smollm2(dtype=dtype)
     adapter = Path(args.adapter) if args.adapter else (SHIPPED if (SHIPPED / "adapter_config.json").exists() else None)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
@@ -81,16 +87,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          do_sample=False, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
     text = tokenizer.decode(out.sequences[0, len(ids) :], skip_special_tokens=True)
-    memory = out.past_key_values
+    memory = output_cache(out)
 
     cfg = model.base_model.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4  # K and V, fp32
+    per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * dtype.itemsize  # K and V
     total = len(ids) + out.sequences.shape[1] - len(ids) - 1
     sizes = memory.sizes()
     print(f"context: {len(ids)} tokens of held-out essays (model's native positions: {cfg.max_position_embeddings}),"
           f" pass key at depth {args.depth:.2f}")
-    print(f"window {config.window}, ratio {args.ratio}: {time.strftime('%M:%S', time.gmtime(seconds))} "
+    print(f"window {config.window}, ratio {args.ratio}, {str(dtype).removeprefix('torch.')}: {time.strftime('%M:%S', time.gmtime(seconds))} "
           "to read and answer")
     correct = re.search(rf"(?<!\d){answer}(?!\d)", text) is not None
     print(f"answer: {text.strip()!r}   expected: {answer}   -> {'CORRECT' if correct else 'wrong'}")

@@ -27,7 +27,7 @@ from . import metrics
 
 BENCH_ROOT = Path(__file__).resolve().parents[1]
 PRESSES = ("snapkv", "streamingllm", "knorm", "expected_attention")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress presses")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES),
+                        help="float32 (default), bfloat16, float16, or auto: bfloat16 where the device has native bf16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out-root", type=Path, default=BENCH_ROOT,
                         help="write <out-root>/<benchmark>/results/ and <out-root>/results/summary.jsonl")
@@ -143,7 +144,8 @@ class Bench:
         self.model_dir = Path(args.model)
         self.model_name = self.model_dir.name
         self.device = torch.device(args.device)
-        self.dtype = DTYPES[args.dtype]
+        self.dtype = resolve_dtype(args.dtype, args.device)
+        self.dtype_name = str(self.dtype).removeprefix("torch.")  # what "auto" resolved to
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         torch.manual_seed(args.seed)
         base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
@@ -216,7 +218,7 @@ class Bench:
                 print(f"[benchmarks] skipping kvpress: {self._kvpress_reason}", file=sys.stderr)
         if self._kvpress_reason:
             return None
-        job = dict(model_dir=str(self.model_dir), dtype=self.args.dtype, threads=torch.get_num_threads(),
+        job = dict(model_dir=str(self.model_dir), dtype=self.dtype_name, threads=torch.get_num_threads(),
                    measurements=measurements)
         return run_kvpress_job(job)
 
@@ -234,7 +236,7 @@ class Bench:
 
         return dict(mode=self.args.mode, model=self.model_name, model_dir=str(self.model_dir),
                     hardware=self.hardware, git_commit=self.git_commit, seed=self.args.seed,
-                    device=str(self.device), dtype=self.args.dtype, threads=torch.get_num_threads(),
+                    device=str(self.device), dtype=self.dtype_name, threads=torch.get_num_threads(),
                     adapters={name: (str(path)) for name, path in self.adapters} or "untrained",
                     versions=dict(torch=torch.__version__, transformers=transformers.__version__,
                                   peft=peft.__version__, kvpress=None if self.args.no_kvpress else kvpress_versions()))
@@ -245,7 +247,7 @@ class Bench:
         if kv and self.device.type != "cpu":
             kv += " (its worker runs on the CPU: the job schema has no device)"
         return (f"- command: `{' '.join(['python'] + sys.argv)}`\n"
-                f"- model: `{self.model_name}` ({self.args.dtype}, {self.device}, {torch.get_num_threads()} threads), "
+                f"- model: `{self.model_name}` ({self.dtype_name}, {self.device}, {torch.get_num_threads()} threads), "
                 f"native positions {self.native_positions}\n"
                 f"- beacon adapters: {self._adapters_text()}\n"
                 f"- hardware: {self.hardware}; commit `{self.git_commit}`; seed {self.args.seed}{kv}\n")
