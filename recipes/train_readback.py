@@ -10,9 +10,9 @@ where the teacher is the frozen base with the adapter disabled (no second model 
 after a context holding another key, minus after its own; the needle inside a compressed window) and writes the
 curve; every ``--save_minutes`` it writes a resumable checkpoint (adapter, optimizer, step) atomically.
 
-    python recipes/train_readback.py --config recipes/configs/smollm2-135m-readback.yaml            # GPU
-    python recipes/train_readback.py --config recipes/configs/smollm2-135m-readback.yaml --resume    # continue
-    python recipes/train_readback.py --config recipes/configs/smollm2-135m-readback.yaml \\
+    python recipes/train_readback.py --config recipes/configs/readback/smollm2-135m-gpu.yaml            # GPU
+    python recipes/train_readback.py --config recipes/configs/readback/smollm2-135m-gpu.yaml --resume    # continue
+    python recipes/train_readback.py --config recipes/configs/readback/smollm2-135m-gpu.yaml \\
         --device cpu --dtype float32 --max_tokens 1024 --min_tokens 600 --batch_size 1 --max_steps 2   # smoke
 
 Outputs under ``--output_dir``: ``checkpoint/`` (resume), ``final/`` (the adapter: PEFT folder, loadable with
@@ -42,6 +42,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=None, help="YAML file of defaults (command line wins)")
+    p.add_argument("--model", default="offline:smollm2",
+                   help="offline:smollm2 (the offline SmolLM2-135M) or a local model folder with its tokenizer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="base model dtype (adapter: fp32)")
     p.add_argument("--window", type=int, default=512)
@@ -82,7 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_tokens > 8192:
         raise ValueError(f"max_tokens={args.max_tokens}: the full-attention teacher reads at most the base model's "
-                         "8192 positions")
+                         "8192 positions: allowed <= 8192")
+    if not 64 <= args.min_tokens <= args.max_tokens - 8:
+        raise ValueError(f"min_tokens={args.min_tokens}: allowed [64, max_tokens - 8 = {args.max_tokens - 8}]")
+    if args.device not in ("cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        raise ValueError(f"device={args.device!r}: allowed 'cpu', 'cuda' or 'cuda:N'")
     return args
 
 
@@ -94,7 +100,14 @@ def load(args):
     import beacon_peft
     from beacon_peft.offline import load_smollm2
 
-    base, tokenizer = load_smollm2(dtype=DTYPES[args.dtype])
+    if args.model == "offline:smollm2":
+        base, tokenizer = load_smollm2(dtype=DTYPES[args.dtype])
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base.to(args.device)
     config = beacon_peft.BeaconConfig(window=args.window, ratios=list(args.ratios), ratio_mix="step-random",
                                       sink_size=args.sink_size, beacon_projections=["q", "k", "v"])
@@ -249,9 +262,9 @@ def main(argv=None) -> Path:
         n_tok = int(batch["attention_mask"].sum())
         tokens += n_tok
         window_tokens += n_tok
-        sums["text"] += float(text_sum / text_n.clamp(min=1))
-        sums["answer"] += float(ans_sum / ans_n.clamp(min=1))
-        sums["kl"] += float(kl)
+        sums["text"] += float(text_sum.detach() / text_n.clamp(min=1))
+        sums["answer"] += float(ans_sum.detach() / ans_n.clamp(min=1))
+        sums["kl"] += float(kl.detach())
         sums["n"] += 1
         if step % args.log_every == 0:
             rate = window_tokens / (time.time() - window_start)

@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site:$PWD:$PWD/tests
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 if [ "${1:-}" = smoke ]; then python3 scripts/device/smoke.py; exit $?; fi
-python3 recipes/train_readback.py --config recipes/configs/smollm2-135m-readback.yaml --output_dir /tmp/rb \
+python3 recipes/train_readback.py --config recipes/configs/readback/smollm2-135m-gpu.yaml --output_dir /tmp/rb \
   --max_minutes "$MINUTES" 2>&1 | grep -v -i warn | tee "$OUT/train.log"
 python3 - <<'PY'
 import os, torch

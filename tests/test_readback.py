@@ -1,0 +1,153 @@
+"""The read-back stage: its loss terms, its row stream, its configs, and a resumable run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from beacon_peft.training.readback import IGNORE_INDEX, MixedRows, collate_rows, kl_to_teacher, masked_ce
+from beacon_peft.training.synthetic import TEMPLATES, retrieval_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+READBACK_CONFIGS = sorted((ROOT / "recipes" / "configs" / "readback").glob("*.yaml"))
+
+
+def test_kl_to_teacher_is_torch_kl_on_the_masked_positions_and_reaches_the_student_only():
+    torch.manual_seed(0)
+    student = torch.randn(2, 7, 11, requires_grad=True)
+    teacher = torch.randn(2, 7, 11, requires_grad=True)
+    mask = torch.rand(2, 7) > 0.4
+    total, count = kl_to_teacher(student, teacher, mask, chunk=3)
+    s, t = student[mask].log_softmax(-1), teacher[mask].log_softmax(-1)
+    expected = F.kl_div(s, t, log_target=True, reduction="sum")
+    torch.testing.assert_close(total, expected)
+    assert count == mask.sum()
+    total.backward()
+    assert student.grad is not None and teacher.grad is None
+    same, _ = kl_to_teacher(teacher.detach(), teacher.detach(), mask)
+    assert abs(float(same)) < 1e-5
+
+
+def test_kl_to_teacher_refuses_bad_shapes_and_temperatures():
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="differ"):
+        kl_to_teacher(x, torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="temperature=0"):
+        kl_to_teacher(x, x, torch.ones(1, 2, dtype=torch.bool), temperature=0)
+
+
+def test_masked_ce_is_shifted_cross_entropy():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 9)
+    labels = torch.randint(0, 9, (2, 6))
+    labels[0, 3] = IGNORE_INDEX
+    total, count = masked_ce(logits, labels)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 9), labels[:, 1:].reshape(-1), reduction="sum",
+                               ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(total, expected)
+    assert int(count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    empty, none = masked_ce(logits, torch.full_like(labels, IGNORE_INDEX))
+    assert float(empty) == 0 and int(none) == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from beacon_peft import offline
+
+    return AutoTokenizer.from_pretrained(offline.smollm2_dir())
+
+
+DOCS = ["The harbour was quiet that morning. Boats rocked on the grey water. " * 40,
+        "Notes on compilers.\nA parser reads tokens. A lexer makes them. Then code is generated! " * 40]
+
+
+def test_retrieval_rows_use_only_the_given_templates(tokenizer):
+    rows = retrieval_examples(tokenizer, DOCS, 12, 200, 300, seed=3, templates=[1, 4], as_ids=True)
+    assert {r["template"] for r in rows} <= {1, 4}
+    assert all(r["prompt"] == "" and r["prompt_ids"] and r["completion_ids"] for r in rows)
+    for bad in ([], [len(TEMPLATES)], [-1]):
+        with pytest.raises(ValueError, match="templates="):
+            retrieval_examples(tokenizer, DOCS, 1, 200, 300, templates=bad)
+
+
+def test_mixed_rows_are_seeded_and_label_prose_and_answers_apart(tokenizer):
+    def take(seed, n=12):
+        it = iter(MixedRows(tokenizer, DOCS, 150, 300, seed=seed, text_fraction=0.5, block=6))
+        return [next(it) for _ in range(n)]
+
+    rows = take(0)
+    assert rows == take(0) and rows != take(1)
+    kinds = set()
+    for r in rows:
+        ids, text, answer = r["input_ids"], r["text_labels"], r["answer_labels"]
+        assert len(ids) == len(text) == len(answer) <= 300
+        if all(a == IGNORE_INDEX for a in answer):  # plain text: every token scored as prose
+            assert text == ids
+            kinds.add("text")
+        else:  # retrieval: prose labels end where the answers begin
+            first = next(i for i, a in enumerate(answer) if a != IGNORE_INDEX)
+            assert text[:first] == ids[:first] and all(t == IGNORE_INDEX for t in text[first:])
+            assert answer[first:] == ids[first:]
+            kinds.add("retrieval")
+    assert kinds == {"text", "retrieval"}
+    batch = collate_rows(rows[:3], pad_token_id=0)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["answer_labels"].shape
+    with pytest.raises(ValueError, match="text_fraction=1.5"):
+        MixedRows(tokenizer, DOCS, 150, 300, text_fraction=1.5)
+
+
+@pytest.mark.parametrize("path", READBACK_CONFIGS, ids=lambda p: p.name)
+def test_readback_configs_parse(path):
+    from recipes.train_readback import parse_args
+
+    args = parse_args(["--config", str(path)])
+    assert args.max_tokens <= 8192 and 8 in args.ratios
+
+
+def test_readback_arguments_are_checked(tmp_path):
+    from recipes.train_readback import parse_args
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1.0\n")
+    with pytest.raises(ValueError, match="unknown keys \\['learning_rate'\\]"):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(ValueError, match="max_tokens=9000"):
+        parse_args(["--max_tokens", "9000"])
+    with pytest.raises(ValueError, match="min_tokens=10"):
+        parse_args(["--min_tokens", "10"])
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
+    """Two steps, stop; resume to three: the resumed run starts from the checkpoint's step and weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from recipes.train_readback import main
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--device", "cpu", "--dtype", "float32", "--window", "64",
+              "--ratios", "4", "8", "--min_tokens", "150", "--max_tokens", "300", "--batch_size", "2",
+              "--probe_cases", "2", "--eval_every", "2", "--workers", "0", "--output_dir", str(tmp_path / "run")]
+    main(common + ["--max_steps", "2"])
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 2 and state["tokens"] > 0
+    final = main(common + ["--max_steps", "3", "--resume"])
+    resumed = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    assert resumed["step"] == 3 and resumed["tokens"] > state["tokens"]
+    curve = json.loads((tmp_path / "run" / "curve.json").read_text())
+    assert [c["step"] for c in curve] == [0, 2, 3]
+    weights = load_file(str(final / "adapter_model.safetensors"))
+    assert weights and all(k.startswith("base_model.") or "beacon" in k for k in weights)
+    moved = [k for k in state["adapter"] if not torch.equal(state["adapter"][k], resumed["adapter"][k])]
+    assert moved, "the resumed step changed no adapter weight"
