@@ -6,6 +6,7 @@ builds the model, trains with `BeaconSFTTrainer` and writes the final adapter at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -51,6 +52,10 @@ class BeaconSFTTrainer(SFTTrainer):
             if ratio is not None:
                 logs["compression_ratio"] = ratio
         super().log(logs, start_time)
+
+    def create_accelerator_and_postprocess(self):
+        with fsdp_without_gpu():
+            super().create_accelerator_and_postprocess()
 
     def create_model_card(self, *args, **kwargs):
         if self.card_info is not None and self.is_world_process_zero():
@@ -98,6 +103,47 @@ def use_cpu_for_multiprocess_without_gpu() -> None:
     the arguments are parsed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu_available():
         os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def fsdp_requested_without_gpu() -> bool:
+    """Several processes, no GPU, and ``accelerate launch`` asked for FSDP (``distributed_type: FSDP``)."""
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu_available()
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+
+
+@contextlib.contextmanager
+def fsdp_without_gpu():
+    """Let accelerate set up FSDP over gloo on the CPU while the `Accelerator` is created.
+
+    accelerate 1.15 enables FSDP only for accelerator-backed process groups (CUDA, XPU, NPU, ...): with CPU
+    processes (``MULTI_CPU``) it ignores the FSDP plugin and the run silently trains with DDP. torch's FSDP2
+    (``fully_shard``) itself runs on the CPU with gloo, so when FSDP was asked for and there is no GPU this turns
+    the state accelerate just built into an FSDP one (distributed type and plugin), as accelerate does for a GPU.
+    A no-op otherwise.
+    """
+    if not fsdp_requested_without_gpu():
+        yield
+        return
+    from accelerate import state as accelerate_state
+    from accelerate.utils import DistributedType
+
+    original = accelerate_state.AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            accelerate_state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            logger.warning("no GPU: FSDP%s over gloo on the CPU (%s processes)", plugin.fsdp_version,
+                           self.num_processes)
+
+    accelerate_state.AcceleratorState.__init__ = init
+    try:
+        yield
+    finally:
+        accelerate_state.AcceleratorState.__init__ = original
 
 
 def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_args, model_args: ModelArguments,
