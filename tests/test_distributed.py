@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -130,3 +131,104 @@ def test_deepspeed_configs_load(name):
     assert ds["zero_stage"] == int(name[-6]) and ds["gradient_accumulation_steps"] == "auto"
     if ds["zero_stage"] == 3:
         assert ds["zero3_save_16bit_model"] is True  # the final adapter is gathered from the shards on save
+
+
+# ---------------------------------------------------------------------------------------------- Hub round trip
+
+PUSH = """
+import os, sys, torch, beacon_peft
+from huggingface_hub import ModelCard, create_repo
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model_dir, final_dir, repo = sys.argv[1:]
+base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+model = PeftModel.from_pretrained(base, final_dir)
+# model.push_to_hub writes the repo's existing card (or transformers' blank template on a new repo) as README.md:
+# push the run's beacon card first so that it is the one kept
+create_repo(repo, exist_ok=True)
+ModelCard.load(os.path.join(final_dir, "README.md")).push_to_hub(repo)
+print("pushed", model.push_to_hub(repo, commit_message="beacon adapter"))
+"""
+
+PULL = """
+import json, sys, torch, beacon_peft
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model_dir, final_dir, out, *repos = sys.argv[1:]
+torch.manual_seed(0)
+ids = torch.randint(3, 60, (2, 100))
+def logits(source):
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, source).eval()
+    model.base_model.set_compression_ratio(4)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+local = logits(final_dir)
+result = {}
+for repo in repos:
+    hub = logits(repo)
+    card = ModelCard.load(repo)
+    result[repo] = dict(equal=bool(torch.equal(local, hub)), max_diff=(local - hub).abs().max().item(),
+                        library_name=card.data.library_name, tags=card.data.tags, base_model=card.data.base_model,
+                        text=card.text)
+json.dump(result, open(out, "w"))
+"""
+
+
+def hub_env(endpoint: str, home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN")}
+    return {**env, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_TOKEN": "hf_local_test_token",
+            "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_py(argv: list[str], env: dict, timeout: int = 300) -> str:
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
+
+
+def test_hub_round_trip_against_a_local_server(model_dir, text_dir, tmp_path):
+    """hf-local-hub 3.0.0 (PyPI) is only a client for a separate Go binary it does not ship, so the server is
+    `hub_server.HubServer` (stdlib http.server, 127.0.0.1, a free port), stopped when the test ends."""
+    from hub_server import HubServer
+
+    out = tmp_path / "run"
+    with HubServer() as hub:
+        env = hub_env(hub.endpoint, tmp_path / "hf-push")
+        # a recipe run that ends with trainer.push_to_hub()
+        run_py([str(SCRIPT), *run_args(model_dir, text_dir, out, "--max_steps", "3", "--push_to_hub", "true",
+                                       "--hub_model_id", "tester/beacon-recipe")], env)
+        # model.push_to_hub(repo) of the saved adapter
+        run_py(["-c", PUSH, str(model_dir), str(out / "final"), "tester/beacon-model"], env)
+        # PeftModel.from_pretrained(base, repo) from a clean cache
+        clean = hub_env(hub.endpoint, tmp_path / "hf-clean")
+        run_py(["-c", PULL, str(model_dir), str(out / "final"), str(tmp_path / "pull.json"), "tester/beacon-recipe",
+                "tester/beacon-model"], clean)
+        requests = list(hub.requests)
+        files = {repo_id: sorted(repo.files) for (_, repo_id), repo in hub.repos.items()}
+    print(files)
+    assert not hub.thread.is_alive()  # stopped
+
+    unserved = [r for r in requests if r[2] == 404 and "NotImplemented" in r[1]]
+    assert not [r for r in requests if r[2] >= 500] and not unserved, requests
+    called = {(m, p.split("/")[2] if p.startswith("/api/") else "resolve") for m, p, _ in requests}
+    print(sorted({(m, re.sub(r"tester/[a-z-]+", "{repo}", p), s) for m, p, s in requests}))
+    assert ("POST", "repos") in called and ("POST", "validate-yaml") in called and ("POST", "models") in called and ("GET", "resolve") in called and ("HEAD", "resolve") in called
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files["tester/beacon-recipe"])
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files["tester/beacon-model"])
+    assert not any(f.startswith("checkpoint-") for f in files["tester/beacon-recipe"])
+
+    local_card = (out / "final" / "README.md").read_text()
+    result = json.loads((tmp_path / "pull.json").read_text())
+    for repo, r in result.items():
+        assert r["equal"] and r["max_diff"] == 0.0, (repo, r["max_diff"])
+        assert r["library_name"] == "peft", repo
+        assert {"activation-beacon", "peft"} <= set(r["tags"]), (repo, r["tags"])
+        assert r["base_model"] == str(model_dir), repo
+        # the beacon model card with its figures arrives intact (trainer.push_to_hub writes it as the README)
+        assert "## Beacon settings" in r["text"] and "wall time" in r["text"], repo
+        assert r["text"].strip() == local_card.split("---", 2)[2].strip(), repo
