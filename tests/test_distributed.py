@@ -92,35 +92,46 @@ def max_abs_diff(a: dict, b: dict) -> float:
 # ---------------------------------------------------------------------------------------------- FSDP
 
 
-def test_fsdp2_two_cpu_processes_match_one_process_and_resume(model_dir, text_dir, tmp_path):
-    """2 processes x batch 1 (FSDP2, gloo) against 1 process x batch 1 x 2 accumulation steps: the same samples
-    per optimizer step, the same step ratios. 8 steps: step 6 pairs sequences with different numbers of window
-    steps (a collective mismatch before `trainer.equalize_window_steps`). Then the same FSDP run stopped at its
-    step-4 checkpoint and resumed to step 8 with ``--resume_from_checkpoint true``."""
-    single = run_script(run_args(model_dir, text_dir, tmp_path / "single", "--max_steps", "8",
+@pytest.fixture(scope="module")
+def fsdp_run(model_dir, text_dir, tmp_path_factory):
+    """8 steps of 2 processes x batch 1 under FSDP2 (gloo), and the same 8 steps in 1 process x batch 1 x 2
+    accumulation steps: the same samples per optimizer step, the same step ratios. Step 6 pairs sequences with
+    different numbers of window steps (a collective mismatch before `trainer.equalize_window_steps`)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    single = run_script(run_args(model_dir, text_dir, tmp / "single", "--max_steps", "8",
                                  "--gradient_accumulation_steps", "2"))
-    log = launch(FSDP_CPU, run_args(model_dir, text_dir, tmp_path / "fsdp", "--max_steps", "8"))
+    log = launch(FSDP_CPU, run_args(model_dir, text_dir, tmp / "fsdp", "--max_steps", "8"))
+    return single, tmp / "fsdp", log
+
+
+def test_fsdp2_two_cpu_processes_match_one_process(fsdp_run):
+    single, out, log = fsdp_run
     # accelerate 1.15 alone would have trained with DDP here (FSDP is off for CPU processes)
     assert "no GPU: FSDP2 over gloo on the CPU (2 processes)" in log
     assert "find_unused_parameters" not in log  # no DDP reducer
-    reference, sharded = adapter(single.final_dir), adapter(tmp_path / "fsdp" / "final")
-    assert max_abs_diff(reference, sharded) <= TOLERANCE, max_abs_diff(reference, sharded)
-    state = json.loads((tmp_path / "fsdp" / "final" / "training_log.json").read_text())
+    diff = max_abs_diff(adapter(single.final_dir), adapter(out / "final"))
+    assert diff <= TOLERANCE, diff
+    state = json.loads((out / "final" / "training_log.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 9))
     assert state["log_history"][-1]["num_input_tokens_seen"] == single.state.num_input_tokens_seen  # no dummy rows
-    assert "2 process(es)" in (tmp_path / "fsdp" / "final" / "README.md").read_text()
+    assert "2 process(es)" in (out / "final" / "README.md").read_text()
 
-    # stopped at its step-4 checkpoint, then resumed under FSDP to step 8
+
+def test_fsdp2_run_stopped_at_a_checkpoint_resumes_to_the_same_adapter(fsdp_run, model_dir, text_dir, tmp_path):
+    """The FSDP2 run stopped at its step-4 checkpoint, then resumed under FSDP2 to step 8 with
+    ``--resume_from_checkpoint true``: the uninterrupted run's adapter (docs/training.md also reports a SIGKILL)."""
+    _, out, _ = fsdp_run
+    uninterrupted = adapter(out / "final")
     stopped = tmp_path / "stopped"
     launch(FSDP_CPU, run_args(model_dir, text_dir, stopped, "--max_steps", "4", "--save_strategy", "steps",
                               "--save_steps", "4"))
     assert (stopped / "checkpoint-4" / "adapter_model.safetensors").is_file()
-    assert max_abs_diff(adapter(stopped / "final"), sharded) > 1e-4  # steps 5-8 still change the adapter
+    assert max_abs_diff(adapter(stopped / "final"), uninterrupted) > 1e-4  # steps 5-8 still change the adapter
     launch(FSDP_CPU, run_args(model_dir, text_dir, stopped, "--max_steps", "8", "--save_strategy", "steps",
                               "--save_steps", "4", "--resume_from_checkpoint", "true"))
     state = json.loads((stopped / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8 and [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 9))
-    assert max_abs_diff(adapter(stopped / "final"), sharded) <= TOLERANCE
+    assert max_abs_diff(adapter(stopped / "final"), uninterrupted) <= TOLERANCE
 
 
 def test_fsdp2_window_ratios_batches_and_checkpointing(model_dir, text_dir, tmp_path):
@@ -236,7 +247,8 @@ def test_hub_round_trip_against_a_local_server(model_dir, text_dir, tmp_path):
     assert not [r for r in requests if r[2] >= 500] and not unserved, requests
     called = {(m, p.split("/")[2] if p.startswith("/api/") else "resolve") for m, p, _ in requests}
     print(sorted({(m, re.sub(r"tester/[a-z-]+", "{repo}", p), s) for m, p, s in requests}))
-    assert ("POST", "repos") in called and ("POST", "validate-yaml") in called and ("POST", "models") in called and ("GET", "resolve") in called and ("HEAD", "resolve") in called
+    assert {("POST", "repos"), ("POST", "validate-yaml"), ("POST", "models"), ("GET", "resolve"),
+            ("HEAD", "resolve")} <= called
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files["tester/beacon-recipe"])
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files["tester/beacon-model"])
     assert not any(f.startswith("checkpoint-") for f in files["tester/beacon-recipe"])

@@ -110,6 +110,10 @@ def use_cpu_for_multiprocess_without_gpu() -> None:
     the arguments are parsed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu_available():
         os.environ["ACCELERATE_USE_CPU"] = "true"
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # accelerate 1.15 sets DeepSpeed up only for accelerator-backed processes (docs/training.md)
+            logger.warning("no GPU: accelerate does not run DeepSpeed on CPU processes; training with DDP over gloo "
+                           "instead of the DeepSpeed config")
 
 
 def sharded_per_layer(training_args) -> bool:
