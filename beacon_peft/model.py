@@ -43,15 +43,19 @@ class SealedContext:
         self.ctx = ctx
 
 
-def _sealing(original):
-    """``original`` (the decoder's forward) with its ``beacon_ctx`` keyword sealed."""
+class _Sealing:
+    """``original`` (the decoder's forward) with its ``beacon_ctx`` keyword sealed. A class, not a closure, so that
+    ``copy.deepcopy`` of the model rebinds it to the copied decoder."""
 
-    def forward(*args, **kwargs):
+    __slots__ = ("original",)
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, *args, **kwargs):
         if kwargs.get("beacon_ctx") is not None:
             kwargs["beacon_ctx"] = SealedContext(kwargs["beacon_ctx"])
-        return original(*args, **kwargs)
-
-    return forward
+        return self.original(*args, **kwargs)
 
 
 def _open_context(module, args, kwargs):
@@ -215,7 +219,7 @@ class BeaconModel(BaseTuner):
             return
         original = decoder.forward  # bound method (or a hook wrapper set on the instance)
         decoder.__dict__["_beacon_original_forward"] = original
-        decoder.forward = partial(beacon_decoder_forward, self, _sealing(original), decoder)
+        decoder.forward = partial(beacon_decoder_forward, self, _Sealing(original), decoder)
         self.__dict__["_patched_decoder"] = decoder
 
     def _unpatch_decoder(self) -> None:
