@@ -25,6 +25,47 @@ from .layer import BeaconAttention
 from .schedule import RatioPicker
 
 
+class SealedContext:
+    """The step's `layer.ChunkContext`, sealed while it crosses the decoder layers' module boundaries.
+
+    A decoder layer writes its next memory into the context it is given (``ctx.new_layers[i]``). Wrappers around a
+    decoder layer that rebuild the containers of its inputs holding tensors that require grad would hand the layer
+    a copy instead: FSDP2's pre-forward (torch 2.13, ``fully_shard`` per decoder layer) passes every such input
+    through its post-backward autograd function and rebuilds dataclasses and lists around them with
+    ``dataclasses.replace``, so from layer 1 on (``new_layers`` then holds layer 0's memory) a layer's memory went
+    into a copy and the step failed with "decoder layers [1] bypassed the beacon attention". Sealed, the context is
+    an opaque object to such traversals; the beacon attention opens it (`_open_context`) before its forward.
+    """
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+
+class _Sealing:
+    """``original`` (the decoder's forward) with its ``beacon_ctx`` keyword sealed. A class, not a closure, so that
+    ``copy.deepcopy`` of the model rebinds it to the copied decoder."""
+
+    __slots__ = ("original",)
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("beacon_ctx") is not None:
+            kwargs["beacon_ctx"] = SealedContext(kwargs["beacon_ctx"])
+        return self.original(*args, **kwargs)
+
+
+def _open_context(module, args, kwargs):
+    """Forward pre-hook of a `BeaconAttention`: hand it the `ChunkContext` itself."""
+    if isinstance(kwargs.get("beacon_ctx"), SealedContext):
+        kwargs["beacon_ctx"] = kwargs["beacon_ctx"].ctx
+        return args, kwargs
+    return None
+
+
 class BeaconModel(BaseTuner):
     """Activation Beacon adapter (arXiv 2401.03462) over a transformers decoder-only causal LM.
 
@@ -164,6 +205,7 @@ class BeaconModel(BaseTuner):
             return
         last_layer = layer_idx == self._decoder(self.model).config.num_hidden_layers - 1
         new_module = BeaconAttention(target, adapter_name, peft_config, with_projections, last_layer)
+        new_module.register_forward_pre_hook(_open_context, with_kwargs=True)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -177,7 +219,7 @@ class BeaconModel(BaseTuner):
             return
         original = decoder.forward  # bound method (or a hook wrapper set on the instance)
         decoder.__dict__["_beacon_original_forward"] = original
-        decoder.forward = partial(beacon_decoder_forward, self, original, decoder)
+        decoder.forward = partial(beacon_decoder_forward, self, _Sealing(original), decoder)
         self.__dict__["_patched_decoder"] = decoder
 
     def _unpatch_decoder(self) -> None:

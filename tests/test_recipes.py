@@ -223,8 +223,8 @@ def test_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(path))
-    assert config.num_processes >= 2 and config.mixed_precision == "bf16"
-    assert str(config.distributed_type) in ("DistributedType.MULTI_GPU", "DistributedType.FSDP", "MULTI_GPU", "FSDP")
+    assert config.num_processes >= 2 and config.mixed_precision == ("no" if "cpu" in path.name else "bf16")
+    assert str(config.distributed_type).removeprefix("DistributedType.") in ("MULTI_GPU", "FSDP", "DEEPSPEED")
 
 
 def test_unknown_yaml_key_is_rejected(tmp_path):

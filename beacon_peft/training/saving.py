@@ -190,6 +190,7 @@ def model_card(trainer, info: dict) -> str:
         "library_name: peft",
         "tags:",
         "- activation-beacon",
+        "- peft",
         "- beacon_peft",
         "- long-context",
         "- context-compression",

@@ -6,6 +6,7 @@ builds the model, trains with `BeaconSFTTrainer` and writes the final adapter at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -51,6 +52,17 @@ class BeaconSFTTrainer(SFTTrainer):
             if ratio is not None:
                 logs["compression_ratio"] = ratio
         super().log(logs, start_time)
+
+    equal_window_steps: bool = False  # set by `train` when the model is sharded per decoder layer
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.equal_window_steps:
+            inputs = equalize_window_steps(inputs, self.processing_class.pad_token_id)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def create_accelerator_and_postprocess(self):
+        with fsdp_without_gpu():
+            super().create_accelerator_and_postprocess()
 
     def create_model_card(self, *args, **kwargs):
         if self.card_info is not None and self.is_world_process_zero():
@@ -98,6 +110,102 @@ def use_cpu_for_multiprocess_without_gpu() -> None:
     the arguments are parsed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu_available():
         os.environ["ACCELERATE_USE_CPU"] = "true"
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # accelerate 1.15 sets DeepSpeed up only for accelerator-backed processes (docs/training.md)
+            logger.warning("no GPU: accelerate does not run DeepSpeed on CPU processes; training with DDP over gloo "
+                           "instead of the DeepSpeed config")
+
+
+def sharded_per_layer(training_args) -> bool:
+    """Several processes with the decoder layers' parameters sharded across them (FSDP, DeepSpeed ZeRO-3): every
+    call of a layer gathers its parameters, a collective all processes must take part in."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or getattr(training_args, "fsdp", None):
+        return True
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or training_args.deepspeed:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" or is_deepspeed_zero3_enabled()
+    return False
+
+
+def equalize_window_steps(inputs: dict, pad_token_id: int) -> dict:
+    """Make this process's micro-batch run as many window steps as the longest one of any process.
+
+    The adapter calls every decoder layer once per window step, and the number of steps follows the batch's longest
+    sequence. With the layers' parameters sharded across processes (FSDP, DeepSpeed ZeRO-3) every layer call is a
+    collective (all-gather, and a reduce-scatter in backward), so processes running different numbers of steps
+    issue mismatched collectives: gloo aborts ("Received data size doesn't match expected size"), NCCL hangs.
+    A process whose batch is shorter than the longest (one ``all_reduce``) gets one extra *dummy row* of that
+    length: pad tokens the attention mask counts as real (so the adapter runs windows over them) and labels -100
+    (no loss, no gradient). The real rows are right-padded as usual, so their outputs, loss and gradients are those
+    of the batch without the dummy row; only the batch is one row larger on those steps.
+    """
+    import torch
+    import torch.distributed as dist
+
+    unknown = set(inputs) - {"input_ids", "attention_mask", "labels"}
+    if unknown:
+        raise ValueError(f"cannot equalize the window steps of a batch with {sorted(unknown)}")
+    ids = inputs["input_ids"]
+    length = torch.tensor([ids.shape[1]], dtype=torch.long, device=ids.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    longest = int(length.item())
+    if longest <= ids.shape[1]:
+        return inputs
+    extra, pad_id = longest - ids.shape[1], pad_token_id
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([torch.nn.functional.pad(ids, (0, extra), value=pad_id),
+                                  ids.new_full((1, longest), pad_id)])
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    out["attention_mask"] = torch.cat([torch.nn.functional.pad(mask, (0, extra)), mask.new_ones((1, longest))])
+    if "labels" in inputs:
+        labels = inputs["labels"]
+        out["labels"] = torch.cat([torch.nn.functional.pad(labels, (0, extra), value=-100),
+                                   labels.new_full((1, longest), -100)])
+    return out
+
+
+def fsdp_requested_without_gpu() -> bool:
+    """Several processes, no GPU, and ``accelerate launch`` asked for FSDP (``distributed_type: FSDP``)."""
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu_available()
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+
+
+@contextlib.contextmanager
+def fsdp_without_gpu():
+    """Let accelerate set up FSDP over gloo on the CPU while the `Accelerator` is created.
+
+    accelerate 1.15 enables FSDP only for accelerator-backed process groups (CUDA, XPU, NPU, ...): with CPU
+    processes (``MULTI_CPU``) it ignores the FSDP plugin and the run silently trains with DDP. torch's FSDP2
+    (``fully_shard``) itself runs on the CPU with gloo, so when FSDP was asked for and there is no GPU this turns
+    the state accelerate just built into an FSDP one (distributed type and plugin), as accelerate does for a GPU.
+    A no-op otherwise.
+    """
+    if not fsdp_requested_without_gpu():
+        yield
+        return
+    from accelerate import state as accelerate_state
+    from accelerate.utils import DistributedType
+
+    original = accelerate_state.AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            accelerate_state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            logger.warning("no GPU: FSDP%s over gloo on the CPU (%s processes)", plugin.fsdp_version,
+                           self.num_processes)
+
+    accelerate_state.AcceleratorState.__init__ = init
+    try:
+        yield
+    finally:
+        accelerate_state.AcceleratorState.__init__ = original
 
 
 def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_args, model_args: ModelArguments,
@@ -129,6 +237,7 @@ def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_a
         data_collator=BeaconCollator(tokenizer.pad_token_id, config.window, config.masks_first_window()),
         callbacks=make_callbacks(model, script_args, beacon_args, training_args, model_args),
     )
+    trainer.equal_window_steps = sharded_per_layer(training_args)
     cast_trainable(model, beacon_args.beacon_dtype)  # after SFTTrainer, which casts a 4-bit model's to bf16
     trainer.card_info = card_info(script_args, beacon_args, training_args, model_args, config, model,
                                   len(documents), train_dataset, command, resume)
