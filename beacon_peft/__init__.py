@@ -10,6 +10,7 @@ from .convert import convert_official
 from .memory import BeaconMemory
 from .model import BeaconModel, mask_first_window_labels
 from .registry import register
+from . import reuse  # noqa: E402  (beacon_peft.reuse.read / ask)
 
 compat.check_versions()  # warns once when transformers lies outside the tested range
 register()

@@ -18,7 +18,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="replace a non-empty --out/--base-out (never the source, nor a folder holding it)")
     sub.add_parser("demo", help="needle in held-out essays on SmolLM2-135M (offline); see `beacon-peft demo -h`",
                    add_help=False)
+    sub.add_parser("ask", help="read FILE once, answer each -q QUESTION from a fork of its memory; see "
+                   "`beacon-peft ask -h`", add_help=False)
+    sub.add_parser("chat", help="a conversation over FILE on stdin/stdout (/save DIR, /quit); see "
+                   "`beacon-peft chat -h`", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["ask"], ["chat"]):
+        from .reuse_cli import main as reuse_main
+
+        return reuse_main(argv[0], argv[1:])
     if argv[:1] == ["demo"]:
         from .demo import main as demo
 

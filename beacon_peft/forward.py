@@ -64,7 +64,9 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int
                          f"dims (batch, length{', hidden' if expected == 3 else ''}), got shape {tuple(x.shape)}")
     batch, length = x.shape[:2]
     if length == 0:
-        raise ValueError("the input has length 0: pass at least one token")
+        raise ValueError("the input has length 0: pass at least one token (generate() with a memory slices input_ids "
+                         "by the memory's length: pass the new tokens with an attention_mask covering memory + new "
+                         "tokens, as beacon_peft.reuse.ask does)")
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
             raise ValueError(f"attention_mask must be 2-D (batch={batch}, >= {length} columns) with 1 for tokens "

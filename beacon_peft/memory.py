@@ -229,6 +229,40 @@ class BeaconMemory(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_rows(indices)
 
+    # --- reuse: forks, files ----------------------------------------------------------------------------------
+    def copy(self) -> "BeaconMemory":
+        """A fork: an independent memory holding the same sink, beacons and raw cache.
+
+        Cheap: the K/V tensors are shared, only the bookkeeping (`MemoryState`: row counters, logs) is copied.
+        Sharing is safe because nothing ever writes into a memory tensor: every step builds the next memory out of
+        place (``torch.cat``/``gather`` in `schedule.select_entries`, RoPE applied out of place) and a call assigns
+        its new state to the memory it continued. Continuing the fork (``model(..., past_key_values=fork)``,
+        ``generate``) therefore never changes this memory, nor this memory the fork.
+        """
+        fork = BeaconMemory(self.num_layers, self.rows, self._rope, signature=self.signature)
+        fork.state = self.state.copy()
+        return fork
+
+    def save(self, path, model, dtype: Optional[torch.dtype] = None) -> None:
+        """Write the memory to the folder ``path`` (safetensors + JSON, no pickle), atomically.
+
+        ``model`` is the PEFT model (or its `BeaconModel`) that made the memory: its base model, active adapter and
+        dtype are fingerprinted so that `load` refuses any other. ``dtype`` stores the K/V in another floating
+        dtype (``torch.bfloat16`` halves an fp32 memory; loading casts back to the model's dtype). See
+        `beacon_peft.memory_file`.
+        """
+        from .memory_file import save_memory
+
+        save_memory(self, path, model, dtype=dtype)
+
+    @classmethod
+    def load(cls, path, model) -> "BeaconMemory":
+        """Read a memory written by `save`, for ``model``; a ValueError names whatever differs (base model,
+        adapter, window/ratio settings, layers, dtype) and a truncated or corrupt file is refused."""
+        from .memory_file import load_memory
+
+        return load_memory(path, model)
+
     def __repr__(self) -> str:
         rows = ", ".join(f"{s['sink']}+{s['comp']}+{s['raw']}" for s in (self.sizes(i) for i in range(self.batch_size)))
         return f"BeaconMemory(layers={self.num_layers}, rows=[{rows}] (sink+compressed+raw), bytes={self.nbytes()})"
