@@ -20,4 +20,5 @@ fi
 "$VENV/bin/python" -m pip freeze | grep -iE "^(torch|transformers|peft|accelerate|bitsandbytes|safetensors|huggingface.hub|tokenizers)=="
 "$VENV/bin/python" -W "ignore::RuntimeWarning" -m pytest -q -p no:cacheprovider \
   tests/test_reference_parity.py tests/test_peft_common.py tests/test_bad_inputs.py tests/test_adapter_loading.py \
-  tests/test_quantized.py tests/test_compat.py tests/test_adapter.py
+  tests/test_quantized.py tests/test_compat.py tests/test_adapter.py tests/test_reuse.py tests/test_chat.py \
+  tests/test_precision.py
