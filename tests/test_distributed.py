@@ -22,45 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_recipes import ROOT, SCRIPT, base_args, base_model, document, make_tokenizer, run_script  # noqa: F401
+from test_recipes import (ROOT, SCRIPT, base_args, base_model, document, make_tokenizer, model_dir,  # noqa: F401
+                          one_thread, run_script, text_dir)
 
 ACCELERATE_DIR = ROOT / "recipes" / "configs" / "accelerate"
 FSDP_CPU = ACCELERATE_DIR / "fsdp-cpu.yaml"
 TOLERANCE = 1e-6  # observed: 1.2e-7 (a dummy row changes the batch shape on some steps)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, initializer_range=0.2, tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    import random
-
-    path = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    for i in range(12):
-        (path / f"doc{i:02d}.txt").write_text(document(rng, rng.randint(80, 160)))
-    return path
 
 
 def run_args(model_dir, text_dir, out, *extra: str) -> list[str]:
