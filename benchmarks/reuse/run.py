@@ -74,11 +74,12 @@ def run(bench: Bench, s: Settings) -> str:
     gen = dict(max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=bench.tokenizer.pad_token_id
                or bench.tokenizer.eos_token_id, eos_token_id=None)
     n_questions = max(s.questions)
-    rows, checks = [], []
+    rows, checks, contexts = [], [], {}
     with bench.use(method) as model, torch.inference_mode():
         read(model, torch.tensor([haystack_ids(bench.tokenizer, 256, "held_out")]))  # warm-up
         for n in s.lengths:
             ctx = torch.tensor([haystack_ids(bench.tokenizer, n, "held_out", offset=offset)], device=bench.device)
+            contexts[n] = ctx[0].tolist()
             t0 = time.perf_counter()
             memory = read(model, ctx)
             measure.sync(bench.device)
@@ -130,10 +131,47 @@ def run(bench: Bench, s: Settings) -> str:
         m = Method(f"{method.name}-fork-q{r['questions']}", "beacon", s.ratio, adapter=method.adapter)
         for key in ("fork_total_s", "reread_total_s", "speedup", "file_bytes_fp32", "file_bytes_bf16", "full_kv_bytes"):
             bench.record(BENCHMARK, m, r["context_tokens"], key, r[key])
-    markdown = _tables(bench, s, rows, checks)
-    out = bench.write(BENCHMARK, dict(settings=vars(s), rows=rows, identical_answers=checks), markdown)
+    pipeline = _kvpress_pipeline(bench, s, contexts, gen["max_new_tokens"])
+    for r in pipeline:
+        m = Method(f"kvpress-snapkv-pipeline-q{r['questions']}", "kvpress", s.ratio)
+        bench.record(BENCHMARK, m, r["context_tokens"], "pipeline_total_s", r["total_s"])
+    markdown = _tables(bench, s, rows, checks) + _pipeline_table(pipeline)
+    out = bench.write(BENCHMARK, dict(settings=vars(s), rows=rows, identical_answers=checks,
+                                      kvpress_pipeline=pipeline), markdown)
     _plot(bench, rows, out)
     return markdown
+
+
+def _kvpress_pipeline(bench: Bench, s: Settings, contexts: dict[int, list[int]], max_new_tokens: int) -> list[dict]:
+    """kvpress's own way to answer several questions: ONE full-attention prefill compressed by SnapKV to 1/ratio of
+    the KV (``compression_ratio = 1 - 1/ratio``), then every question answered on that cache (truncated back after
+    each answer), in the kvpress venv. Only lengths within the base model's positions (full-attention prefill);
+    1 and the most questions, timed end to end by the worker (prefill + answers). Empty with --no-kvpress."""
+    native = bench.config.max_position_embeddings
+    press = [{"name": "snapkv", "compression_ratio": 1 - 1 / s.ratio}]
+    measurements = [dict(kind="generate", id=f"{n}-q{q}", presses=press, context_ids=ids, max_new_tokens=max_new_tokens,
+                         question_ids=[_prompt(bench.tokenizer, question) for question in QUESTIONS[:q]])
+                    for n, ids in contexts.items() if n <= native for q in sorted({1, max(s.questions)})]
+    result = bench.kvpress(measurements)
+    rows = []
+    for m in (result or {}).get("measurements", []):
+        rec = m["results"][0]
+        if "error" in rec:
+            print(f"[reuse] kvpress {m['id']}: {rec['error']}", file=sys.stderr)
+            continue
+        n, q = (int(x) for x in str(m["id"]).replace("q", "").split("-"))
+        rows.append(dict(context_tokens=n, questions=q, total_s=rec["elapsed_s"], kv_bytes=rec.get("kv_bytes")))
+    return rows
+
+
+def _pipeline_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    table = [[report.tokens(r["context_tokens"]), r["questions"], r["total_s"], (r["kv_bytes"] or 0) / MIB]
+             for r in rows]
+    return ("\n## kvpress's pipeline: one compressed prefill, then every question (SnapKV, same KV budget)\n\n"
+            "Run in the kvpress venv (transformers < 5.3); prefill + answers timed end to end.\n\n"
+            + report.markdown_table(["tokens", "questions", "total s", "KV MiB held"], table))
 
 
 def _tables(bench: Bench, s: Settings, rows: list[dict], checks: list[dict]) -> str:
