@@ -377,3 +377,32 @@ def test_tail_nll_same_on_both_sides(kvpress_ready, tiny_dir):
     theirs = run_kvpress_job(job)["measurements"][0]["results"][0]
     ours, count = measure.tail_nll(_tiny(tiny_dir), ids, 40)
     assert theirs["count"] == count and theirs["sum_nll"] == pytest.approx(ours, rel=1e-4)
+
+
+def test_reuse_kvpress_pipeline_asks_one_prefill_per_length_and_reads_the_worker_result():
+    """The reuse runner's kvpress comparison: one SnapKV prefill at the adapter's KV budget per length within the
+    native positions, 1 and the most questions; the worker's end-to-end times come back as rows."""
+    from benchmarks.reuse.run import QUESTIONS, Settings, _kvpress_pipeline, _pipeline_table
+
+    class FakeTokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return [len(text) % 50 + 3, 7]
+
+    sent = []
+
+    def kvpress(measurements):
+        sent.extend(measurements)
+        return {"measurements": [{"id": m["id"], "results": [{"elapsed_s": 10.0 + len(m["question_ids"]),
+                                                              "kv_bytes": 2**20}]} for m in measurements]}
+
+    bench = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192), tokenizer=FakeTokenizer(),
+                            kvpress=kvpress)
+    rows = _kvpress_pipeline(bench, Settings([8192, 32768], [1, 4, 16]), {8192: [5] * 8192, 32768: [5] * 32768}, 16)
+    assert [m["id"] for m in sent] == ["8192-q1", "8192-q16"]  # 32K is beyond the positions a prefill can read
+    assert all(m["presses"] == [{"name": "snapkv", "compression_ratio": 0.875}] for m in sent)
+    assert [len(m["question_ids"]) for m in sent] == [1, 16] and len(QUESTIONS) >= 16
+    assert rows == [dict(context_tokens=8192, questions=1, total_s=11.0, kv_bytes=2**20),
+                    dict(context_tokens=8192, questions=16, total_s=26.0, kv_bytes=2**20)]
+    assert "| 8K | 16 | 26 | 1 |" in _pipeline_table(rows)
+    assert _kvpress_pipeline(SimpleNamespace(config=bench.config, tokenizer=FakeTokenizer(), kvpress=lambda m: None),
+                             Settings([8192], [1]), {8192: [5] * 10}, 16) == []
