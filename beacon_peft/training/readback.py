@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .synthetic import retrieval_examples
+from .synthetic import _token_stream, retrieval_examples
 
 IGNORE_INDEX = -100
 
@@ -87,8 +87,8 @@ class MixedRows(torch.utils.data.IterableDataset):
         self.min_tokens, self.max_tokens, self.seed = min_tokens, max_tokens, seed
         self.text_fraction, self.templates, self.max_needles = text_fraction, templates, max_needles
         self.block, self.start_block = block, start_block
-        encoded = tokenizer([d + "\n\n" for d in self.documents], add_special_tokens=False)["input_ids"]
-        self.stream = [t for ids in encoded for t in ids]  # the prose as one token stream (cycled)
+        # the prose as one token stream (cycled), tokenized once for every block of rows
+        self.stream = _token_stream(tokenizer, self.documents, 1, min_tokens, max_tokens - 8)
 
     def _text_row(self, rng: random.Random) -> dict:
         length, start = rng.randint(self.min_tokens, self.max_tokens), rng.randrange(len(self.stream))
@@ -99,7 +99,7 @@ class MixedRows(torch.utils.data.IterableDataset):
         rows = []
         for ex in retrieval_examples(self.tokenizer, self.documents, n, self.min_tokens, self.max_tokens, seed=seed,
                                      max_needles=self.max_needles, ask_all=True, templates=self.templates,
-                                     as_ids=True):
+                                     as_ids=True, stream=self.stream):
             prompt, answer = ex["prompt_ids"], ex["completion_ids"]
             ids = (prompt + answer)[: self.max_tokens]
             n_prompt = min(len(prompt), len(ids))

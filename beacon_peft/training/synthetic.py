@@ -93,15 +93,17 @@ def boundary_ids(tokenizer) -> frozenset[int]:
     return _BOUNDARIES[key]
 
 
-def _token_stream(tokenizer, documents: Sequence[str], n: int, min_tokens: int, longest: int) -> list[int]:
+def _token_stream(tokenizer, documents: Sequence[str], n: int, min_tokens: int, longest: int,
+                  stream: Sequence[int] | None = None) -> Sequence[int]:
     """The non-empty ``documents`` as one token stream (each followed by a blank line), after checking the sizes:
     ``n >= 1`` rows of ``min_tokens``..``longest`` tokens (``min_tokens >= 64``)."""
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
     if not 64 <= min_tokens <= longest:
         raise ValueError(f"min_tokens={min_tokens} must be in [64, {longest}] for these max_tokens")
-    encoded = tokenizer([d + "\n\n" for d in documents if d.strip()], add_special_tokens=False)["input_ids"]
-    stream = [t for ids in encoded for t in ids]
+    if stream is None:  # callers drawing many blocks tokenize once and pass the stream
+        encoded = tokenizer([d + "\n\n" for d in documents if d.strip()], add_special_tokens=False)["input_ids"]
+        stream = [t for ids in encoded for t in ids]
     if not stream:
         raise ValueError("no document text to build examples from")
     return stream
@@ -109,7 +111,8 @@ def _token_stream(tokenizer, documents: Sequence[str], n: int, min_tokens: int, 
 
 def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: int, max_tokens: int,
                        seed: int = 0, max_needles: int = 4, ask_all: bool = False,
-                       templates: Sequence[int] | None = None, as_ids: bool = False) -> list[dict]:
+                       templates: Sequence[int] | None = None, as_ids: bool = False,
+                       stream: Sequence[int] | None = None) -> list[dict]:
     """``n`` retrieval examples ``{"prompt", "completion", "template", "depth", "n_needles", "n_questions"}``.
 
     The prompt (intro, haystack with needles, question and lead-in) is about ``min_tokens``..``max_tokens - 8``
@@ -123,7 +126,8 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
     answers come out of the same length budget (the haystack is shorter by their tokens).
 
     ``templates``: indices into `TEMPLATES` to draw needles from (default all), so that some phrasings can be held
-    out of training and scored as unseen. ``as_ids``: also return ``prompt_ids``/``completion_ids`` and leave
+    out of training and scored as unseen. ``stream``: ``documents`` already tokenized (each followed by a blank line,
+    concatenated), so that a caller drawing many blocks tokenizes them once. ``as_ids``: also return ``prompt_ids``/``completion_ids`` and leave
     ``prompt`` empty (no decode/re-encode round trip, for generating rows on the fly).
 
     Raises:
@@ -135,7 +139,7 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
         raise ValueError(f"templates={templates!r} must be a non-empty list of indices in [0, {len(TEMPLATES) - 1}]")
     if not 1 <= max_needles <= len(ACCOUNTS):
         raise ValueError(f"max_needles={max_needles} must be in [1, {len(ACCOUNTS)}]")
-    stream = _token_stream(tokenizer, documents, n, min_tokens, max_tokens - 8)
+    stream = _token_stream(tokenizer, documents, n, min_tokens, max_tokens - 8, stream)
     boundaries = boundary_ids(tokenizer)
     rng = random.Random(seed)
 
