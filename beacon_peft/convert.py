@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_dir
 from .config import BeaconConfig
 
 PathLike = Union[str, os.PathLike]
@@ -115,31 +115,6 @@ def check_outputs(src: Path, adapter_dir: PathLike, base_dir: Optional[PathLike]
                          "folders")
 
 
-def publish(target: Path, write) -> None:
-    """Run ``write(folder)`` on a temporary sibling of ``target`` and move it into place: a failure leaves
-    ``target`` as it was; an existing ``target`` (allowed by `check_output`) is replaced only once the new
-    folder is complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    old = None
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old)  # the replaced folder, deleted once the new one is in place
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-                old = None
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_official(src_dir: PathLike, adapter_dir: PathLike, base_dir: Optional[PathLike] = None,
                      overwrite: bool = False) -> BeaconConfig:
     """Write a PEFT adapter folder (and, with ``base_dir``, a stock base-model folder) from an official one.
@@ -180,6 +155,6 @@ def convert_official(src_dir: PathLike, adapter_dir: PathLike, base_dir: Optiona
                 shutil.copy2(src / name, tmp / name)
 
     if base_dir is not None:
-        publish(Path(base_dir), write_base)
-    publish(Path(adapter_dir), write_adapter)
+        write_dir(base_dir, write_base, overwrite=overwrite)
+    write_dir(adapter_dir, write_adapter, overwrite=overwrite)
     return config

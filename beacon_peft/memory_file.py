@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -37,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_dir
 from .fingerprint import adapter_fingerprint, base_fingerprint, differences
 from .memory import PARTS, BeaconMemory, LayerMemory, MemoryState, RowState
 
@@ -127,9 +125,7 @@ def save_memory(memory: BeaconMemory, path, model, dtype: Optional[torch.dtype] 
     tensors["raw_local"] = st.raw_local.detach().to("cpu", torch.int64).contiguous()
     stored = tensors["layers.0.sink_k"].dtype
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / TENSORS))
         meta = {
             "format": FORMAT, "version": VERSION,
@@ -144,32 +140,8 @@ def save_memory(memory: BeaconMemory, path, model, dtype: Optional[torch.dtype] 
             "tensors_sha256": _sha256(tmp / TENSORS),
         }
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-        for f in tmp.iterdir():  # on disk before the rename makes them visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _replace_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
-
-def _replace_folder(new: Path, path: Path) -> None:
-    """Move the complete folder ``new`` to ``path``; a previous memory there is moved aside first and deleted
-    only once the new one is in place (a directory cannot be renamed over a non-empty one)."""
-    if path.is_dir() and any(path.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, old / "memory")
-        try:
-            os.replace(new, path)
-        except BaseException:
-            os.replace(old / "memory", path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if path.is_dir():
-            path.rmdir()
-        os.replace(new, path)
+    return write_dir(path, write, overwrite=True)  # `_check_target` refused anything but an earlier memory
 
 
 def _read_meta(path: Path) -> dict:

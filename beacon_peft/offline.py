@@ -27,14 +27,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+from .atomic import write_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -150,15 +150,12 @@ def _convert_smollm2(target: Path) -> None:
         file=sys.stderr,
         flush=True,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         with _progress_bars_disabled():
             _write_converted(gguf_path, tmp)
-        tmp.chmod(0o755)  # mkdtemp made it private; the cache may be shared
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(target, write)  # never replaces a folder: `smollm2_dir` holds the lock and found none
 
 
 @contextlib.contextmanager

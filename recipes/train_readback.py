@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from functools import partial
@@ -35,6 +33,8 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from beacon_peft.atomic import write_dir  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -177,20 +177,26 @@ def key_information(model, probe: list[dict], device, ratio: int = 8) -> float:
 
 
 def save_checkpoint(model, optimizer, step: int, tokens: int, out: Path) -> None:
-    """Adapter + optimizer + counters into ``out/checkpoint`` through a temporary sibling (atomic rename)."""
+    """Adapter + optimizer + counters into ``out/checkpoint/state.pt``, replacing the previous checkpoint
+    atomically (`beacon_peft.atomic.write_dir`)."""
     from peft import get_peft_model_state_dict
 
-    tmp = out / f".checkpoint-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(), "step": step,
-                "tokens": tokens, "rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    final = out / "checkpoint"
-    old = out / f".checkpoint-old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    state = {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(), "step": step,
+             "tokens": tokens, "rng": random.getstate(), "torch_rng": torch.get_rng_state()}
+    write_dir(out / "checkpoint", lambda tmp: torch.save(state, tmp / "state.pt"), overwrite=True)
+
+
+def save_final(model, tokenizer, args, out: Path) -> Path:
+    """The adapter (a PEFT folder), its tokenizer and ``readback_args.json`` into ``out/final``, replacing an
+    earlier one atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "readback_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                            for k, v in vars(args).items()}, indent=1))
+
+    return write_dir(out / "final", write, overwrite=True)
 
 
 def main(argv=None) -> Path:
@@ -287,11 +293,7 @@ def main(argv=None) -> Path:
         curve_path.write_text(json.dumps(curve, indent=1))
         print(f"step {step}: key information {curve[-1]['key_information']:.3f}", flush=True)
     save_checkpoint(model, optimizer, step, tokens, out)
-    final = out / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    (final / "readback_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                          for k, v in vars(args).items()}, indent=1))
+    final = save_final(model, tokenizer, args, out)
     print(f"saved {final} after {step} steps, {tokens} tokens, {(time.time() - start) / 60:.1f} minutes", flush=True)
     return final
 

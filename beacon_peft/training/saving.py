@@ -13,14 +13,12 @@ import logging
 import os
 import platform
 import re
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..atomic import write_dir
 from ..config import BeaconConfig
 from .data import OFFLINE_DATA
 from .modeling import LORA_DIR, resolve_model_path, save_lora
@@ -29,31 +27,12 @@ logger = logging.getLogger(__name__)
 
 
 def atomic_write_dir(final_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a fresh temporary sibling folder and rename it to ``final_dir``.
+    """Run ``write(tmp)`` into a temporary sibling folder and rename it to ``final_dir``, replacing the folder an
+    earlier run left there (`beacon_peft.atomic.write_dir` with ``overwrite=True``).
 
-    An interruption leaves either the previous ``final_dir`` or the new one, never a partial folder (a leftover
-    ``.<name>.tmp-*`` sibling at most, removed on failure when Python still runs).
+    An interruption leaves either the previous ``final_dir`` or the new one, never a partial folder.
     """
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp made it private
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                path.chmod(0o644)
-        old = None
-        if final_dir.exists():
-            old = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.rename(final_dir, old)
-        os.rename(tmp, final_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final_dir
+    return write_dir(final_dir, write, overwrite=True)
 
 
 def save_final(trainer, final_dir: Path, model_args, base_name: str) -> None:
