@@ -28,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return reuse_main(argv[0], argv[1:])
     if argv[:1] == ["demo"]:
-        from .demo import main as demo
+        from .offline.demo import main as demo
 
         return demo(argv[1:])
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-SHIPPED = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-beacon"
+from .offline import SHIPPED_ADAPTER as SHIPPED
 
 
 class UsageError(ValueError):
@@ -96,7 +96,7 @@ def _load(args):
     from peft import PeftModel
 
     import beacon_peft  # noqa: F401  (registers the BEACON adapter type)
-    from .offline import load_smollm2
+    from .offline.weights import load_smollm2
     from .precision import resolve_dtype
 
     model, tokenizer = load_smollm2(dtype=resolve_dtype(args.dtype))

@@ -1,6 +1,6 @@
 """Held-out LM loss of a beacon adapter at fixed compression ratios, against the untrained adapter and the base.
 
-The text is the held-out Paul Graham essays of `beacon_peft.offline` (never trained on): ``--n_sequences``
+The text is the held-out Paul Graham essays of `beacon_peft.offline.corpora` (never trained on): ``--n_sequences``
 consecutive pieces of ``--length`` tokens. Reported per model and ratio: the mean next-token loss over all
 predictions and over those after the first window (see `beacon_peft.training.evaluation`).
 

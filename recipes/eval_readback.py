@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
     from peft import PeftModel
 
     import beacon_peft  # noqa: F401  (registers BEACON)
-    from beacon_peft.offline import essay_split, haystack_ids, load_smollm2
+    from beacon_peft.offline.corpora import essay_split, haystack_ids
+    from beacon_peft.offline.weights import load_smollm2
     from beacon_peft.training.synthetic import TEMPLATES, retrieval_examples
 
     base, tok = load_smollm2(dtype=getattr(torch, args.dtype))

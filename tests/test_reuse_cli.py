@@ -28,7 +28,8 @@ def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
 def document(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from beacon_peft.offline import haystack_ids, smollm2_dir
+    from beacon_peft.offline.corpora import haystack_ids
+    from beacon_peft.offline.weights import smollm2_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     text = tokenizer.decode(haystack_ids(tokenizer, 1900, "held_out")) + "\n\nThe vault code is Blue Falcon.\n"

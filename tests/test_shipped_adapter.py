@@ -33,7 +33,7 @@ def test_adapter_folder_has_weights_config_and_model_card():
 def shipped():
     from peft import PeftModel
 
-    from beacon_peft.offline import load_smollm2
+    from beacon_peft.offline.weights import load_smollm2
 
     torch.set_num_threads(2)
     base, tokenizer = load_smollm2()
@@ -43,7 +43,7 @@ def shipped():
 
 
 def _answer(model, tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[str, str, object]:
-    from beacon_peft.demo import build_prompt
+    from beacon_peft.offline.demo import build_prompt
 
     ids, key = build_prompt(tokenizer, n_tokens, depth, seed)
     x = torch.tensor([ids])

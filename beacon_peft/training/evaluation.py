@@ -1,6 +1,6 @@
 """Held-out LM loss of a beacon adapter at fixed compression ratios, against the untrained adapter and the base.
 
-The text is the held-out Paul Graham essays of `beacon_peft.offline` (never trained on). For each ratio the
+The text is the held-out Paul Graham essays of `beacon_peft.offline.corpora` (never trained on). For each ratio the
 adapter is forced to it with ``set_compression_ratio``. Reported per model and ratio: the mean next-token loss over
 all predicted tokens, and over the tokens after the first window (the only ones that read compressed memory).
 """
@@ -40,9 +40,9 @@ def evaluate(model, sequences: list[torch.Tensor], window: int) -> dict:
 
 def heldout_sequences(tokenizer, n_sequences: int, length: int) -> list[torch.Tensor]:
     """``n_sequences`` consecutive (1, ``length``) pieces of ``haystack_ids(tokenizer, n * length, "held_out")``."""
-    from .. import offline
+    from ..offline.corpora import haystack_ids
 
-    stream = offline.haystack_ids(tokenizer, n_sequences * length, "held_out")
+    stream = haystack_ids(tokenizer, n_sequences * length, "held_out")
     return [torch.tensor([stream[i * length : (i + 1) * length]]) for i in range(n_sequences)]
 
 

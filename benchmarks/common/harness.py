@@ -138,7 +138,7 @@ class Bench:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.model is None:
-            from beacon_peft.offline import smollm2_dir
+            from beacon_peft.offline.weights import smollm2_dir
 
             args.model = str(smollm2_dir())
         self.model_dir = Path(args.model)

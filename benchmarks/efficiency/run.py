@@ -51,7 +51,7 @@ SETTINGS = {
 
 def run(bench: Bench, s: Settings) -> str:
     """Measure, write results/<mode>.{json,md,png}, add summary records; returns the markdown."""
-    from beacon_peft.offline import haystack_ids
+    from beacon_peft.offline.corpora import haystack_ids
 
     offset = random.Random(bench.args.seed).randrange(20000)
     contexts = {n: haystack_ids(bench.tokenizer, n, "held_out", offset=offset) for n in s.lengths}

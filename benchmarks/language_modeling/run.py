@@ -49,7 +49,7 @@ SETTINGS = {
 
 def sequences(bench: Bench, s: Settings) -> dict[int, list[list[int]]]:
     """``samples`` sequences per length; sample k of every length ends at the same place of the stream."""
-    from beacon_peft.offline import haystack_ids
+    from beacon_peft.offline.corpora import haystack_ids
 
     longest = max(s.lengths + [s.sweep_length])
     rng = random.Random(bench.args.seed)

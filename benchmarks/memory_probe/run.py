@@ -64,7 +64,7 @@ def needle_compressed(case: dict, n_prompt: int, window: int, stride: int) -> bo
 
 def make_cases(bench: Bench, s: Settings) -> tuple[list[dict], dict[int, list[list[int]]]]:
     """Pass-key case pairs (own key, other key; same filler and depth) and text stretches per length."""
-    from beacon_peft.offline import haystack_ids
+    from beacon_peft.offline.corpora import haystack_ids
 
     hay = haystack_ids(bench.tokenizer, max(s.lengths) + s.cases * 4096, "held_out")
     lo, hi = s.depths

@@ -49,7 +49,7 @@ SETTINGS = {
 
 def make_cases(bench: Bench, s: Settings) -> list[dict]:
     """Every case, with ``task`` ("passkey"/"multikey"), ``length``, ``cell`` (depth index or None), ``key``."""
-    from beacon_peft.offline import haystack_ids
+    from beacon_peft.offline.corpora import haystack_ids
 
     hay = haystack_ids(bench.tokenizer, max(s.lengths), "held_out")
     cases = []

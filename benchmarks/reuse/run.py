@@ -66,7 +66,7 @@ def run(bench: Bench, s: Settings) -> str:
     import torch
 
     from beacon_peft import BeaconMemory
-    from beacon_peft.offline import haystack_ids
+    from beacon_peft.offline.corpora import haystack_ids
     from beacon_peft.reuse import ask, read
 
     method = bench.beacon_methods([s.ratio])[0]

