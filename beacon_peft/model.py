@@ -21,6 +21,7 @@ from .checkpoint import check_adapter_weights
 from .compat import CACHE_NAMES
 from .config import BeaconConfig
 from .forward import beacon_decoder_forward
+from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
 from .schedule import RatioPicker
 
@@ -333,7 +334,7 @@ def _check_one_cache(kwargs: dict) -> None:
 
 def _check_labels_left(labels: torch.Tensor, masked: torch.Tensor, config: BeaconConfig) -> None:
     """Masking the first window must not remove every prediction: a mean over no token is NaN (0/0)."""
-    if bool((labels[:, 1:] != -100).any()) and not bool((masked[:, 1:] != -100).any()):
+    if bool((labels[:, 1:] != IGNORE_INDEX).any()) and not bool((masked[:, 1:] != IGNORE_INDEX).any()):
         raise ValueError(
             f"labels of length {labels.shape[1]} hold no prediction after the first window (window={config.window}), "
             f"which training masks with placement={config.placement!r}, attention_scope={config.attention_scope!r}: "
@@ -350,8 +351,8 @@ def mask_first_window_labels(labels: torch.Tensor, attention_mask: Optional[torc
     """
     labels = labels.clone()
     if attention_mask is None:
-        labels[:, 1 : window + 1] = -100
+        labels[:, 1 : window + 1] = IGNORE_INDEX
         return labels
     rank = attention_mask.long().cumsum(1) * attention_mask.long()  # 1-based index among real tokens
-    labels[(rank >= 2) & (rank <= window + 1)] = -100
+    labels[(rank >= 2) & (rank <= window + 1)] = IGNORE_INDEX
     return labels

@@ -6,11 +6,12 @@ from typing import Any
 
 import torch
 
+from ..labels import IGNORE_INDEX
 from ..model import mask_first_window_labels
 
 
 class BeaconCollator:
-    """Right-pads a batch; labels are -100 on padding (and on the first window when the adapter masks it).
+    """Right-pads a batch; labels are `IGNORE_INDEX` on padding (and on the first window when the adapter masks it).
 
     The first-window masking is the adapter's own rule (`beacon_peft.mask_first_window_labels`, which the adapter
     applies again in training), done here too so that Trainer's count of loss tokens (``num_items_in_batch``)
@@ -31,7 +32,7 @@ class BeaconCollator:
         longest = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(examples), longest), dtype=torch.long)
-        labels = torch.full((len(examples), longest), -100, dtype=torch.long)
+        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
         for row, example in enumerate(examples):
             n = len(example["input_ids"])
             ids[row, :n] = torch.as_tensor(example["input_ids"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ..config import BeaconConfig
+from ..labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from .arguments import ScriptArguments
@@ -150,7 +151,7 @@ def _as_messages(value, role: str) -> list[dict]:
 
 
 def _finetune_example(tokenizer, example: dict, script_args: ScriptArguments) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one instruction example; labels are -100 except on the answer."""
+    """(input_ids, labels) of one instruction example; labels are `IGNORE_INDEX` except on the answer."""
     if script_args.messages_column in example and example[script_args.messages_column] is not None:
         messages = _as_messages(example[script_args.messages_column], "user")
         if not messages or messages[-1]["role"] != "assistant":
@@ -179,7 +180,7 @@ def _finetune_example(tokenizer, example: dict, script_args: ScriptArguments) ->
         full_ids = prompt_ids + tokenizer(answer["content"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             full_ids.append(tokenizer.eos_token_id)
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
     return full_ids, labels
 
 

@@ -22,9 +22,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..labels import IGNORE_INDEX
 from .synthetic import _token_stream, retrieval_examples
-
-IGNORE_INDEX = -100
 
 
 def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,

@@ -15,6 +15,7 @@ from typing import Optional
 
 from trl import SFTTrainer
 
+from ..labels import IGNORE_INDEX
 from .arguments import BeaconArguments, ModelArguments, ScriptArguments, gpu_available, validate_args
 from .callbacks import LORA_CKPT_FILE, RatioRecorder, make_callbacks
 from .collator import BeaconCollator
@@ -138,9 +139,9 @@ def equalize_window_steps(inputs: dict, pad_token_id: int) -> dict:
     collective (all-gather, and a reduce-scatter in backward), so processes running different numbers of steps
     issue mismatched collectives: gloo aborts ("Received data size doesn't match expected size"), NCCL hangs.
     A process whose batch is shorter than the longest (one ``all_reduce``) gets one extra *dummy row* of that
-    length: pad tokens the attention mask counts as real (so the adapter runs windows over them) and labels -100
-    (no loss, no gradient). The real rows are right-padded as usual, so their outputs, loss and gradients are those
-    of the batch without the dummy row; only the batch is one row larger on those steps.
+    length: pad tokens the attention mask counts as real (so the adapter runs windows over them) and labels
+    `IGNORE_INDEX` (no loss, no gradient). The real rows are right-padded as usual, so their outputs, loss and
+    gradients are those of the batch without the dummy row; only the batch is one row larger on those steps.
     """
     import torch
     import torch.distributed as dist
@@ -162,8 +163,8 @@ def equalize_window_steps(inputs: dict, pad_token_id: int) -> dict:
     out["attention_mask"] = torch.cat([torch.nn.functional.pad(mask, (0, extra)), mask.new_ones((1, longest))])
     if "labels" in inputs:
         labels = inputs["labels"]
-        out["labels"] = torch.cat([torch.nn.functional.pad(labels, (0, extra), value=-100),
-                                   labels.new_full((1, longest), -100)])
+        out["labels"] = torch.cat([torch.nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX),
+                                   labels.new_full((1, longest), IGNORE_INDEX)])
     return out
 
 

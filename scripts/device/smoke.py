@@ -15,6 +15,7 @@ import torch
 from peft import get_peft_model
 
 import beacon_peft
+from beacon_peft.labels import IGNORE_INDEX
 from beacon_peft.training.readback import kl_to_teacher, masked_ce
 from tiny import ARCHS, random_ids, tiny_model
 
@@ -47,7 +48,7 @@ for arch in ARCHS:
             with torch.no_grad(), model.disable_adapter():
                 teacher = model(input_ids=ids, attention_mask=mask).logits
             logits = model(input_ids=ids, attention_mask=mask).logits
-            ce, n = masked_ce(logits, ids.masked_fill(mask == 0, -100))
+            ce, n = masked_ce(logits, ids.masked_fill(mask == 0, IGNORE_INDEX))
             kl, m = kl_to_teacher(logits, teacher, mask.bool())
             (ce / n + kl / m).backward()
             grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
