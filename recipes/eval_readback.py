@@ -25,6 +25,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
 from benchmarks.common.needles import make_passkey_case, score_answer  # noqa: E402
 
 
@@ -45,7 +46,8 @@ def main(argv=None) -> dict:
     p.add_argument("--needle_lengths", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--ratio", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                   help="base model dtype; auto: bfloat16 where it is the fast path (beacon_peft.precision)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -56,7 +58,7 @@ def main(argv=None) -> dict:
     from beacon_peft.offline.weights import load_smollm2
     from beacon_peft.training.synthetic import TEMPLATES, retrieval_examples
 
-    base, tok = load_smollm2(dtype=getattr(torch, args.dtype))
+    base, tok = load_smollm2(dtype=resolve_dtype(args.dtype, args.device))
     model = PeftModel.from_pretrained(base.to(args.device), args.adapter).eval()
     model.base_model.set_compression_ratio(args.ratio)
     meta_path = Path(args.adapter) / "readback_args.json"

@@ -35,8 +35,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beacon_peft.atomic import write_dir  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="offline:smollm2",
                    help="offline:smollm2 (the offline SmolLM2-135M) or a local model folder with its tokenizer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="base model dtype (adapter: fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                   help="base model dtype (adapter: fp32); auto: bfloat16 where it is the fast path "
+                   "(beacon_peft.precision), else float32")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--sink_size", type=int, default=1)
@@ -101,11 +102,11 @@ def load(args):
     from beacon_peft.offline.weights import load_smollm2
 
     if args.model == "offline:smollm2":
-        base, tokenizer = load_smollm2(dtype=DTYPES[args.dtype])
+        base, tokenizer = load_smollm2(dtype=resolve_dtype(args.dtype, args.device))
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, args.device))
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base.to(args.device)

@@ -43,3 +43,22 @@ def test_half_precision_inference_with_a_memory_matches_fp32(attn, half):
     got = torch.cat([first.logits, rest], 1).float()
     assert got.dtype == torch.float32 and rest.dtype == half
     assert (got - ref).abs().max() <= 3 * noise + 1e-3
+
+
+class Args:
+    def __init__(self, bf16, fp16):
+        self.bf16, self.fp16 = bf16, fp16
+
+
+@pytest.mark.parametrize("bf16, fp16, asked", [(True, False, True), (False, True, True), (None, False, True),
+                                               (False, False, False)])
+def test_training_autocast_needs_a_gpu(monkeypatch, bf16, fp16, asked):
+    from beacon_peft import precision
+
+    monkeypatch.setattr(precision, "gpu_available", lambda: False)
+    args = Args(bf16, fp16)
+    assert precision.autocast_off_without_gpu(args) is asked
+    assert (args.bf16, args.fp16) == (False, False)
+    monkeypatch.setattr(precision, "gpu_available", lambda: True)
+    args = Args(bf16, fp16)
+    assert precision.autocast_off_without_gpu(args) is False and (args.bf16, args.fp16) == (bf16, fp16)

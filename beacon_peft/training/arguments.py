@@ -6,26 +6,19 @@ checks that need no model or data and returns the `BeaconConfig` the run trains.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from trl import SFTConfig, TrlParser
 
 from ..config import BeaconConfig
+from ..precision import autocast_off_without_gpu
 from .data import STAGES
-
-logger = logging.getLogger(__name__)
 
 # --ratio_mix -> the adapter's ratio_mix; `step` forces one ratio per optimizer step with a callback
 RATIO_MIXES = {"step": "step-random", "sequence": "instance-random", "window": "step-random"}
 RATIO_MIX_HELP = {"step": "one ratio per optimizer step from the seed", "sequence": "one ratio per sequence",
                   "window": "one ratio per window"}
-
-
-def gpu_available() -> bool:
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 @dataclass
@@ -212,10 +205,7 @@ class BeaconSFTConfig(SFTConfig):
     so one YAML serves a GPU run and a CPU check."""
 
     def __post_init__(self):
-        if not gpu_available():
-            if self.bf16 or self.fp16 or self.bf16 is None:
-                logger.warning("no GPU: bf16/fp16 autocast switched off (training in fp32)")
-            self.bf16, self.fp16 = False, False
+        autocast_off_without_gpu(self)  # before SFTConfig turns bf16=None into True and refuses it on a CPU
         super().__post_init__()
 
 

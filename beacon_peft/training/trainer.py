@@ -16,7 +16,8 @@ from typing import Optional
 from trl import SFTTrainer
 
 from ..labels import IGNORE_INDEX
-from .arguments import BeaconArguments, ModelArguments, ScriptArguments, gpu_available, validate_args
+from ..precision import autocast_off_without_gpu, gpu_available
+from .arguments import BeaconArguments, ModelArguments, ScriptArguments, validate_args
 from .callbacks import LORA_CKPT_FILE, RatioRecorder, make_callbacks
 from .collator import BeaconCollator
 from .data import load_documents, tokenize_dataset
@@ -73,9 +74,7 @@ class BeaconSFTTrainer(SFTTrainer):
 
 def prepare_training_args(training_args) -> None:
     """Fix the `SFTConfig` settings a beacon run needs (in place)."""
-    if not gpu_available() and (training_args.bf16 or training_args.fp16):
-        logger.warning("no GPU: training in fp32 (bf16/fp16 autocast switched off)")
-        training_args.bf16 = training_args.fp16 = False
+    if autocast_off_without_gpu(training_args):  # arguments built without `BeaconSFTConfig`
         training_args.mixed_precision = "no"
     # unpacked batches of custom columns go straight to the collator
     training_args.remove_unused_columns = False
