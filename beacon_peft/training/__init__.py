@@ -5,8 +5,8 @@ is cheap: each name is imported from its module on first use, so ``import beacon
 
 Modules: `arguments` (the dataclasses the recipe parses), `data` (corpora, tokenization, length filters),
 `collator`, `modeling` (base, 4-bit, base LoRA, beacon adapter), `callbacks` (ratio sampling and recording),
-`trainer` (`BeaconSFTTrainer`, `train`), `saving` (final adapter, model card), `evaluation` (held-out loss),
-`sizing` (parameter counts and memory estimates on a meta-device model).
+`trainer` (`BeaconSFTTrainer`, `train`), `saving` (final adapter folder), `card` (model card, `TrainingRecord`),
+`evaluation` (held-out loss), `sizing` (parameter counts and memory estimates on a meta-device model).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ _EXPORTS = {
     "modeling": ["build_model", "load_base_model", "load_tokenizer", "load_trained", "resolve_model_path"],
     "callbacks": ["RatioRecorder", "StepRatioCallback", "step_ratio"],
     "trainer": ["BeaconSFTTrainer", "train", "use_cpu_for_multiprocess_without_gpu"],
-    "saving": ["atomic_write_dir", "model_card", "save_final"],
+    "saving": ["atomic_write_dir", "save_final"],
+    "card": ["TrainingRecord", "card_info", "model_card"],
     "evaluation": ["compare_heldout", "evaluate", "heldout_sequences"],
     "sizing": ["adapter_footprint", "meta_model", "training_memory"],
 }
@@ -37,7 +38,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names resolve lazil
     from .data import load_documents, tokenize_dataset
     from .evaluation import compare_heldout, evaluate, heldout_sequences
     from .modeling import build_model, load_base_model, load_tokenizer, load_trained, resolve_model_path
-    from .saving import atomic_write_dir, model_card, save_final
+    from .card import TrainingRecord, card_info, model_card
+    from .saving import atomic_write_dir, save_final
     from .sizing import adapter_footprint, meta_model, training_memory
     from .trainer import BeaconSFTTrainer, train, use_cpu_for_multiprocess_without_gpu
 

@@ -22,7 +22,8 @@ from .callbacks import LORA_CKPT_FILE, RatioRecorder, make_callbacks
 from .collator import BeaconCollator
 from .data import load_documents, tokenize_dataset
 from .modeling import build_model, cast_trainable, load_lora_state_dict, load_tokenizer
-from .saving import card_info, model_card, save_final
+from .card import card_info, model_card
+from .saving import save_final
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class BeaconSFTTrainer(SFTTrainer):
     Needs a `callbacks.RatioRecorder` among its callbacks; ``ratio_history`` is its ``(global_step, ratio)`` list.
     """
 
-    card_info: Optional[dict] = None  # set by `train` (`saving.card_info`)
+    card_info: Optional[dict] = None  # set by `train` (`card.card_info`)
     final_dir: Optional[Path] = None
 
     @property
