@@ -30,9 +30,11 @@ Outputs: Trainer checkpoints in ``output_dir/checkpoint-*`` and the final adapte
 ``--use_lora``, the base LoRA in ``final/base_lora``. Load it with ``PeftModel.from_pretrained(base, "…/final")``,
 or `beacon_peft.training.load_trained` with a base LoRA.
 
-Compression-ratio sampling (``--ratio_mix``): ``step`` (one ratio per optimizer step, a pure function of
-``--ratio_seed``/``--seed`` and the step, logged as ``compression_ratio``), ``sequence`` (one per sequence) or
-``window`` (one per window, the official default); all three are reproducible and resume exactly.
+Compression-ratio sampling: ``--ratio_mix`` is the adapter's own (`BeaconConfig.ratio_mix`: ``step-random`` one
+ratio per window step, the official default; ``instance-random`` one per sequence; ``fixed``; ``adapt``), and
+``--ratio_per_optimizer_step true`` forces one ratio per optimizer step instead, a pure function of
+``--optimizer_step_ratio_seed``/``--seed`` and the step, logged as ``compression_ratio``. Every adapter argument
+has `BeaconConfig`'s name, default and allowed values; all modes are reproducible and resume exactly.
 """
 
 from __future__ import annotations
@@ -42,24 +44,14 @@ import shlex
 import sys
 from typing import Optional
 
-from trl import TrlParser
-
-from beacon_peft.training import (
-    BeaconArguments,
-    BeaconSFTConfig,
-    ModelArguments,
-    ScriptArguments,
-    train,
-    use_cpu_for_multiprocess_without_gpu,
-)
+from beacon_peft.training import parse_args, train, use_cpu_for_multiprocess_without_gpu
 
 
 def main(argv: Optional[list[str]] = None):
     """Parse ``argv`` (default ``sys.argv[1:]``; ``--config file.yaml`` supplies defaults), train, save."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     use_cpu_for_multiprocess_without_gpu()  # before parsing: the SFTConfig sets up the process group
-    parser = TrlParser((ScriptArguments, BeaconArguments, BeaconSFTConfig, ModelArguments))
-    script_args, beacon_args, training_args, model_args = parser.parse_args_and_config(argv)
+    script_args, beacon_args, training_args, model_args = parse_args(argv)  # the library's parser and checks
     command = shlex.join(["python", "recipes/train.py", *(sys.argv[1:] if argv is None else argv)])
     return train(script_args, beacon_args, training_args, model_args, command=command)
 

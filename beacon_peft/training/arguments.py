@@ -6,19 +6,30 @@ checks that need no model or data and returns the `BeaconConfig` the run trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import logging
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
 from trl import SFTConfig, TrlParser
 
-from ..config import BeaconConfig
+from ..config import EMBED_INITS, PLACEMENTS, PROJECTIONS, RATIO_MIXES, SCOPES, BeaconConfig
 from ..precision import autocast_off_without_gpu
 from .data import STAGES
 
-# --ratio_mix -> the adapter's ratio_mix; `step` forces one ratio per optimizer step with a callback
-RATIO_MIXES = {"step": "step-random", "sequence": "instance-random", "window": "step-random"}
-RATIO_MIX_HELP = {"step": "one ratio per optimizer step from the seed", "sequence": "one ratio per sequence",
-                  "window": "one ratio per window"}
+logger = logging.getLogger(__name__)
+
+_CONFIG_FIELDS = {f.name: f for f in fields(BeaconConfig)}
+CONFIG_CHOICES = {"ratio_mix": RATIO_MIXES, "placement": PLACEMENTS, "attention_scope": SCOPES,
+                  "embed_init": EMBED_INITS, "beacon_projections": PROJECTIONS}
+# BeaconConfig's own fields (PeftConfig's aside) are BeaconArguments fields (MIRRORED_FIELDS) except these: the
+# module selection, and ratio_seed (training draws from the global `random` that Trainer seeds and checkpoints, so
+# a resumed run continues the same ratio sequence)
+NOT_ARGUMENTS = ("target_modules", "target_parameters", "ratio_seed")
+MIRRORED_FIELDS = ("window", "stride", "ratios", "ratio_mix", "adapt_future_tokens", "sink_size", "beacon_projections",
+                   "beacon_rank", "placement", "attention_scope", "attend_prev", "embed_init", "beacon_layers",
+                   "mask_first_window_loss")
+OLD_RATIO_MIXES = {"window": "step-random", "sequence": "instance-random", "step": "step-random"}
 
 
 @dataclass
@@ -88,45 +99,61 @@ class ScriptArguments:
     )
 
 
+def config_field(name: str, help: Optional[str] = None, **metadata):
+    """A `BeaconArguments` field that *is* `BeaconConfig.<name>`: its default and allowed values are the config's
+    (``help`` replaces the config's own help where the command line needs more)."""
+    source = _CONFIG_FIELDS[name]
+    metadata = {"help": help or source.metadata["help"], **metadata}
+    if name in CONFIG_CHOICES:
+        metadata.setdefault("choices", list(CONFIG_CHOICES[name]))
+    if source.default_factory is not MISSING:
+        return field(default_factory=source.default_factory, metadata=metadata)
+    return field(default=source.default, metadata=metadata)
+
+
 @dataclass
 class BeaconArguments:
-    """The adapter (see `beacon_peft.BeaconConfig`) and how compression ratios are sampled in training."""
+    """The adapter (`beacon_peft.BeaconConfig`: same names, defaults and allowed values) and how compression ratios
+    are drawn in training."""
 
-    window: int = field(default=1024, metadata={"help": "Raw tokens per window."})
-    stride: Optional[int] = field(default=None, metadata={"help": "Window stride (default: window)."})
-    ratios: list[int] = field(default_factory=lambda: [2, 4, 8], metadata={"help": "Candidate compression ratios."})
-    ratio_mix: str = field(
-        default="step",
-        metadata={
-            "help": "`step`: one ratio per optimizer step from `ratio_seed` (logged); `sequence`: one per "
-            "sequence (adapter's instance-random); `window`: one per window (adapter's step-random).",
-            "choices": list(RATIO_MIXES),
-        },
+    window: int = config_field("window")
+    stride: Optional[int] = config_field("stride")
+    ratios: list[int] = config_field("ratios", "Candidate compression ratios (each 0 or a divisor of stride).")
+    ratio_mix: str = config_field(
+        "ratio_mix",
+        "How the adapter draws a ratio (saved in the adapter): `step-random` one per window step (the official "
+        "training default), `instance-random` one per sequence, `fixed` the one ratio, `adapt` per sequence the "
+        "smallest that fits the base model's positions. Both random modes draw from the global `random` that "
+        "Trainer seeds and checkpoints. Old names: `window` = step-random, `sequence` = instance-random, `step` = "
+        "step-random with --ratio_per_optimizer_step.",
+        choices=[*RATIO_MIXES, *OLD_RATIO_MIXES],
     )
-    ratio_seed: Optional[int] = field(default=None, metadata={"help": "Seed of `step` sampling (default: --seed)."})
-    sink_size: int = field(default=0, metadata={"help": "Leading activations kept uncompressed."})
-    beacon_projections: list[str] = field(
-        default_factory=lambda: ["q", "k", "v"], metadata={"help": "Projections with beacon copies (q k v o)."}
+    ratio_per_optimizer_step: bool = field(
+        default=False,
+        metadata={"help": "Training only: force one ratio per optimizer step on every window of every micro-batch "
+                          "and rank, a pure function of --optimizer_step_ratio_seed and the step (logged as "
+                          "`compression_ratio`); the adapter keeps --ratio_mix for inference."},
     )
-    beacon_rank: Optional[int] = field(
+    optimizer_step_ratio_seed: Optional[int] = field(
         default=None,
-        metadata={"help": "None (default, as the official code): each beacon projection is a full trainable copy "
-                          "of the base projection. An int: the frozen base projection plus a trainable low-rank "
-                          "delta B @ A of that rank (B starts at zero). Llama-3-8B: 74M trainable parameters at "
-                          "rank 128 instead of 789M, for QLoRA runs on one 24 GB GPU."},
+        metadata={"help": "Seed of --ratio_per_optimizer_step (default: --seed). Old name: --ratio_seed.",
+                  "aliases": ["--ratio_seed"]},
     )
-    placement: str = field(default="interleave", metadata={"help": "`interleave` or `append`."})
-    attention_scope: str = field(
-        default="full-coverage", metadata={"help": "`full-coverage`, `step-expansion` or `segmentation`."}
+    adapt_future_tokens: int = config_field("adapt_future_tokens")
+    sink_size: int = config_field("sink_size")
+    beacon_projections: list[str] = config_field("beacon_projections")
+    beacon_rank: Optional[int] = config_field(
+        "beacon_rank",
+        "None (default, as the official code): each beacon projection is a full trainable copy of the base "
+        "projection. An int: the frozen base projection plus a trainable low-rank delta B @ A of that rank (B starts "
+        "at zero), far fewer trainable parameters (docs/training.md sizes it for 8B models on one GPU).",
     )
-    attend_prev: bool = field(default=True, metadata={"help": "Beacons see earlier beacons of their window."})
-    embed_init: str = field(default="eos", metadata={"help": "Beacon embedding init: `eos` or `bos`."})
-    beacon_layers: Optional[list[int]] = field(
-        default=None, metadata={"help": "Decoder layers with beacon projections (default: all)."}
-    )
-    mask_first_window_loss: Optional[bool] = field(
-        default=None, metadata={"help": "Exclude the first window from the loss (default: the official rule)."}
-    )
+    placement: str = config_field("placement")
+    attention_scope: str = config_field("attention_scope")
+    attend_prev: bool = config_field("attend_prev")
+    embed_init: str = config_field("embed_init")
+    beacon_layers: Optional[list[int]] = config_field("beacon_layers")
+    mask_first_window_loss: Optional[bool] = config_field("mask_first_window_loss")
     beacon_dtype: str = field(
         default="float32",
         metadata={
@@ -141,23 +168,20 @@ class BeaconArguments:
                           "`final`) instead of copies of the base projections."},
     )
 
+    def __post_init__(self):
+        if self.ratio_mix in OLD_RATIO_MIXES:  # the names of the first training recipe
+            new = OLD_RATIO_MIXES[self.ratio_mix]
+            if self.ratio_mix == "step":
+                self.ratio_per_optimizer_step = True
+            logger.warning("ratio_mix=%r is an old name: ratio_mix=%r%s", self.ratio_mix, new,
+                           " with ratio_per_optimizer_step=true" if self.ratio_mix == "step" else "")
+            self.ratio_mix = new
+
     def to_config(self) -> BeaconConfig:
-        return BeaconConfig(
-            window=self.window,
-            stride=self.stride,
-            ratios=list(self.ratios),
-            ratio_mix=RATIO_MIXES[self.ratio_mix],
-            ratio_seed=None,  # `sequence` / `window` draw from the global `random` that Trainer seeds and saves
-            placement=self.placement,
-            attention_scope=self.attention_scope,
-            attend_prev=self.attend_prev,
-            sink_size=self.sink_size,
-            beacon_projections=list(self.beacon_projections),
-            beacon_rank=self.beacon_rank,
-            embed_init=self.embed_init,
-            mask_first_window_loss=self.mask_first_window_loss,
-            beacon_layers=None if self.beacon_layers is None else list(self.beacon_layers),
-        )
+        """The adapter config these arguments describe."""
+        values = {name: copy.deepcopy(getattr(self, name)) for name in MIRRORED_FIELDS}
+        # the random modes draw from the global `random` that Trainer seeds and saves, so resumes are exact
+        return BeaconConfig(**values, ratio_seed=None)
 
 
 @dataclass
@@ -247,6 +271,7 @@ def validate_args(script_args, beacon_args, training_args, model_args) -> Beacon
         raise ValueError(f"retrieval_text_fraction={script_args.retrieval_text_fraction} must be in [0, 1)")
     if model_args.use_lora and model_args.lora_r <= 0:
         raise ValueError(f"lora_r={model_args.lora_r} must be positive")
-    if beacon_args.ratio_seed is not None and beacon_args.ratio_seed < 0:
-        raise ValueError(f"ratio_seed={beacon_args.ratio_seed} must be >= 0")
+    seed = beacon_args.optimizer_step_ratio_seed
+    if seed is not None and seed < 0:
+        raise ValueError(f"optimizer_step_ratio_seed={seed} must be >= 0")
     return config

@@ -19,12 +19,13 @@ LORA_CKPT_FILE = "base_lora.safetensors"  # inside Trainer checkpoints (a folder
 
 
 def step_ratio(seed: int, step: int, ratios: list[int]) -> int:
-    """The ratio of optimizer step ``step`` in ``ratio_mix=step`` (a pure function of seed and step)."""
+    """The ratio of optimizer step ``step`` under ``ratio_per_optimizer_step`` (a pure function of seed and step)."""
     return random.Random(f"beacon-ratio:{seed}:{step}").choice(list(ratios))
 
 
 class StepRatioCallback(TrainerCallback):
-    """``ratio_mix=step``: force this optimizer step's ratio on every window of every micro-batch, on every rank."""
+    """``ratio_per_optimizer_step``: force this optimizer step's ratio on every window of every micro-batch, on every
+    rank."""
 
     def __init__(self, model, seed: int, ratios: list[int]):
         self.model, self.seed, self.ratios = model, seed, list(ratios)
@@ -102,14 +103,19 @@ class LoraCheckpointCallback(TrainerCallback):
                 save_file(lora_state_dict(self.model), str(folder / LORA_CKPT_FILE), metadata={"format": "pt"})
 
 
+def optimizer_step_seed(beacon_args, training_args) -> int:
+    """The seed of ``ratio_per_optimizer_step``: ``optimizer_step_ratio_seed``, else the run's ``seed``."""
+    seed = beacon_args.optimizer_step_ratio_seed
+    return training_args.seed if seed is None else seed
+
+
 def make_callbacks(model, script_args, beacon_args, training_args, model_args) -> list[TrainerCallback]:
     """The callbacks a run needs; the `RatioRecorder` is always first."""
     callbacks: list[TrainerCallback] = [RatioRecorder(model)]
     if script_args.max_train_minutes is not None:
         callbacks.append(TimeLimitCallback(script_args.max_train_minutes))
-    if beacon_args.ratio_mix == "step":
-        seed = training_args.seed if beacon_args.ratio_seed is None else beacon_args.ratio_seed
-        callbacks.append(StepRatioCallback(model, seed, beacon_args.ratios))
+    if beacon_args.ratio_per_optimizer_step:
+        callbacks.append(StepRatioCallback(model, optimizer_step_seed(beacon_args, training_args), beacon_args.ratios))
     if model_args.use_lora:
         callbacks.append(LoraCheckpointCallback(model))
     return callbacks

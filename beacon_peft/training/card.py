@@ -83,10 +83,22 @@ def _retrieval_mix(script_args) -> str:
     return "".join(parts)
 
 
+RATIO_MIX_MEANING = {"fixed": "the one ratio", "step-random": "one ratio per window step",
+                     "instance-random": "one ratio per sequence",
+                     "adapt": "per sequence, the smallest ratio that fits the base model's positions"}
+
+
+def ratio_sampling(beacon_args, seed: int) -> str:
+    """How a run draws its compression ratios, in words; ``seed`` is that of ``ratio_per_optimizer_step``."""
+    if beacon_args.ratio_per_optimizer_step:
+        return f"one ratio per optimizer step from seed {seed} (`ratio_per_optimizer_step`)"
+    return f"`{beacon_args.ratio_mix}`: {RATIO_MIX_MEANING[beacon_args.ratio_mix]}"
+
+
 def card_info(script_args, beacon_args, training_args, model_args, config: BeaconConfig, model, n_documents: int,
               train_dataset, command: str, resumed_from) -> dict:
     """What the model card reports that the trainer does not know (a dict, ``trainer.card_info``)."""
-    from .arguments import RATIO_MIX_HELP
+    from .callbacks import optimizer_step_seed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     lengths = train_dataset["length"]
@@ -105,8 +117,7 @@ def card_info(script_args, beacon_args, training_args, model_args, config: Beaco
         else ("chat template" if script_args.chat_template else "raw text, no chat template")
         + ", loss on the answer only" + _retrieval_mix(script_args),
         init_adapter=beacon_args.init_adapter,
-        ratio_mix=beacon_args.ratio_mix,
-        ratio_mix_help=RATIO_MIX_HELP[beacon_args.ratio_mix],
+        ratio_sampling=ratio_sampling(beacon_args, optimizer_step_seed(beacon_args, training_args)),
         n_documents=n_documents,
         n_sequences=len(train_dataset),
         length_range=f"{min(lengths)}-{max(lengths)}",
@@ -222,7 +233,7 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
         "|---|---|",
         f"| window / stride | {config.window} / {config.stride} |",
         f"| compression ratios | {config.ratios} |",
-        f"| ratio sampling in training | `{info['ratio_mix']}` ({info['ratio_mix_help']}) |",
+        f"| ratio sampling in training | {info['ratio_sampling']} |",
         f"| placement / attention scope | {config.placement} / {config.attention_scope} "
         f"(attend_prev={config.attend_prev}) |",
         f"| sink size | {config.sink_size} |",
