@@ -21,7 +21,6 @@ from .config import BeaconConfig
 
 PathLike = Union[str, os.PathLike]
 EMBED_KEY = "model.beacon_embed_tokens.weight"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 COPY_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 

@@ -212,7 +212,7 @@ class ModelArguments:
         metadata={"help": "With --load_in_4bit: cast the parameters left unquantized (embeddings, norms, lm_head) "
                           "to fp32, as peft's `prepare_model_for_kbit_training` does. `false` keeps them in --dtype, "
                           "so the residual stream (the activations gradient checkpointing keeps) stays bf16: half "
-                          "the activation memory, and 2.1 GB less weights for Llama-3-8B."},
+                          "the activation memory and smaller weights (docs/training.md sizes both)."},
     )
     use_lora: bool = field(default=False, metadata={"help": "Also train a LoRA on the base (raw-token path)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})

@@ -64,11 +64,12 @@ def with_overrides(settings, **values):
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="short contexts, a few minutes on 2 CPU cores with SmolLM2-135M (default)")
+                      help="short contexts and few samples, sized for a CPU with SmolLM2-135M (default; times in "
+                      "docs/benchmarks.md)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="long contexts (up to 128K tokens) and more samples: meant for a GPU")
     mode.add_argument("--long", dest="mode", action="store_const", const="long",
-                      help="8K-32K tokens, one sample per cell: a trained adapter's figures on a CPU (~30 min)")
+                      help="8K-32K tokens, one sample per cell: a trained adapter's figures on a CPU")
     parser.set_defaults(mode="quick")
     parser.add_argument("--model", default=None,
                         help="transformers model folder with its tokenizer (default: offline SmolLM2-135M)")
