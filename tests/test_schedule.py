@@ -1,8 +1,8 @@
 """The bookkeeping alone (no model): chunk layouts, positions and masks against the official semantics.
 
-Interleave is compared tensor by tensor with the official per-step inputs stored in ../shared/reference
+Interleave is compared tensor by tensor with the official per-step inputs stored in tests/fixtures/reference
 (`step{i}.input_ids/position_ids/beacon_indices/attention_allowed`); the other modes against the numbers
-../shared/reference/MODES.md gives (append, step-expansion, window 32, ratio 8) and, where the official code
+tests/fixtures/reference/MODES.md gives (append, step-expansion, window 32, ratio 8) and, where the official code
 crashes (segmentation, stride < window), against the semantics documented in docs/semantics.md.
 """
 
