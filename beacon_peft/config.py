@@ -16,19 +16,22 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
 
 RatioMix = Literal["fixed", "step-random", "instance-random", "adapt"]
 Placement = Literal["interleave", "append"]
 AttentionScope = Literal["full-coverage", "step-expansion", "segmentation"]
+Projection = Literal["q", "k", "v", "o"]
+EmbedInit = Literal["eos", "bos"]
 
-RATIO_MIXES = ("fixed", "step-random", "instance-random", "adapt")
-PLACEMENTS = ("interleave", "append")
-SCOPES = ("full-coverage", "step-expansion", "segmentation")
-PROJECTIONS = ("q", "k", "v", "o")
-EMBED_INITS = ("eos", "bos")
+# the allowed values, derived from the types (one list per concept)
+RATIO_MIXES: tuple[str, ...] = get_args(RatioMix)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+SCOPES: tuple[str, ...] = get_args(AttentionScope)
+PROJECTIONS: tuple[str, ...] = get_args(Projection)
+EMBED_INITS: tuple[str, ...] = get_args(EmbedInit)
 
 
 class BeaconPeftType(str, enum.Enum):
@@ -100,17 +103,17 @@ class BeaconConfig(PeftConfig):
     window: int = field(default=1024, metadata={"help": "Raw tokens per window."})
     stride: Optional[int] = field(default=None, metadata={"help": "Window stride; defaults to `window`."})
     ratios: list[int] = field(default_factory=lambda: [8], metadata={"help": "Candidate compression ratios."})
-    ratio_mix: str = field(default="step-random", metadata={"help": f"One of {list(RATIO_MIXES)}."})
+    ratio_mix: RatioMix = field(default="step-random", metadata={"help": f"One of {list(RATIO_MIXES)}."})
     adapt_future_tokens: int = field(default=128, metadata={"help": "Future tokens assumed by ratio_mix='adapt'."})
     ratio_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the ratio generator."})
-    placement: str = field(default="interleave", metadata={"help": f"One of {list(PLACEMENTS)}."})
-    attention_scope: str = field(default="full-coverage", metadata={"help": f"One of {list(SCOPES)}."})
+    placement: Placement = field(default="interleave", metadata={"help": f"One of {list(PLACEMENTS)}."})
+    attention_scope: AttentionScope = field(default="full-coverage", metadata={"help": f"One of {list(SCOPES)}."})
     attend_prev: bool = field(default=True, metadata={"help": "Beacons see earlier beacons of their window."})
     sink_size: int = field(default=0, metadata={"help": "Uncompressed leading activations."})
-    beacon_projections: list[str] = field(
+    beacon_projections: list[Projection] = field(
         default_factory=lambda: ["q", "k", "v"], metadata={"help": "Subset of q, k, v, o with beacon copies."}
     )
-    embed_init: str = field(default="eos", metadata={"help": "Beacon embedding init: 'eos' or 'bos'."})
+    embed_init: EmbedInit = field(default="eos", metadata={"help": "Beacon embedding init: 'eos' or 'bos'."})
     beacon_rank: Optional[int] = field(
         default=None, metadata={"help": "None: full beacon copies; int: frozen base + trainable low-rank delta."}
     )
@@ -157,7 +160,7 @@ class BeaconConfig(PeftConfig):
             _check_int("ratio_seed", self.ratio_seed, 0)
         _check_choice("placement", self.placement, PLACEMENTS)
         _check_choice("attention_scope", self.attention_scope, SCOPES)
-        if self.placement == "interleave" and self.stride != self.window:
+        if self.interleaved and self.stride != self.window:
             raise ValueError(
                 f"stride={self.stride} != window={self.window} needs placement='append': interleaved beacons "
                 "cannot cover overlapping windows"
@@ -197,6 +200,22 @@ class BeaconConfig(PeftConfig):
             config.__dict__["_beacon_source"] = folder  # not a dataclass field: never saved
         return config
 
+    # --- predicates: the one place where the settings' strings are compared ---------------------------------
+    @property
+    def interleaved(self) -> bool:
+        """A beacon after every ``r`` raw tokens (placement ``"interleave"``); else ``stride / r`` appended."""
+        return self.placement == "interleave"
+
+    @property
+    def scoped(self) -> bool:
+        """Beacons see only part of their window (``"step-expansion"`` or ``"segmentation"``)."""
+        return self.attention_scope != "full-coverage"
+
+    @property
+    def segmented(self) -> bool:
+        """Beacon ``j`` sees raw tokens ``jr .. (j+1)r-1`` only (``"segmentation"``)."""
+        return self.attention_scope == "segmentation"
+
     @property
     def compresses(self) -> bool:
         """True when at least one candidate ratio actually compresses (ratio > 0)."""
@@ -206,4 +225,4 @@ class BeaconConfig(PeftConfig):
         """The official training rule: the first window's labels are blanked unless interleave + full-coverage."""
         if self.mask_first_window_loss is not None:
             return self.mask_first_window_loss
-        return not (self.placement == "interleave" and self.attention_scope == "full-coverage")
+        return not (self.interleaved and not self.scoped)

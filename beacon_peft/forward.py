@@ -1,11 +1,12 @@
 """The progressive-compression loop that replaces the decoder's forward while a beacon adapter is active.
 
 ``generate`` and ``PeftModel.forward`` both end up in the causal LM's own ``forward``, which calls its decoder
-(``model.model``). The tuner replaces that decoder's ``forward`` on the instance with `beacon_decoder_forward`:
-it cuts the input into window-bounded chunks (`schedule.Scheduler`), embeds raw tokens with the base
-embedding and beacon slots with the beacon embedding, runs the *unchanged* decoder stack once per chunk (the
-wrapped attention layers read the memory from ``beacon_ctx``), and returns the raw tokens' hidden states in
-input order with the memory as ``past_key_values``. The causal LM then applies ``lm_head`` and its usual
+(``model.model``). The tuner (`model.BeaconModel`) replaces that decoder's ``forward`` on the instance; on every
+call it resolves the active adapter into an `ActiveBeacon` and hands it to `beacon_decoder_forward` (or, with
+the adapter disabled, calls `base_decoder_forward`). The loop cuts the input into window-bounded chunks
+(`schedule.Scheduler`), embeds raw tokens with the base embedding and beacon slots with the beacon embedding,
+runs the *unchanged* decoder stack once per chunk (the wrapped attention layers read the memory from
+``beacon_ctx``), and returns the raw tokens' hidden states in input order with the memory as its cache. The causal LM then applies ``lm_head`` and its usual
 shifted loss, which is exactly the compression-based autoregressive loss of the paper.
 """
 
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -22,16 +24,23 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .compat import cache_kwarg, model_output, take_cache
-
+from .config import BeaconConfig
 from .layer import ChunkContext
 from .masks import build_mask
 from .memory import BeaconMemory
-from .schedule import Scheduler
-
-if TYPE_CHECKING:
-    from .model import BeaconModel
+from .schedule import RatioPicker, Scheduler, StepPlan
 
 PROGRESS_MIN_STEPS = 16  # show a progress bar for calls with at least this many windows
+
+
+@dataclass(frozen=True)
+class ActiveBeacon:
+    """What the window loop needs of the active adapter, resolved by the tuner for each call."""
+
+    name: str
+    config: BeaconConfig
+    picker: RatioPicker  # chooses each window's compression ratio
+    embedding: torch.Tensor  # (1, H) the beacon embedding
 
 
 def _columns(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[torch.Tensor]:
@@ -54,7 +63,18 @@ def _ensure_non_reentrant_checkpointing(decoder: torch.nn.Module) -> None:
                 module._gradient_checkpointing_func = partial(fn.func, **{**fn.keywords, "use_reentrant": False})
 
 
-def _check_inputs(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int, int]:
+def _check_inputs(decoder, input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int, int]:
+    """Every check of a call's inputs, before any work: returns (batch, length)."""
+    batch, length = _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs)
+    _check_kwargs(kwargs)
+    if input_ids is not None:
+        _check_ids(input_ids, decoder.get_input_embeddings())
+    else:
+        _check_embeds(inputs_embeds, decoder.config.hidden_size)
+    return batch, length
+
+
+def _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int, int]:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     x = input_ids if input_ids is not None else inputs_embeds
@@ -156,8 +176,17 @@ def _resolve_memory(cache, batch: int, signature: dict) -> BeaconMemory | None:
                     + (" (legacy tuple caches are not supported)" if isinstance(cache, (tuple, list)) else ""))
 
 
+def base_decoder_forward(original_forward: Callable, decoder: torch.nn.Module, *args,
+                         **kwargs) -> BaseModelOutputWithPast:
+    """The adapter is disabled: exactly the base decoder (a beacon memory cannot be continued by it)."""
+    cache = take_cache(kwargs)
+    if isinstance(cache, BeaconMemory):
+        raise ValueError("a BeaconMemory was passed while the beacon adapter is disabled")
+    return original_forward(*args, **{cache_kwarg(decoder): cache}, **kwargs)
+
+
 def beacon_decoder_forward(
-    tuner: "BeaconModel",
+    active: ActiveBeacon,
     original_forward: Callable,
     decoder: torch.nn.Module,
     input_ids: torch.LongTensor | None = None,
@@ -166,76 +195,68 @@ def beacon_decoder_forward(
     inputs_embeds: torch.Tensor | None = None,
     use_cache: bool | None = None,
     **kwargs,
-) -> BaseModelOutputWithPast:
+) -> tuple[BaseModelOutputWithPast, list[int]]:
+    """Progressive compression of one call: the decoder's output (raw tokens' hidden states in input order, the
+    memory as its cache) and the compression ratio of every window step of the call. ``position_ids`` are
+    ignored: positions are re-based onto the memory."""
     cache = take_cache(kwargs)  # `cache=` (transformers >= 5.24) or `past_key_values=` (earlier), never dropped
-    adapter = tuner.active_beacon_adapter()
-    if adapter is None:  # adapter disabled: exactly the base model
-        if isinstance(cache, BeaconMemory):
-            raise ValueError("a BeaconMemory was passed while the beacon adapter is disabled")
-        return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                **{cache_kwarg(decoder): cache}, **kwargs)
-    config = tuner.peft_config[adapter]
-    batch, length = _check_inputs(input_ids, inputs_embeds, attention_mask, kwargs)
-    _check_kwargs(kwargs)
+    batch, length = _check_inputs(decoder, input_ids, inputs_embeds, attention_mask, kwargs)
     kwargs.pop("output_attentions", None), kwargs.pop("output_hidden_states", None)
-    num_layers = decoder.config.num_hidden_layers
     device = (input_ids if input_ids is not None else inputs_embeds).device
-    if input_ids is not None:
-        _check_ids(input_ids, decoder.get_input_embeddings())
-    else:
-        _check_embeds(inputs_embeds, decoder.config.hidden_size)
-
-    signature = memory_signature(decoder, config)
+    signature = memory_signature(decoder, active.config)
     memory = _resolve_memory(cache, batch, signature)
-    if memory is None:
-        memory = BeaconMemory(num_layers, batch, decoder.rotary_emb, device, signature=signature)  # a fresh sequence
-
+    if memory is None:  # a fresh sequence
+        memory = BeaconMemory(decoder.config.num_hidden_layers, batch, decoder.rotary_emb, device, signature=signature)
     if decoder.training and torch.is_grad_enabled():
         _ensure_non_reentrant_checkpointing(decoder)
+
     state = memory.state.copy()  # committed only if the whole call succeeds
     steps_before = len(state.ratio_log)
     cols = _columns(attention_mask, batch, length)
     if not any(len(c) for c in cols):
         raise ValueError("attention_mask marks every position as padding: there is no token to read")
-    scheduler = Scheduler(config, state, cols, length, decoder.training, tuner.ratio_picker(adapter), device)
-    embed = decoder.get_input_embeddings()
-    beacon_embedding = tuner.beacon_embedding[adapter]  # (1, H)
-
-    cache_name = cache_kwarg(decoder)
+    scheduler = Scheduler(active.config, state, cols, length, decoder.training, active.picker, device)
+    decoder_kwargs = {**kwargs, cache_kwarg(decoder): None}  # no cache inside: the memory is in `beacon_ctx`
+    run = partial(_run_step, active, original_forward, decoder, input_ids, inputs_embeds, decoder_kwargs)
     pieces, destinations = [], []
     longest = max(len(c) for c in cols)
-    estimate = math.ceil(longest / config.stride) + 1
     with tqdm(total=longest, unit="tok", desc="beacon prefill", leave=False,
-              disable=True if estimate < PROGRESS_MIN_STEPS else None) as bar:
+              disable=True if math.ceil(longest / active.config.stride) + 1 < PROGRESS_MIN_STEPS else None) as bar:
         while (plan := scheduler.plan()) is not None:
-            if input_ids is not None:
-                embeds = embed(input_ids.gather(1, plan.input_cols))  # (B, L, H)
-            else:
-                index = plan.input_cols[:, :, None].expand(-1, -1, inputs_embeds.shape[-1])
-                embeds = inputs_embeds.gather(1, index)
-            if plan.has_beacons:
-                embeds = torch.where(plan.is_beacon[..., None], beacon_embedding.to(embeds.dtype), embeds)
-            mem_cos, mem_sin = decoder.rotary_emb(embeds, plan.mem_positions)
-            comp_cos = comp_sin = None
-            if plan.comp_new_positions is not None:
-                comp_cos, comp_sin = decoder.rotary_emb(embeds, plan.comp_new_positions)
-            ctx = ChunkContext(adapter, plan, list(state.layers), partial(build_mask, plan, config, embeds.dtype),
-                               mem_cos, mem_sin, comp_cos, comp_sin, [None] * num_layers)
-            out = original_forward(inputs_embeds=embeds, position_ids=plan.position_ids, attention_mask=None,
-                                   use_cache=False, beacon_ctx=ctx, **{cache_name: None}, **kwargs)
-            if any(layer is None for layer in ctx.new_layers):
-                missing = [i for i, layer in enumerate(ctx.new_layers) if layer is None]
-                raise RuntimeError(f"decoder layers {missing} bypassed the beacon attention (not wrapped?)")
-            state.layers = ctx.new_layers
-            hidden = out.last_hidden_state  # (B, L, H)
-            pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.out_src))
-            destinations.append(plan.out_dst)
-            bar.update(int(plan.valid.logical_and(~plan.is_beacon).sum(1).max()))
+            state.layers, hidden = run(plan, state.layers)  # hidden (B, L, H)
+            step = plan.inputs
+            pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, step.out_src))
+            destinations.append(step.out_dst)
+            bar.update(int(step.valid.logical_and(~step.is_beacon).sum(1).max()))
 
     source = torch.cat(pieces)  # (n_raw, H)
     hidden = source.new_zeros(batch * length, source.shape[-1]).index_copy(0, torch.cat(destinations), source)
     state.columns += length
     memory.state = state
-    tuner.ratio_picker(adapter).last_call = state.ratio_log[steps_before:]
-    return model_output(hidden.view(batch, length, -1), memory if use_cache is not False else None)
+    output = model_output(hidden.view(batch, length, -1), memory if use_cache is not False else None)
+    return output, state.ratio_log[steps_before:]
+
+
+def _run_step(active: ActiveBeacon, original_forward: Callable, decoder: torch.nn.Module, input_ids, inputs_embeds,
+              decoder_kwargs: dict, plan: StepPlan, layers: list) -> tuple[list, torch.Tensor]:
+    """One window step through the unchanged decoder stack: the layers' next memory and the hidden states
+    (B, L, H) of the step's entries."""
+    step = plan.inputs
+    if input_ids is not None:
+        embeds = decoder.get_input_embeddings()(input_ids.gather(1, step.input_cols))  # (B, L, H)
+    else:
+        index = step.input_cols[:, :, None].expand(-1, -1, inputs_embeds.shape[-1])
+        embeds = inputs_embeds.gather(1, index)
+    if step.has_beacons:
+        embeds = torch.where(step.is_beacon[..., None], active.embedding.to(embeds.dtype), embeds)
+    mem_rope = decoder.rotary_emb(embeds, step.mem_positions)  # (cos, sin) (B, S + R, D)
+    comp_rope = None if step.comp_positions is None else decoder.rotary_emb(embeds, step.comp_positions)
+    mask_fn = partial(build_mask, plan.mask, active.config, embeds.dtype)
+    num_layers = decoder.config.num_hidden_layers
+    ctx = ChunkContext(active.name, plan, list(layers), mask_fn, mem_rope, comp_rope, [None] * num_layers)
+    out = original_forward(inputs_embeds=embeds, position_ids=step.position_ids, attention_mask=None,
+                           use_cache=False, beacon_ctx=ctx, **decoder_kwargs)
+    if any(layer is None for layer in ctx.new_layers):
+        missing = [i for i, layer in enumerate(ctx.new_layers) if layer is None]
+        raise RuntimeError(f"decoder layers {missing} bypassed the beacon attention (not wrapped?)")
+    return ctx.new_layers, out.last_hidden_state

@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .config import BeaconConfig
 from .memory import LayerMemory
 from .rope import apply_rope
-from .schedule import StepPlan, select_entries
+from .schedule import StepPlan
 
 
 @dataclass
@@ -36,10 +36,9 @@ class ChunkContext:
     plan: StepPlan
     layers: list[Optional[LayerMemory]]
     mask_fn: Callable[[], torch.Tensor]  # builds the additive mask (B, 1, L, S + C + R + L), on first use
-    mem_cos: torch.Tensor  # (B, S + R, D) rotary tables of the pre-RoPE memory parts
-    mem_sin: torch.Tensor
-    comp_cos: Optional[torch.Tensor]  # (B, K, D) for entries entering the compressed memory
-    comp_sin: Optional[torch.Tensor]
+    mem_rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) (B, S + R, D) of the pre-RoPE memory parts
+    comp_rope: Optional[tuple[torch.Tensor, torch.Tensor]]  # (cos, sin) (B, K, D) of entries entering the
+    # compressed memory; None when no window completes
     new_layers: list[Optional[LayerMemory]]
     _mask: Optional[torch.Tensor] = None
 
@@ -48,11 +47,6 @@ class ChunkContext:
         if self._mask is None:
             self._mask = self.mask_fn()
         return self._mask
-
-    @property
-    def plain_causal(self) -> bool:
-        """No padding and full-coverage: a bottom-right causal mask (flash kernels can run it without a mask)."""
-        return self.plan.plain
 
 
 def _cat_nonempty(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -211,24 +205,24 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         """Base projection for raw tokens, beacon projection for beacon tokens. x: (B, L, in) -> (B, L, out)."""
         base = getattr(self.base_layer, f"{name}_proj")
         beacon = getattr(self, f"beacon_{name}")
-        plan = ctx.plan
-        if not plan.has_beacons or ctx.adapter not in beacon:
+        rows = ctx.plan.inputs.beacon_flat  # (n_beacons,) flat index of the beacon entries, None if none
+        if rows is None or ctx.adapter not in beacon:
             return base(x)
         beacon = beacon[ctx.adapter]
         B, L, _ = x.shape
         # the base projection over every entry (beacons are ~1/r of them), then the beacon rows overwritten:
         # cheaper than splitting the rows; the base projection's backward needs its input, not this output
         out = base(x).reshape(B * L, -1)
-        beacon_in = x.reshape(B * L, -1).index_select(0, plan.beacon_flat)
+        beacon_in = x.reshape(B * L, -1).index_select(0, rows)
         if isinstance(beacon, LowRankDelta):  # beacon rows: base projection (already computed) + delta
             delta = beacon(beacon_in).to(out.dtype)
             if torch.is_grad_enabled():
-                return out.index_add(0, plan.beacon_flat, delta).view(B, L, -1)
-            return out.index_add_(0, plan.beacon_flat, delta).view(B, L, -1)
+                return out.index_add(0, rows, delta).view(B, L, -1)
+            return out.index_add_(0, rows, delta).view(B, L, -1)
         beacon_out = beacon(beacon_in.to(beacon.weight.dtype)).to(out.dtype)
         if torch.is_grad_enabled():  # out-of-place: outputs of custom autograd Functions (bnb) cannot be modified
-            return out.index_copy(0, plan.beacon_flat, beacon_out).view(B, L, -1)
-        return out.index_copy_(0, plan.beacon_flat, beacon_out).view(B, L, -1)
+            return out.index_copy(0, rows, beacon_out).view(B, L, -1)
+        return out.index_copy_(0, rows, beacon_out).view(B, L, -1)
 
     def _beacon_forward(self, x: torch.Tensor, position_embeddings, ctx: ChunkContext):
         attn = self.base_layer
@@ -247,16 +241,17 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
 
         mem = ctx.layers[self.layer_idx] or LayerMemory.empty_like(k, v)
         S = mem.sink_k.shape[2]
+        mem_cos, mem_sin = ctx.mem_rope
         mem_k = _cat_nonempty((
-            apply_rope(mem.sink_k, ctx.mem_cos[:, :S], ctx.mem_sin[:, :S]),
+            apply_rope(mem.sink_k, mem_cos[:, :S], mem_sin[:, :S]),
             mem.comp_k,
-            apply_rope(mem.raw_k, ctx.mem_cos[:, S:], ctx.mem_sin[:, S:]),
+            apply_rope(mem.raw_k, mem_cos[:, S:], mem_sin[:, S:]),
         ))  # (B, Hkv, S + C + R, D) after RoPE
         mem_v = _cat_nonempty((mem.sink_v, mem.comp_v, mem.raw_v))
 
         out = self._attend(q_rot, mem_k, mem_v, k_rot, v, ctx)  # (B, L, Hq, D)
         out = self._project("o", out.reshape(B, L, -1), ctx)
-        ctx.new_layers[self.layer_idx] = self._next_memory(mem, k, v, ctx)
+        ctx.new_layers[self.layer_idx] = ctx.plan.update.apply(mem, k, v, ctx.comp_rope)  # memory.MemoryUpdate
         return out, None
 
     def _attend(self, q, mem_k, mem_v, k, v, ctx: ChunkContext) -> torch.Tensor:
@@ -264,34 +259,14 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         attn = self.base_layer
         impl = attn.config._attn_implementation
         dropout = attn.attention_dropout if self.training else 0.0
-        fast = impl == "sdpa" and ctx.plain_causal and q.device.type == "cpu" and not torch.is_grad_enabled()
+        fast = impl == "sdpa" and ctx.plan.mask.plain and q.device.type == "cpu" and not torch.is_grad_enabled()
         if fast and dropout == 0.0:
             return split_causal_attention(q, mem_k, mem_v, k, v, attn.scaling)
         keys, values = torch.cat((mem_k, k), dim=2), torch.cat((mem_v, v), dim=2)  # (B, Hkv, M + L, D)
-        if impl.startswith("flash") and ctx.plain_causal:  # flash kernels align the causal mask bottom-right
+        if impl.startswith("flash") and ctx.plan.mask.plain:  # flash kernels align the causal mask bottom-right
             fn = ALL_ATTENTION_FUNCTIONS[impl]
             return fn(attn, q, keys, values, None, dropout=dropout, scaling=attn.scaling, is_causal=True)[0]
         if impl == "eager" or impl.startswith("flash") or impl not in ALL_ATTENTION_FUNCTIONS:
             return eager_attention(attn, q, keys, values, ctx.mask, attn.scaling, dropout)[0]
         fn = ALL_ATTENTION_FUNCTIONS[impl]
         return fn(attn, q, keys, values, ctx.mask, dropout=dropout, scaling=attn.scaling, is_causal=False)[0]
-
-    @staticmethod
-    def _next_memory(mem: LayerMemory, k: torch.Tensor, v: torch.Tensor, ctx: ChunkContext) -> LayerMemory:
-        """The memory after this chunk; k is the chunk's keys before RoPE. Shapes (B, Hkv, T, D)."""
-        plan = ctx.plan
-        comp_k, comp_v = mem.comp_k, mem.comp_v
-        if plan.comp_new_index is not None:
-            new_k = select_entries(mem.raw_k, k, plan.comp_new_index)  # (B, Hkv, K, D) before RoPE
-            new_v = select_entries(mem.raw_v, v, plan.comp_new_index)
-            new_k = apply_rope(new_k, ctx.comp_cos, ctx.comp_sin)  # rotated once, at the position it keeps
-            comp_k = select_entries(comp_k, new_k, plan.comp_index)
-            comp_v = select_entries(comp_v, new_v, plan.comp_index)
-        return LayerMemory(
-            sink_k=select_entries(mem.sink_k, k, plan.sink_index),
-            sink_v=select_entries(mem.sink_v, v, plan.sink_index),
-            comp_k=comp_k,
-            comp_v=comp_v,
-            raw_k=select_entries(mem.raw_k, k, plan.raw_index),
-            raw_v=select_entries(mem.raw_v, v, plan.raw_index),
-        )

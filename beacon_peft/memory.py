@@ -14,18 +14,22 @@ batch keep their own lengths, so left-padded rows are scheduled over their own t
 The object is a `transformers.Cache`, so ``generate`` carries it from step to step; every call that is not
 handed one starts from an empty memory. A call works on a copy of the bookkeeping and commits it only when it
 succeeds, so a failing call leaves a memory passed in untouched.
+
+This file holds the memory's layout and its transitions: `MemoryUpdate` (planned once per step by
+`schedule.Scheduler`) is applied by every layer to its `LayerMemory` and the step's keys/values.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from transformers.cache_utils import Cache
 
-from .rope import unapply_rope
+from .rope import apply_rope, unapply_rope
 
 PARTS = ("sink", "comp", "raw")
 
@@ -49,6 +53,69 @@ class LayerMemory:
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.sink_k, self.sink_v, self.comp_k, self.comp_v, self.raw_k, self.raw_v)
+
+
+class Take(enum.Enum):
+    """How a memory part is rebuilt from ``cat(old part, step entries)`` when every row does the same thing."""
+
+    KEEP = "keep"  # the old part, unchanged
+    CAT = "cat"  # the old part followed by every step entry
+    EMPTY = "empty"  # nothing
+
+
+Selection = Union[Take, torch.Tensor]  # a `Take`, or a (B, T) gather index into cat(old part, step entries)
+
+
+def select_entries(a: torch.Tensor, b: torch.Tensor, how: Selection, dim: int = 2) -> torch.Tensor:
+    """Entries of ``cat(a, b)`` along ``dim`` as ``how`` says. K/V (B, H, T, D) with ``dim=2``; per-row
+    metadata (B, T) with ``dim=1``. Always out of place: a memory tensor is never written."""
+    if how is Take.KEEP:
+        return a
+    if how is Take.CAT:
+        return torch.cat((a, b), dim=dim)
+    if how is Take.EMPTY:
+        return a.narrow(dim, 0, 0)
+    src = torch.cat((a, b), dim=dim)
+    if dim == 1:  # metadata (B, T)
+        return src.gather(1, how)
+    index = how[:, None, :, None].expand(src.shape[0], src.shape[1], how.shape[1], src.shape[3])
+    return src.gather(2, index)  # (B, H, T, D)
+
+
+@dataclass(frozen=True)
+class MemoryUpdate:
+    """The memory transition of one step, the same for every layer (planned by `schedule.Scheduler`).
+
+    ``sink``/``raw`` select the new sink and raw cache out of ``cat(old part, step entries)``. When a window
+    completes, ``comp_new`` picks the entries of ``cat(raw cache, step entries)`` that enter the compressed
+    memory (its beacons, or with ratio 0 its leaving raw tokens); they are rotated once to the positions they keep
+    and ``comp`` compacts ``cat(compressed, new)``.
+    """
+
+    sink: Selection
+    raw: Selection
+    comp_new: Optional[torch.Tensor] = None  # (B, K) gather index; None: no window completes in this step
+    comp: Selection = Take.KEEP
+
+    def apply(self, mem: "LayerMemory", k: torch.Tensor, v: torch.Tensor,
+              comp_rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> "LayerMemory":
+        """The layer's memory after the step. ``k``/``v`` (B, Hkv, L, D): the step's keys (before RoPE) and values;
+        ``comp_rope``: the (cos, sin) tables (B, K, D) of the positions the new compressed entries keep."""
+        comp_k, comp_v = mem.comp_k, mem.comp_v
+        if self.comp_new is not None:
+            new_k = select_entries(mem.raw_k, k, self.comp_new)  # (B, Hkv, K, D) before RoPE
+            new_v = select_entries(mem.raw_v, v, self.comp_new)
+            new_k = apply_rope(new_k, *comp_rope)  # rotated once, at the position it keeps
+            comp_k = select_entries(comp_k, new_k, self.comp)
+            comp_v = select_entries(comp_v, new_v, self.comp)
+        return LayerMemory(
+            sink_k=select_entries(mem.sink_k, k, self.sink),
+            sink_v=select_entries(mem.sink_v, v, self.sink),
+            comp_k=comp_k,
+            comp_v=comp_v,
+            raw_k=select_entries(mem.raw_k, k, self.raw),
+            raw_v=select_entries(mem.raw_v, v, self.raw),
+        )
 
 
 @dataclass
@@ -105,7 +172,7 @@ class BeaconMemory(Cache):
         super().__init__(layers=[])
         self.num_layers = num_layers
         self.signature = dict(signature or {})  # model layout and adapter settings it was made with
-        self.rows = batch_size
+        self._batch_size = batch_size
         self._rope = rope  # positions (B, T) -> (cos, sin) of the base model's rotary embedding
         empty_bool = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
         self.state = MemoryState(
@@ -117,7 +184,7 @@ class BeaconMemory(Cache):
 
     @property
     def batch_size(self) -> int:
-        return self.rows
+        return self._batch_size
 
     # --- reading -------------------------------------------------------------------------------------------
     def _check_index(self, name: str, value, count: int) -> None:
@@ -218,7 +285,7 @@ class BeaconMemory(Cache):
         ]
         st.raw_is_beacon = st.raw_is_beacon.index_select(0, index.to(st.raw_is_beacon.device))
         st.raw_local = st.raw_local.index_select(0, index.to(st.raw_local.device))
-        self.rows = len(idx)
+        self._batch_size = len(idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -235,11 +302,11 @@ class BeaconMemory(Cache):
 
         Cheap: the K/V tensors are shared, only the bookkeeping (`MemoryState`: row counters, logs) is copied.
         Sharing is safe because nothing ever writes into a memory tensor: every step builds the next memory out of
-        place (``torch.cat``/``gather`` in `schedule.select_entries`, RoPE applied out of place) and a call assigns
+        place (``torch.cat``/``gather`` in `select_entries`, RoPE applied out of place) and a call assigns
         its new state to the memory it continued. Continuing the fork (``model(..., past_key_values=fork)``,
         ``generate``) therefore never changes this memory, nor this memory the fork.
         """
-        fork = BeaconMemory(self.num_layers, self.rows, self._rope, signature=self.signature)
+        fork = BeaconMemory(self.num_layers, self._batch_size, self._rope, signature=self.signature)
         fork.state = self.state.copy()
         return fork
 

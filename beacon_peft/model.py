@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint import check_adapter_weights
 from .compat import CACHE_NAMES
 from .config import BeaconConfig
-from .forward import beacon_decoder_forward
+from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward
 from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
 from .schedule import RatioPicker
@@ -59,6 +59,17 @@ class _Sealing:
         return self.original(*args, **kwargs)
 
 
+def _decoder_forward(tuner: "BeaconModel", original, decoder: nn.Module, *args, **kwargs):
+    """The decoder's ``forward`` while the tuner is attached: the base decoder when the adapter is disabled, else
+    the window loop with the active adapter resolved (its ratios are recorded for `ratios_last_call`)."""
+    active = tuner.active_beacon()
+    if active is None:
+        return base_decoder_forward(original, decoder, *args, **kwargs)
+    output, ratios = beacon_decoder_forward(active, _Sealing(original), decoder, *args, **kwargs)
+    tuner._last_ratios[active.name] = ratios
+    return output
+
+
 def _open_context(module, args, kwargs):
     """Forward pre-hook of a `BeaconAttention`: hand it the `ChunkContext` itself."""
     if isinstance(kwargs.get("beacon_ctx"), SealedContext):
@@ -87,7 +98,7 @@ class BeaconModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         # set before BaseTuner.__init__, which injects (and reaches `inject_adapter`) right away
-        self.__dict__.update(_pickers={}, _patched_decoder=None, _enabled=True)
+        self.__dict__.update(_pickers={}, _last_ratios={}, _patched_decoder=None, _enabled=True)
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # --- injection ---------------------------------------------------------------------------------------
@@ -168,6 +179,7 @@ class BeaconModel(BaseTuner):
             if not snapshot["embedding_dict"]:
                 del self.beacon_embedding
         self._pickers.pop(adapter_name, None)
+        self._last_ratios.pop(adapter_name, None)
         for param, flag in snapshot["requires_grad"]:
             param.requires_grad_(flag)
         self.targeted_module_names[:] = snapshot["targeted"]
@@ -220,7 +232,7 @@ class BeaconModel(BaseTuner):
             return
         original = decoder.forward  # bound method (or a hook wrapper set on the instance)
         decoder.__dict__["_beacon_original_forward"] = original
-        decoder.forward = partial(beacon_decoder_forward, self, _Sealing(original), decoder)
+        decoder.forward = partial(_decoder_forward, self, original, decoder)
         self.__dict__["_patched_decoder"] = decoder
 
     def _unpatch_decoder(self) -> None:
@@ -243,12 +255,19 @@ class BeaconModel(BaseTuner):
             raise ValueError(f"only one beacon adapter can be active at a time, got {self.active_adapters}")
         return self.active_adapters[0]
 
+    def active_beacon(self) -> Optional[ActiveBeacon]:
+        """The active adapter resolved for the window loop, or None when adapters are disabled."""
+        name = self.active_beacon_adapter()
+        if name is None:
+            return None
+        return ActiveBeacon(name, self.peft_config[name], self._pickers[name], self.beacon_embedding[name])
+
     def ratio_picker(self, adapter_name: str) -> RatioPicker:
         return self._pickers[adapter_name]
 
     def ratios_last_call(self, adapter_name: Optional[str] = None) -> list[int]:
         """Compression ratio of every window step of the most recent forward call (training included)."""
-        return list(self._pickers[adapter_name or self.active_adapters[0]].last_call)
+        return list(self._last_ratios.get(adapter_name or self.active_adapters[0], []))
 
     def set_compression_ratio(self, ratio: Optional[int], adapter_name: Optional[str] = None) -> None:
         """Force every window to ``ratio`` (an entry of ``config.ratios``), or restore ``ratio_mix`` with None."""
@@ -291,6 +310,7 @@ class BeaconModel(BaseTuner):
         super().delete_adapter(adapter_name)
         del self.beacon_embedding[adapter_name]
         self._pickers.pop(adapter_name, None)
+        self._last_ratios.pop(adapter_name, None)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names=None):

@@ -3,12 +3,17 @@ positions everything gets, and what the memory keeps afterwards. No `nn.Module` 
 
 A *chunk* is the not-yet-processed raw tokens of a row's open window that this call supplies, so one forward
 pass never crosses a window boundary. Every row of a batch is scheduled over its own tokens (left or right
-padding is skipped), and the rows of a step are padded to a common length. All index lists are built once per
-step and shared by every layer.
+padding is skipped), and the rows of a step are padded to a common length. A step's plan is built once and
+shared by every layer; it is split by who reads it:
+
+* `StepInputs`, read by the window loop (`forward.py`): what to embed, at which positions, where outputs go;
+* `StepMask`, read by `masks.build_mask` and the attention: the widths, lengths and window indices of the keys;
+* `memory.MemoryUpdate`, applied by every layer: what the memory keeps afterwards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -16,13 +21,11 @@ from typing import Callable, Optional
 import torch
 
 from .config import BeaconConfig
-from .memory import MemoryState
-
-Index = Optional[torch.Tensor]  # (B, T) gather index into cat(a, b) along the sequence; see `select_entries`
-KEEP, CAT, EMPTY = "keep", "cat", "empty"
+from .memory import MemoryState, MemoryUpdate, RowState, Take
 
 
 def _pad_lists(lists: list[list[int]], device) -> torch.Tensor:
+    """Right-padded (B, T) long tensor of per-row index lists (padding 0)."""
     width = max((len(x) for x in lists), default=0)
     out = torch.zeros(len(lists), width, dtype=torch.long)
     for b, x in enumerate(lists):
@@ -50,52 +53,63 @@ class RowChunk:
 
 
 @dataclass
-class StepPlan:
-    """Everything one forward step needs, as tensors on the model's device. Shapes: B rows, L chunk entries."""
+class RowUpdate:
+    """What one row's memory keeps after a step, as index lists (the batch's are padded into a `MemoryUpdate`)."""
+
+    sink: list[int]  # entries of cat(sink, chunk) kept as the sink
+    raw: list[int]  # entries of cat(raw cache, chunk) kept as the raw cache
+    comp_new: list[int]  # entries of cat(raw cache, chunk) entering the compressed memory
+    comp_new_positions: list[int]  # the positions they are rotated to
+    comp: list[int]  # entries of cat(compressed, new) kept as the compressed memory
+    raw_is_beacon: list[bool]  # raw-cache metadata after the step
+    raw_local: list[int]
+    sink_changed: bool = False
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What the window loop embeds and runs for one step. Shapes: B rows, L chunk entries, N input columns."""
 
     input_cols: torch.Tensor  # (B, L) input column of raw entries (0 elsewhere)
     is_beacon: torch.Tensor  # (B, L) bool
     valid: torch.Tensor  # (B, L) bool: a real entry (not padding)
     position_ids: torch.Tensor  # (B, L)
-    local: torch.Tensor  # (B, L) window-local index of each entry
+    mem_positions: torch.Tensor  # (B, S + R) positions of the pre-RoPE memory parts (sink, raw cache)
+    comp_positions: Optional[torch.Tensor]  # (B, K) positions of entries entering the compressed memory
+    out_dst: torch.Tensor  # (n_raw,) flat index into (B * N) of each raw entry's input column
+    out_src: torch.Tensor  # (n_raw,) flat index into (B * L) of that raw entry
+    beacon_flat: Optional[torch.Tensor]  # (n_beacons,) flat index into (B * L) of beacon entries; None: no beacon
+
+    @property
+    def has_beacons(self) -> bool:
+        return self.beacon_flat is not None
+
+
+@dataclass(frozen=True)
+class StepMask:
+    """What the attention mask of a step is built from (`masks.build_mask`). Shapes: B rows, L chunk entries."""
+
+    valid: torch.Tensor  # (B, L) bool
+    is_beacon: torch.Tensor  # (B, L) bool
+    local: torch.Tensor  # (B, L) window-local index of each entry (raw token i or beacon j)
     ratio: torch.Tensor  # (B,) ratio of each row's window (0: none)
-    sink_len: torch.Tensor  # (B,) memory lengths before the step
+    sink_len: torch.Tensor  # (B,) memory part lengths before the step
     comp_len: torch.Tensor
     raw_len: torch.Tensor
-    mem_positions: torch.Tensor  # (B, S + R) positions of the pre-RoPE memory parts (sink, raw cache)
     widths: tuple[int, int, int]  # padded widths (S, C, R) of the memory parts before the step
     mem_raw_is_beacon: torch.Tensor  # (B, R) raw-cache metadata before the step
     mem_raw_local: torch.Tensor
-    out_dst: torch.Tensor  # (n_raw,) flat index into (B * N) of each raw entry's input column
-    out_src: torch.Tensor  # (n_raw,) flat index into (B * L) of that raw entry
-    has_beacons: bool
     scoped: bool  # beacons in this step see only part of their window (step-expansion / segmentation)
     plain: bool  # no padding anywhere and not scoped: the mask is plain bottom-right causal
-    beacon_flat: Optional[torch.Tensor]  # (n_beacons,) flat index into (B * L) of beacon entries
-    # memory update, applied identically by every layer (see `select_entries`)
-    sink_index: object
-    raw_index: object
-    comp_new_index: object  # entries of cat(raw, chunk) that enter the compressed memory (pre-RoPE)
-    comp_new_positions: Optional[torch.Tensor]  # (B, K) positions they are rotated to
-    comp_index: object  # how cat(comp, new) is compacted
-    raw_meta_is_beacon: torch.Tensor  # (B, R') raw-cache metadata after the step
-    raw_meta_local: torch.Tensor
 
 
-def select_entries(a: torch.Tensor, b: torch.Tensor, how, dim: int = 2) -> torch.Tensor:
-    """Take entries of ``cat(a, b)`` along ``dim`` as told by ``how``: keep ``a``, ``cat``, ``empty``, or a gather
-    index ``(B, T)`` into the concatenation."""
-    if isinstance(how, str):
-        if how == KEEP:
-            return a
-        if how == CAT:
-            return torch.cat((a, b), dim=dim)
-        return a.narrow(dim, 0, 0)
-    src = torch.cat((a, b), dim=dim)
-    if dim == 1:  # metadata (B, T)
-        return src.gather(1, how)
-    index = how[:, None, :, None].expand(src.shape[0], src.shape[1], how.shape[1], src.shape[3])
-    return src.gather(2, index)  # (B, H, T, D)
+@dataclass(frozen=True)
+class StepPlan:
+    """One forward step: its inputs (window loop), its mask (attention) and its memory update (every layer)."""
+
+    inputs: StepInputs
+    mask: StepMask
+    update: MemoryUpdate
 
 
 class RatioPicker:
@@ -106,7 +120,6 @@ class RatioPicker:
         self.max_positions = max_positions
         self.rng = random.Random(config.ratio_seed) if config.ratio_seed is not None else random
         self.override: Optional[int] = None
-        self.last_call: list[int] = []  # ratio of every window step of the most recent forward call
 
     def _adapt(self, sequence_length: int) -> int:
         cfg = self.config
@@ -154,47 +167,11 @@ class Scheduler:
     def done(self) -> bool:
         return all(p >= len(c) for p, c in zip(self.ptr, self.cols))
 
-    # --- per-row layout -----------------------------------------------------------------------------------
-    def _row_chunk(self, b: int, ratio_for_step: Callable[[], int]) -> RowChunk:
-        cfg, row = self.cfg, self.state.rows[b]
-        avail = len(self.cols[b]) - self.ptr[b]
-        if avail <= 0:
-            return RowChunk()
-        n = min(cfg.window - row.win_raw, avail)
-        no_beacons = self.training and n == avail  # official: the final window of a training call gets none
-        complete = row.win_raw + n == cfg.window and not no_beacons
-        wants_beacons = not no_beacons and (cfg.placement == "interleave" or complete)
-        if wants_beacons and row.ratio is None:
-            row.ratio = ratio_for_step()
-        r = row.ratio if wants_beacons else 0
-        chunk = RowChunk(n=n, ratio=r or 0, complete=complete)
-        i = torch.arange(n)
-        if not r:
-            chunk.raw_entries = i
-            return chunk
-        if cfg.placement == "interleave":
-            nb = (row.rem + n) // r
-            chunk.raw_entries = i + (row.rem + i) // r
-            j = torch.arange(nb)
-            chunk.beacon_entries = (j + 1) * r - row.rem - 1 + j + 1
-            chunk.beacon_local = j + (row.win_raw - row.rem) // r
-        else:
-            nb = cfg.stride // r
-            chunk.raw_entries = i
-            chunk.beacon_entries = n + torch.arange(nb)
-            chunk.beacon_local = torch.arange(nb)
-            if cfg.attention_scope != "full-coverage":
-                start = row.sink + row.comp  # position of the window's first raw token
-                step = r + 1 if cfg.attend_prev else r
-                chunk.beacon_positions = start + (chunk.beacon_local + 1) * step - (1 if cfg.attend_prev else 0)
-        chunk.beacons = nb
-        return chunk
-
-    # --- one step -----------------------------------------------------------------------------------------
     def plan(self) -> Optional[StepPlan]:
+        """The next step's plan (and the bookkeeping advanced past it), or None when every row is consumed."""
         if self.done():
             return None
-        cfg, st = self.cfg, self.state
+        st = self.state
         drawn: list[int] = []
 
         def ratio_for_step() -> int:  # one draw per step, shared by the rows that start a window in it
@@ -205,28 +182,108 @@ class Scheduler:
 
         chunks = [self._row_chunk(b, ratio_for_step) for b in range(len(st.rows))]
         st.step_log.append([(c.length, r.sink + r.comp + r.raw, c.beacons) for c, r in zip(chunks, st.rows)])
-        B, L = len(chunks), max(c.length for c in chunks)
-        S = max(r.sink for r in st.rows)
-        C = max(r.comp for r in st.rows)
-        R = max(r.raw for r in st.rows)
-        raw_is_beacon = st.raw_is_beacon.cpu()
-        raw_local = st.raw_local.cpu()
+        widths = (max(r.sink for r in st.rows), max(r.comp for r in st.rows), max(r.raw for r in st.rows))
+        inputs, is_beacon, local = self._inputs(chunks, widths)
+        mem_kinds, mem_locs = st.raw_is_beacon.cpu().tolist(), st.raw_local.cpu().tolist()
+        chunk_kinds, chunk_locs = is_beacon.tolist(), local.tolist()
+        updates = [
+            self._row_update(row, ch, mem_kinds[b][: row.raw] + chunk_kinds[b][: ch.length],
+                             mem_locs[b][: row.raw] + chunk_locs[b][: ch.length], widths)
+            for b, (row, ch) in enumerate(zip(st.rows, chunks))
+        ]
+        update, comp_positions = self._update(chunks, updates, widths)
+        plan = StepPlan(inputs=dataclasses.replace(inputs, comp_positions=comp_positions),
+                        mask=self._mask(chunks, inputs, local, widths), update=update)
+        self._advance(chunks, updates)
+        st.raw_is_beacon = _pad_lists([[int(x) for x in u.raw_is_beacon] for u in updates], self.device).bool()
+        st.raw_local = _pad_lists([u.raw_local for u in updates], self.device)
+        return plan
 
+    # --- one row ------------------------------------------------------------------------------------------
+    def _row_chunk(self, b: int, ratio_for_step: Callable[[], int]) -> RowChunk:
+        """Row b's chunk: its raw tokens up to the window's end and where its beacons go."""
+        cfg, row = self.cfg, self.state.rows[b]
+        avail = len(self.cols[b]) - self.ptr[b]
+        if avail <= 0:
+            return RowChunk()
+        n = min(cfg.window - row.win_raw, avail)
+        no_beacons = self.training and n == avail  # official: the final window of a training call gets none
+        complete = row.win_raw + n == cfg.window and not no_beacons
+        wants_beacons = not no_beacons and (cfg.interleaved or complete)
+        if wants_beacons and row.ratio is None:
+            row.ratio = ratio_for_step()
+        r = row.ratio if wants_beacons else 0
+        chunk = RowChunk(n=n, ratio=r or 0, complete=complete)
+        i = torch.arange(n)
+        if not r:
+            chunk.raw_entries = i
+            return chunk
+        if cfg.interleaved:
+            nb = (row.rem + n) // r
+            chunk.raw_entries = i + (row.rem + i) // r
+            j = torch.arange(nb)
+            chunk.beacon_entries = (j + 1) * r - row.rem - 1 + j + 1
+            chunk.beacon_local = j + (row.win_raw - row.rem) // r
+        else:
+            nb = cfg.stride // r
+            chunk.raw_entries = i
+            chunk.beacon_entries = n + torch.arange(nb)
+            chunk.beacon_local = torch.arange(nb)
+            if cfg.scoped:
+                start = row.sink + row.comp  # position of the window's first raw token
+                step = r + 1 if cfg.attend_prev else r
+                chunk.beacon_positions = start + (chunk.beacon_local + 1) * step - (1 if cfg.attend_prev else 0)
+        chunk.beacons = nb
+        return chunk
+
+    def _row_update(self, row: RowState, ch: RowChunk, kinds: list[bool], locs: list[int],
+                    widths: tuple[int, int, int]) -> RowUpdate:
+        """What row's memory keeps after its chunk. ``kinds``/``locs``: is-beacon flag and window-local index of
+        every entry of cat(raw cache, chunk), in window order."""
+        cfg = self.cfg
+        S, C, R = widths
+        if cfg.sink_size and ch.length and row.comp == 0:
+            # while nothing is compressed yet, the sink is the first entries of every chunk (official semantics)
+            sink_len, sink_changed = min(cfg.sink_size, ch.length), True
+            sink = list(range(S, S + sink_len))
+        else:
+            sink_len, sink, sink_changed = row.sink, list(range(row.sink)), False
+        entries = list(range(row.raw)) + [R + e for e in range(ch.length)]  # into cat(raw cache, chunk)
+        if not ch.complete:
+            return RowUpdate(sink=sink, raw=entries, comp_new=[], comp_new_positions=[], comp=list(range(row.comp)),
+                             raw_is_beacon=kinds, raw_local=locs, sink_changed=sink_changed)
+        raw_ids = [k for k, beacon in enumerate(kinds) if not beacon]
+        overlap = raw_ids[cfg.stride :]  # the first `stride` raw tokens leave the window, the rest stay
+        # the window's beacons enter the compressed memory; with compression off, its leaving raw tokens do
+        moved = [k for k, beacon in enumerate(kinds) if beacon] if ch.ratio else raw_ids[: cfg.stride]
+        start = sink_len + row.comp
+        return RowUpdate(
+            sink=sink,
+            raw=[entries[k] for k in overlap],
+            comp_new=[entries[k] for k in moved],
+            comp_new_positions=list(range(start, start + len(moved))),
+            comp=list(range(row.comp)) + [C + k for k in range(len(moved))],
+            raw_is_beacon=[False] * len(overlap),
+            raw_local=[locs[k] - cfg.stride for k in overlap],
+            sink_changed=sink_changed,
+        )
+
+    # --- the batch ----------------------------------------------------------------------------------------
+    def _inputs(self, chunks: list[RowChunk],
+                widths: tuple[int, int, int]) -> tuple[StepInputs, torch.Tensor, torch.Tensor]:
+        """The step's inputs, with the is-beacon flag and window-local index (B, L) of every entry on the CPU."""
+        st, device = self.state, self.device
+        B, L = len(chunks), max(c.length for c in chunks)
+        S, _, R = widths
         input_cols = torch.zeros(B, L, dtype=torch.long)
         is_beacon = torch.zeros(B, L, dtype=torch.bool)
         valid = torch.zeros(B, L, dtype=torch.bool)
         position_ids = torch.zeros(B, L, dtype=torch.long)
         local = torch.zeros(B, L, dtype=torch.long)
-        out_dst, out_src = [], []
-        sink_lists, raw_lists, comp_new_lists, comp_lists = [], [], [], []
-        new_raw_beacon, new_raw_local, comp_new_pos = [], [], []
-        sink_changes = raw_changes = comp_changes = False
-
+        out_dst, out_src, comp_positions = [], [], []
         for b, (row, ch) in enumerate(zip(st.rows, chunks)):
-            mem_len = row.sink + row.comp + row.raw
-            Lb = ch.length
-            valid[b, :Lb] = True
-            position_ids[b, :Lb] = mem_len + torch.arange(Lb)
+            valid[b, : ch.length] = True
+            position_ids[b, : ch.length] = row.sink + row.comp + row.raw + torch.arange(ch.length)
             if ch.n:
                 cols = self.cols[b][self.ptr[b] : self.ptr[b] + ch.n]
                 input_cols[b, ch.raw_entries] = cols
@@ -238,116 +295,94 @@ class Scheduler:
                 local[b, ch.beacon_entries] = ch.beacon_local
                 if ch.beacon_positions is not None:
                     position_ids[b, ch.beacon_entries] = ch.beacon_positions
-
-            # sink: while nothing is compressed yet, the first entries of every chunk (official semantics)
-            new_sink = row.sink
-            if cfg.sink_size and Lb and row.comp == 0:
-                new_sink = min(cfg.sink_size, Lb)
-                sink_lists.append(list(range(S, S + new_sink)))
-                sink_changes = True
-            else:
-                sink_lists.append(list(range(row.sink)))
-
-            # entries of cat(raw cache, chunk) in window order, with their kind and window-local index
-            chunk_kinds = is_beacon[b, :Lb].tolist()
-            chunk_local = local[b, :Lb].tolist()
-            entries = list(range(row.raw)) + [R + e for e in range(Lb)]
-            kinds = raw_is_beacon[b, : row.raw].tolist() + chunk_kinds
-            locs = raw_local[b, : row.raw].tolist() + chunk_local
-            if ch.complete:
-                raw_ids = [k for k, beacon in enumerate(kinds) if not beacon]
-                leaving = raw_ids[: cfg.stride]  # the first `stride` raw tokens leave the window
-                overlap = raw_ids[cfg.stride :]
-                if ch.ratio:
-                    moved = [k for k, beacon in enumerate(kinds) if beacon]
-                else:  # compression off: the leaving raw activations themselves are kept
-                    moved = leaving
-                comp_new_lists.append([entries[k] for k in moved])
-                comp_new_pos.append(list(range(new_sink + row.comp, new_sink + row.comp + len(moved))))
-                comp_lists.append(list(range(row.comp)) + [C + k for k in range(len(moved))])
-                raw_lists.append([entries[k] for k in overlap])
-                new_raw_beacon.append([False] * len(overlap))
-                new_raw_local.append([locs[k] - cfg.stride for k in overlap])
-                comp_changes = True
-                raw_changes = True
-            else:
-                comp_new_lists.append([])
-                comp_new_pos.append([])
-                comp_lists.append(list(range(row.comp)))
-                raw_lists.append(entries)
-                new_raw_beacon.append(kinds)
-                new_raw_local.append(locs)
-                raw_changes = raw_changes or Lb > 0
-
+        mem_positions = torch.cat(
+            (torch.arange(S).expand(B, S), torch.tensor([[r.sink + r.comp] for r in st.rows]) + torch.arange(R)), dim=1
+        )  # (B, S + R)
         has_beacons = bool(is_beacon.any())
-        scoped = cfg.attention_scope != "full-coverage" and has_beacons
-        plan = StepPlan(
-            input_cols=input_cols.to(self.device),
-            is_beacon=is_beacon.to(self.device),
-            valid=valid.to(self.device),
-            position_ids=position_ids.to(self.device),
-            local=local.to(self.device),
-            ratio=torch.tensor([c.ratio for c in chunks], device=self.device),
-            sink_len=torch.tensor([r.sink for r in st.rows], device=self.device),
-            comp_len=torch.tensor([r.comp for r in st.rows], device=self.device),
-            raw_len=torch.tensor([r.raw for r in st.rows], device=self.device),
-            mem_positions=torch.cat(
-                (torch.arange(S).expand(B, S),
-                 torch.tensor([[r.sink + r.comp] for r in st.rows]) + torch.arange(R)), dim=1).to(self.device),
-            widths=(S, C, R),
+        inputs = StepInputs(
+            input_cols=input_cols.to(device),
+            is_beacon=is_beacon.to(device),
+            valid=valid.to(device),
+            position_ids=position_ids.to(device),
+            mem_positions=mem_positions.to(device),
+            comp_positions=None,  # `plan` sets it from the memory update
+            out_dst=torch.cat(out_dst).to(device),
+            out_src=torch.cat(out_src).to(device),
+            beacon_flat=is_beacon.flatten().nonzero().squeeze(1).to(device) if has_beacons else None,
+        )
+        return inputs, is_beacon, local
+
+    def _mask(self, chunks: list[RowChunk], inputs: StepInputs, local: torch.Tensor,
+              widths: tuple[int, int, int]) -> StepMask:
+        st, device = self.state, self.device
+        L = inputs.valid.shape[1]
+        scoped = self.cfg.scoped and inputs.has_beacons
+        return StepMask(
+            valid=inputs.valid,
+            is_beacon=inputs.is_beacon,
+            local=local.to(device),
+            ratio=torch.tensor([c.ratio for c in chunks], device=device),
+            sink_len=torch.tensor([r.sink for r in st.rows], device=device),
+            comp_len=torch.tensor([r.comp for r in st.rows], device=device),
+            raw_len=torch.tensor([r.raw for r in st.rows], device=device),
+            widths=widths,
             mem_raw_is_beacon=st.raw_is_beacon,
             mem_raw_local=st.raw_local,
-            out_dst=torch.cat(out_dst).to(self.device),
-            out_src=torch.cat(out_src).to(self.device),
-            has_beacons=has_beacons,
             scoped=scoped,
             plain=not scoped
             and all(c.length == L for c in chunks)
-            and all((r.sink, r.comp, r.raw) == (S, C, R) for r in st.rows),
-            beacon_flat=is_beacon.flatten().nonzero().squeeze(1).to(self.device) if has_beacons else None,
-            sink_index=self._index(sink_lists, S, L, sink_changes, prefix_only=True),
-            raw_index=self._index(raw_lists, R, L, raw_changes),
-            comp_new_index=_pad_lists(comp_new_lists, self.device) if comp_changes else None,
-            comp_new_positions=_pad_lists(comp_new_pos, self.device) if comp_changes else None,
-            comp_index=self._comp_index(comp_lists, C) if comp_changes else KEEP,
-            raw_meta_is_beacon=_pad_lists([[int(x) for x in k] for k in new_raw_beacon], self.device).bool(),
-            raw_meta_local=_pad_lists(new_raw_local, self.device),
+            and all((r.sink, r.comp, r.raw) == widths for r in st.rows),
         )
-        self._advance(chunks, sink_lists, comp_new_lists, raw_lists)
-        st.raw_is_beacon, st.raw_local = plan.raw_meta_is_beacon, plan.raw_meta_local
-        return plan
+
+    def _update(self, chunks: list[RowChunk], updates: list[RowUpdate],
+                widths: tuple[int, int, int]) -> tuple[MemoryUpdate, Optional[torch.Tensor]]:
+        """Pad the rows' index lists into one `MemoryUpdate` (with shortcuts when every row does the same), and the
+        positions (B, K) the new compressed entries are rotated to (None when no window completes)."""
+        S, C, R = widths
+        L = max(c.length for c in chunks)
+        sink_changed = any(u.sink_changed for u in updates)
+        raw_changed = any(c.complete or c.length > 0 for c in chunks)
+        completes = any(c.complete for c in chunks)
+        update = MemoryUpdate(
+            sink=self._index([u.sink for u in updates], S, L, sink_changed, prefix_only=True),
+            raw=self._index([u.raw for u in updates], R, L, raw_changed),
+            comp_new=_pad_lists([u.comp_new for u in updates], self.device) if completes else None,
+            comp=self._comp_index([u.comp for u in updates], C) if completes else Take.KEEP,
+        )
+        positions = _pad_lists([u.comp_new_positions for u in updates], self.device) if completes else None
+        return update, positions
 
     def _index(self, lists: list[list[int]], width: int, L: int, changed: bool, prefix_only: bool = False):
-        """Gather index into cat(old, chunk), or a fast path when every row does the same thing."""
+        """Gather index into cat(old, chunk), or a `Take` shortcut when every row does the same thing."""
         if not changed:
-            return KEEP
+            return Take.KEEP
         if all(not x for x in lists):
-            return EMPTY
+            return Take.EMPTY
         if not prefix_only and all(x == list(range(width + L)) for x in lists):
-            return CAT
+            return Take.CAT
         return _pad_lists(lists, self.device)
 
     def _comp_index(self, lists: list[list[int]], width: int):
         if all(x[:width] == list(range(width)) and len(x) == len(lists[0]) for x in lists):
-            return CAT  # every row had `width` entries and gains the same number
+            return Take.CAT  # every row had `width` entries and gains the same number
         return _pad_lists(lists, self.device)
 
-    def _advance(self, chunks: list[RowChunk], sink_lists, comp_new_lists, raw_lists) -> None:
-        cfg, st = self.cfg, self.state
-        for b, (row, ch) in enumerate(zip(st.rows, chunks)):
+    def _advance(self, chunks: list[RowChunk], updates: list[RowUpdate]) -> None:
+        cfg = self.cfg
+        for b, (row, ch, up) in enumerate(zip(self.state.rows, chunks, updates)):
             if not ch.length:
                 continue
             self.ptr[b] += ch.n
             row.tokens += ch.n
-            row.sink = len(sink_lists[b])
-            row.raw = len(raw_lists[b])
+            row.sink = len(up.sink)
+            row.raw = len(up.raw)
             if ch.complete:
-                row.comp += len(comp_new_lists[b])
+                row.comp += len(up.comp_new)
                 row.windows += 1
                 row.win_raw = cfg.window - cfg.stride
                 row.rem = 0
                 row.ratio = None
             else:
                 row.win_raw += ch.n
-                if ch.ratio and cfg.placement == "interleave":
+                if ch.ratio and cfg.interleaved:
                     row.rem = (row.rem + ch.n) % ch.ratio

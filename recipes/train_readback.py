@@ -177,6 +177,44 @@ def key_information(model, probe: list[dict], device, ratio: int = 8) -> float:
     return sum(gaps) / max(1, len(gaps))
 
 
+def make_text_probe(tokenizer, n: int, length: int = 2048, seed: int = 4321) -> list[list[int]]:
+    """Fixed held-out stretches of ``length`` tokens for the context gain (the memory probe's definition)."""
+    from beacon_peft.offline.corpora import haystack_ids
+
+    hay = haystack_ids(tokenizer, 40000, "held_out")
+    starts = [random.Random(seed + c).randrange(len(hay)) for c in range(n)]
+    return [[hay[(s + i) % len(hay)] for i in range(length)] for s in starts]
+
+
+@torch.no_grad()
+def context_gain(model, stretches: list[list[int]], device, ratio: int = 8, tail: int = 64) -> float:
+    """Mean over the stretches of NLL(tail | only the token before it) - NLL(tail | the whole stretch), nats per
+    token: what the compressed earlier windows are worth to the prediction."""
+    from benchmarks.common.measure import tail_nll
+
+    model.eval()
+    model.base_model.set_compression_ratio(ratio)
+    gains = []
+    try:
+        for ids in stretches:
+            alone = tail_nll(model, ids[-tail - 1 :], tail, device)[0] / tail
+            with_context = tail_nll(model, ids, tail, device)[0] / tail
+            gains.append(alone - with_context)
+    finally:
+        model.base_model.set_compression_ratio(None)
+        model.train()
+    return sum(gains) / max(1, len(gains))
+
+
+def evaluate(model, probe: list[dict], texts: list[list[int]], device, step: int, tokens: int) -> dict:
+    """One point of the training curve: key information and context gain at ratio 8, held-out texts."""
+    point = dict(step=step, tokens=tokens, key_information=key_information(model, probe, device),
+                 context_gain=context_gain(model, texts, device))
+    print(f"step {step}: key information {point['key_information']:.3f}, context gain {point['context_gain']:.3f}",
+          flush=True)
+    return point
+
+
 def save_checkpoint(model, optimizer, step: int, tokens: int, out: Path) -> None:
     """Adapter + optimizer + counters into ``out/checkpoint/state.pt``, replacing the previous checkpoint
     atomically (`beacon_peft.atomic.write_dir`)."""
@@ -232,12 +270,12 @@ def main(argv=None) -> Path:
     loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=partial(collate_rows, pad_token_id=tokenizer.pad_token_id))
     probe = make_probe(tokenizer, args.probe_cases, args.window)
+    texts = make_text_probe(tokenizer, args.probe_cases // 2 or 1, length=4 * args.window)
     curve_path, log_path = out / "curve.json", out / "train_log.jsonl"
     curve = json.loads(curve_path.read_text()) if args.resume and curve_path.is_file() else []
-    if not curve or curve[-1]["step"] != step:
-        curve.append(dict(step=step, tokens=tokens, key_information=key_information(model, probe, device)))
+    if not curve or curve[-1]["step"] != step or "context_gain" not in curve[-1]:
+        curve = [c for c in curve if c["step"] != step] + [evaluate(model, probe, texts, device, step, tokens)]
         curve_path.write_text(json.dumps(curve, indent=1))
-        print(f"step {step}: key information {curve[-1]['key_information']:.3f}", flush=True)
     model.train()
     start, last_save, window_tokens, window_start = time.time(), time.time(), 0, time.time()
     sums = {"text": 0.0, "answer": 0.0, "kl": 0.0, "n": 0}
@@ -283,16 +321,14 @@ def main(argv=None) -> Path:
             sums = {"text": 0.0, "answer": 0.0, "kl": 0.0, "n": 0}
             window_tokens, window_start = 0, time.time()
         if step % args.eval_every == 0:
-            curve.append(dict(step=step, tokens=tokens, key_information=key_information(model, probe, device)))
+            curve.append(evaluate(model, probe, texts, device, step, tokens))
             curve_path.write_text(json.dumps(curve, indent=1))
-            print(f"step {step}: key information {curve[-1]['key_information']:.3f}", flush=True)
         if (time.time() - last_save) / 60 >= args.save_minutes:
             save_checkpoint(model, optimizer, step, tokens, out)
             last_save = time.time()
     if curve[-1]["step"] != step:
-        curve.append(dict(step=step, tokens=tokens, key_information=key_information(model, probe, device)))
+        curve.append(evaluate(model, probe, texts, device, step, tokens))
         curve_path.write_text(json.dumps(curve, indent=1))
-        print(f"step {step}: key information {curve[-1]['key_information']:.3f}", flush=True)
     save_checkpoint(model, optimizer, step, tokens, out)
     final = save_final(model, tokenizer, args, out)
     print(f"saved {final} after {step} steps, {tokens} tokens, {(time.time() - start) / 60:.1f} minutes", flush=True)

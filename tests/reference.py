@@ -1,4 +1,5 @@
-"""Helpers to load ../shared/reference (outputs of the official Activation Beacon code) through our converter."""
+"""Helpers to load tests/fixtures/reference (outputs of the official Activation Beacon code, vendored: see
+tests/fixtures/README.md) through our converter."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 VARIANTS = {"r2_s0": {"ratios": [2], "sink_size": 0}, "r4_s1": {"ratios": [4], "sink_size": 1}}
 
 
 def require_reference() -> Path:
     if not (REFERENCE / "model.safetensors").exists():
-        pytest.skip(f"official reference outputs not found at {REFERENCE} (../shared/reference beside the checkout)")
+        pytest.skip(f"official reference outputs not found at {REFERENCE} (vendored in the repository: is the "
+                    "checkout complete?)")
     return REFERENCE
 
 

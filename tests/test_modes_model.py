@@ -1,4 +1,4 @@
-"""Model-level behaviour of the other official modes on the reference checkpoint (../shared/reference/MODES.md)."""
+"""Model-level behaviour of the other official modes on the reference checkpoint (tests/fixtures/reference/MODES.md)."""
 
 from __future__ import annotations
 

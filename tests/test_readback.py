@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,27 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     assert resumed["step"] == 3 and resumed["tokens"] > state["tokens"]
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [c["step"] for c in curve] == [0, 2, 3]
+    assert all(math.isfinite(c["key_information"]) and math.isfinite(c["context_gain"]) for c in curve)
     weights = load_file(str(final / "adapter_model.safetensors"))
     assert weights and all(k.startswith("base_model.") or "beacon" in k for k in weights)
     moved = [k for k in state["adapter"] if not torch.equal(state["adapter"][k], resumed["adapter"][k])]
     assert moved, "the resumed step changed no adapter weight"
+
+
+def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):
+    from recipes.plot_readback import main as plot_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "curve.json").write_text(json.dumps([dict(step=0, tokens=0, key_information=0.01, context_gain=0.2),
+                                                dict(step=10, tokens=5000, key_information=0.5, context_gain=0.25)]))
+    (run / "train_log.jsonl").write_text(json.dumps(dict(step=10, tokens=5000, text=3.1, answer=1.2, kl=0.2)) + "\n")
+    assert plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "t"]) == 0
+    table = (tmp_path / "out" / "t_curve.md").read_text().splitlines()
+    assert table[2].startswith("| 0 | 0 | 0.010 | 0.200 |")
+    assert table[3] == "| 10 | 5,000 | 0.500 | 0.250 | 3.10 | 1.20 | 0.20 |"
+    assert (tmp_path / "out" / "t_curve.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="refusing to overwrite"):
+        plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "t"])
+    with pytest.raises(ValueError, match="no curve.json"):
+        plot_main([str(tmp_path), "--out", str(tmp_path / "out"), "--name", "u"])

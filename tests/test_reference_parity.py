@@ -1,7 +1,7 @@
-"""Parity with the official Activation Beacon code (../shared/reference, tiny Qwen2, fp32).
+"""Parity with the official Activation Beacon code (tests/fixtures/reference, tiny Qwen2, fp32).
 
 The checkpoint is converted with `beacon_peft.convert_official` and loaded as a stock base + PEFT adapter.
-Tolerances from the reference README: losses 1e-5, logits 1e-4, memory K/V 1e-4; memory sizes and per-step
+Tolerances from the reference README (tests/fixtures/reference/README.md): losses 1e-5, logits 1e-4, memory K/V 1e-4; memory sizes and per-step
 chunk layouts exactly; generated ids after checking the step logits under teacher forcing.
 """
 

@@ -1,8 +1,8 @@
 """The bookkeeping alone (no model): chunk layouts, positions and masks against the official semantics.
 
-Interleave is compared tensor by tensor with the official per-step inputs stored in ../shared/reference
+Interleave is compared tensor by tensor with the official per-step inputs stored in tests/fixtures/reference
 (`step{i}.input_ids/position_ids/beacon_indices/attention_allowed`); the other modes against the numbers
-../shared/reference/MODES.md gives (append, step-expansion, window 32, ratio 8) and, where the official code
+tests/fixtures/reference/MODES.md gives (append, step-expansion, window 32, ratio 8) and, where the official code
 crashes (segmentation, stride < window), against the semantics documented in docs/semantics.md.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from beacon_peft import BeaconConfig
 from beacon_peft.masks import build_mask
-from beacon_peft.memory import BeaconMemory
+from beacon_peft.memory import BeaconMemory, Take, select_entries
 from beacon_peft.schedule import RatioPicker, Scheduler
 from reference import VARIANTS, inputs, outputs, require_reference
 
@@ -30,11 +30,11 @@ def run(config: BeaconConfig, calls: list[int], training: bool = False):
             plan = scheduler.plan()
             if plan is None:
                 break
-            mask = build_mask(plan, config, torch.float32)
-            S, C, R = plan.widths
+            mask = build_mask(plan.mask, config, torch.float32)
+            S, C, R = plan.mask.widths
             sink, comp = rows[0]
-            positions = torch.cat((torch.arange(S), sink + torch.arange(C), plan.mem_positions[0, S:],
-                                   plan.position_ids[0]))
+            positions = torch.cat((torch.arange(S), sink + torch.arange(C), plan.inputs.mem_positions[0, S:],
+                                   plan.inputs.position_ids[0]))
             steps.append((plan, (mask[0, 0] == 0), positions))
     return steps, state
 
@@ -50,16 +50,16 @@ def test_interleave_steps_match_official_inputs(variant, mode):
     prefix = f"a_seq200_{mode}"
     assert len(steps) == len(meta[prefix]["steps"])
     for i, (plan, allowed, positions) in enumerate(steps):
-        chunk_ids = torch.where(plan.is_beacon[0], 256, ids[plan.input_cols[0]])
+        chunk_ids = torch.where(plan.inputs.is_beacon[0], 256, ids[plan.inputs.input_cols[0]])
         assert torch.equal(chunk_ids, tensors[f"{prefix}.step{i}.input_ids"][0])
-        assert torch.equal(plan.is_beacon[0].long(), tensors[f"{prefix}.step{i}.beacon_indices"])
+        assert torch.equal(plan.inputs.is_beacon[0].long(), tensors[f"{prefix}.step{i}.beacon_indices"])
         assert torch.equal(positions, tensors[f"{prefix}.step{i}.position_ids"][0])
         assert torch.equal(allowed, tensors[f"{prefix}.step{i}.attention_allowed"][0, 0].bool())
 
 
 def _layout(steps):
-    return [(int(p.valid.sum()), int(p.sink_len[0] + p.comp_len[0] + p.raw_len[0]), int(p.is_beacon.sum()))
-            for p, _, _ in steps]
+    return [(int(p.mask.valid.sum()), int(p.mask.sink_len[0] + p.mask.comp_len[0] + p.mask.raw_len[0]),
+             int(p.mask.is_beacon.sum())) for p, _, _ in steps]
 
 
 def _sizes(state):
@@ -69,7 +69,7 @@ def _sizes(state):
 
 def _beacon_positions(step):
     plan, _, _ = step
-    return plan.position_ids[0][plan.is_beacon[0]].tolist()
+    return plan.inputs.position_ids[0][plan.inputs.is_beacon[0]].tolist()
 
 
 def test_append_full_coverage():
@@ -80,7 +80,7 @@ def test_append_full_coverage():
     assert _beacon_positions(steps[0]) == list(range(64, 80))
     assert _beacon_positions(steps[2]) == list(range(96, 112))
     plan, allowed, _ = steps[1]
-    beacons = plan.is_beacon[0].nonzero().squeeze(1)
+    beacons = plan.inputs.is_beacon[0].nonzero().squeeze(1)
     # beacon j sees all memory, every raw token of its window and beacons 0..j (plain causal)
     assert allowed[beacons[0], : 16 + 64 + 1].all() and not allowed[beacons[0], 16 + 64 + 1 :].any()
     train, state = run(config, [192], training=True)
@@ -172,3 +172,37 @@ def test_ratio_8_sink_1():
     assert _sizes(state)[:2] == (1, 16)
     flush = [i for i, (n, m, b) in enumerate(_layout(steps)) if m == 79]
     assert flush and _layout(steps)[flush[0]] == (2, 79, 1)
+
+
+def test_select_entries_shortcuts_equal_the_gather_they_stand_for():
+    a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 6, 5)  # (B, H, T, D): an old part and a step's entries
+    assert select_entries(a, b, Take.KEEP) is a  # nothing copied
+    assert torch.equal(select_entries(a, b, Take.CAT), select_entries(a, b, torch.arange(10).expand(2, 10)))
+    assert select_entries(a, b, Take.EMPTY).shape == (2, 3, 0, 5)
+    index = torch.tensor([[0, 5, 9], [4, 1, 2]])  # row-wise picks out of cat(a, b)
+    picked = select_entries(a, b, index)
+    assert torch.equal(picked[1, :, 0], b[1, :, 0]) and torch.equal(picked[0, :, 2], b[0, :, 5])
+    meta = select_entries(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 6, dtype=torch.long), index, dim=1)
+    assert meta.tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+def test_plan_is_split_by_reader_and_the_update_is_typed():
+    steps, _ = run(BeaconConfig(window=16, ratios=[4], sink_size=1), [40])
+    plans = [p for p, _, _ in steps]
+    assert plans[0].mask.valid is plans[0].inputs.valid  # one tensor, two readers
+    completing = [p for p in plans if p.update.comp_new is not None]
+    assert len(completing) == 2 and all(p.inputs.comp_positions is not None for p in completing)
+    assert all(p.inputs.comp_positions is None for p in plans if p.update.comp_new is None)
+    for p in plans:
+        for how in (p.update.sink, p.update.raw, p.update.comp):
+            assert isinstance(how, (Take, torch.Tensor))
+
+
+@pytest.mark.parametrize("placement", ["interleave", "append"])
+@pytest.mark.parametrize("scope", ["full-coverage", "step-expansion", "segmentation"])
+def test_config_predicates_name_the_settings(placement, scope):
+    config = BeaconConfig(window=16, ratios=[4], placement=placement, attention_scope=scope)
+    assert config.interleaved == (placement == "interleave")
+    assert config.scoped == (scope != "full-coverage")
+    assert config.segmented == (scope == "segmentation")
+    assert config.masks_first_window() == (placement != "interleave" or scope != "full-coverage")

@@ -1,5 +1,7 @@
 """Multi-process training and the Hub round trip, as users run them.
 
+- DDP over gloo in 2 CPU processes, started by ``accelerate launch --multi_gpu``: one final adapter, checkpoints,
+  the card names the processes.
 - FSDP2 (``recipes/configs/accelerate/fsdp-cpu.yaml``: frozen base and beacon parameters sharded per decoder layer)
   in 2 CPU processes over gloo, started by ``accelerate launch``: the saved adapter equals a 1-process run with the
   same seed, data and global batch, and a run stopped at a checkpoint and resumed gives the same adapter.
@@ -20,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 
-from test_recipes import (ROOT, SCRIPT, base_args, base_model, document, make_tokenizer, model_dir,  # noqa: F401
-                          one_thread, run_script, text_dir)
+from tiny_recipe import ROOT, SCRIPT, W, base_args, base_model, run_script
 
 ACCELERATE_DIR = ROOT / "recipes" / "configs" / "accelerate"
 FSDP_CPU = ACCELERATE_DIR / "fsdp-cpu.yaml"
@@ -54,6 +56,34 @@ def adapter(folder: Path) -> dict[str, torch.Tensor]:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+def test_accelerate_launch_two_cpu_processes(model_dir, text_dir, tmp_path):
+    """DDP over gloo with 2 CPU processes. accelerate 1.15 starts a single process for `launch --cpu` (its multi-CPU
+    path needs mpirun), so the processes are started by its torchrun launcher (`--multi_gpu`); with no GPU the script
+    sets ACCELERATE_USE_CPU and Trainer builds a gloo process group."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "ddp"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+           str(SCRIPT), *base_args(model_dir, text_dir, out, "--max_steps", "3", "--per_device_train_batch_size", "1",
+                                   "--save_strategy", "steps", "--save_steps", "3", "--activation_checkpointing", "true")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    finals = sorted(p.name for p in out.iterdir() if "final" in p.name)
+    assert finals == ["final"]  # one adapter, no leftover temporary folder from either rank
+    assert (out / "final" / "adapter_model.safetensors").is_file() and (out / "checkpoint-3").is_dir()
+    card = (out / "final" / "README.md").read_text()
+    assert "2 process(es)" in card and "x 2 processes" in card
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert "num_input_tokens_seen" in json.dumps(state)
+    reloaded = PeftModel.from_pretrained(base_model(model_dir), out / "final")
+    assert reloaded.peft_config["default"].window == W
 
 
 # ---------------------------------------------------------------------------------------------- FSDP
@@ -104,8 +134,6 @@ def test_fsdp2_run_stopped_at_a_checkpoint_resumes_to_the_same_adapter(fsdp_run,
 def test_fsdp2_window_ratios_batches_and_checkpointing(model_dir, text_dir, tmp_path):
     """Per-window random ratios (different on the two processes), 2 sequences per process and activation
     checkpointing under FSDP2: every step runs (no collective mismatch) and the adapter reloads."""
-    from peft import PeftModel
-
     out = tmp_path / "fsdp"
     argv = base_args(model_dir, text_dir, out, "--max_steps", "8", "--ratio_mix", "window",
                      "--per_device_train_batch_size", "2", "--activation_checkpointing", "true")

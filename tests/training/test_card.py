@@ -7,7 +7,7 @@ from pathlib import Path
 
 from beacon_peft.training.card import TrainingRecord, earlier_stage
 
-SHIPPED = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-beacon"
+SHIPPED = Path(__file__).resolve().parents[2] / "adapters" / "smollm2-135m-beacon"
 
 
 def test_a_record_round_trips_through_training_log_json(tmp_path):

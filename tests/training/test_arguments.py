@@ -14,7 +14,7 @@ from beacon_peft.config import BeaconConfig
 from beacon_peft.training import arguments, parse_args
 from beacon_peft.training.arguments import MIRRORED_FIELDS, NOT_ARGUMENTS, OLD_RATIO_MIXES, BeaconArguments
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o", "--report_to", "none",
         "--max_length", "2048"]
 

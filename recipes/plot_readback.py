@@ -1,0 +1,92 @@
+"""The read-back stage's training curve: key information and context gain (held-out probe, ratio 8) against
+training tokens, beside the loss terms, as a PNG and a markdown table.
+
+    python recipes/plot_readback.py outputs/readback-cpu --out benchmarks/results/readback --name cpu
+
+Reads ``curve.json`` and ``train_log.jsonl`` of a `recipes/train_readback.py` run; writes ``<name>_curve.png``
+and ``<name>_curve.md`` under ``--out`` (refusing to overwrite them unless ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def load_run(run: Path) -> tuple[list[dict], list[dict]]:
+    curve_path = run / "curve.json"
+    if not curve_path.is_file():
+        raise ValueError(f"{run} holds no curve.json: pass the output_dir of a recipes/train_readback.py run")
+    log_path = run / "train_log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
+    return json.loads(curve_path.read_text()), log
+
+
+def table(curve: list[dict], log: list[dict]) -> str:
+    """One row per curve point; loss terms from the nearest logged step at or before it."""
+    lines = ["| step | tokens | key information (nats) | context gain (nats) | CE prose | CE answers | KL to base |",
+             "|---|---|---|---|---|---|---|"]
+    for point in curve:
+        logged = [r for r in log if r["step"] <= point["step"]]
+        last = logged[-1] if logged and point["step"] else {}
+        gain = point.get("context_gain")
+        cells = [str(point["step"]), f"{point['tokens']:,}", f"{point['key_information']:.3f}",
+                 "" if gain is None else f"{gain:.3f}"]
+        cells += [f"{last[k]:.2f}" if k in last else "" for k in ("text", "answer", "kl")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curve: list[dict], log: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    tokens = [p["tokens"] / 1e3 for p in curve]
+    left.plot(tokens, [p["key_information"] for p in curve], marker="o", label="key information")
+    gains = [(p["tokens"] / 1e3, p["context_gain"]) for p in curve if p.get("context_gain") is not None]
+    if gains:
+        left.plot(*zip(*gains), marker="s", label="context gain")
+    left.axhline(0, color="grey", lw=0.5)
+    left.set(xlabel="training tokens (thousands)", ylabel="nats per token", title="held-out memory probe, ratio 8")
+    left.legend()
+    for key, label in (("text", "CE prose"), ("answer", "CE answers"), ("kl", "KL to base")):
+        points = [(r["tokens"] / 1e3, r[key]) for r in log if key in r]
+        if points:
+            right.plot(*zip(*points), label=label)
+    right.set(xlabel="training tokens (thousands)", ylabel="nats per token", title="training loss terms")
+    right.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="output_dir of a recipes/train_readback.py run")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/readback"))
+    p.add_argument("--name", default="readback", help="file stem: <name>_curve.png / .md")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files of that name")
+    args = p.parse_args(argv)
+    curve, log = load_run(args.run)
+    png, md = args.out / f"{args.name}_curve.png", args.out / f"{args.name}_curve.md"
+    existing = [str(f) for f in (png, md) if f.exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"refusing to overwrite {existing}: pass --overwrite or another --name")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(curve, log, png, f"read-back training ({args.run.name})")
+    md.write_text(table(curve, log))
+    print(md.read_text(), end="")
+    print(f"wrote {png} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
