@@ -130,7 +130,8 @@ class Chat:
                                       use_cache=True, return_dict_in_generate=True, **kwargs)
         else:
             past = torch.ones(1, self.memory.get_seq_length(), dtype=torch.long, device=prompt_ids.device)
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=torch.cat((past, torch.ones_like(prompt_ids)), 1),
+            mask = torch.cat((past, torch.ones_like(prompt_ids)), 1)
+            out = self.model.generate(input_ids=prompt_ids, attention_mask=mask,
                                       use_cache=True, return_dict_in_generate=True,
                                       **cache_kwargs(self.model, self.memory), **kwargs)
         from .compat import output_cache

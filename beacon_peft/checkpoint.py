@@ -50,7 +50,8 @@ def saved_shapes(folder: str | Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
 def _in_out(proj: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a Linear (a packed 4-bit weight's shape is not its logical one)."""
     weight = proj.weight
-    return (getattr(proj, "out_features", None) or weight.shape[0], getattr(proj, "in_features", None) or weight.shape[1])
+    return (getattr(proj, "out_features", None) or weight.shape[0],
+            getattr(proj, "in_features", None) or weight.shape[1])
 
 
 def projection_shapes(attn: nn.Module, config, with_projections: bool) -> dict[tuple[str, str], tuple[int, ...]]:

@@ -6,8 +6,9 @@ call it resolves the active adapter into an `ActiveBeacon` and hands it to `beac
 the adapter disabled, calls `base_decoder_forward`). The loop cuts the input into window-bounded chunks
 (`schedule.Scheduler`), embeds raw tokens with the base embedding and beacon slots with the beacon embedding,
 runs the *unchanged* decoder stack once per chunk (the wrapped attention layers read the memory from
-``beacon_ctx``), and returns the raw tokens' hidden states in input order with the memory as its cache. The causal LM then applies ``lm_head`` and its usual
-shifted loss, which is exactly the compression-based autoregressive loss of the paper.
+``beacon_ctx``), and returns the raw tokens' hidden states in input order with the memory as its cache. The
+causal LM then applies ``lm_head`` and its usual shifted loss, which is exactly the compression-based
+autoregressive loss of the paper.
 """
 
 from __future__ import annotations

@@ -143,7 +143,8 @@ class MemoryState:
     columns: int = 0  # input columns consumed (padding included): what `get_seq_length` reports
     sequence_ratio: Optional[int] = None  # ratio drawn once per sequence (instance-random / adapt)
     ratio_log: list[int] = field(default_factory=list)  # ratio of every window step, in order
-    step_log: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per step, per row: (entries, mem, beacons)
+    # per step, per row: (chunk entries, memory entries before it, beacons in it)
+    step_log: list[list[tuple[int, int, int]]] = field(default_factory=list)
 
     def copy(self) -> "MemoryState":
         return MemoryState(

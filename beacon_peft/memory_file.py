@@ -156,9 +156,11 @@ def _read_meta(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path / META} is corrupt or truncated ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path / META} is not a saved beacon memory (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path / META} is not a saved beacon memory (format {found!r})")
     if meta.get("version") != VERSION:
-        raise ValueError(f"{path} holds memory format version {meta.get('version')!r}; this beacon_peft reads {VERSION}")
+        raise ValueError(f"{path} holds memory format version {meta.get('version')!r}; this beacon_peft reads "
+                         f"{VERSION}")
     needed = ("num_layers", "batch_size", "rows", "columns", "ratio_log", "step_log", "signature", "compute_dtype",
               "storage_dtype", "base", "adapter", "tensors_sha256")
     missing = [k for k in needed if k not in meta]
@@ -198,7 +200,8 @@ def load_memory(path, model) -> BeaconMemory:
     L, B = meta["num_layers"], meta["batch_size"]
     expected = {f"layers.{i}.{p}_{kv}" for i in range(L) for p in PARTS for kv in "kv"} | {"raw_is_beacon", "raw_local"}
     if set(tensors) != expected:
-        raise ValueError(f"{tensor_file} is corrupt: tensors {sorted(set(tensors) ^ expected)[:6]} missing or unexpected")
+        odd = sorted(set(tensors) ^ expected)[:6]
+        raise ValueError(f"{tensor_file} is corrupt: tensors {odd} missing or unexpected")
     try:
         rows = [RowState(**r) for r in meta["rows"]]
     except TypeError as err:

@@ -327,7 +327,8 @@ class BeaconModel(BaseTuner):
         for key in ("adapter_names", "alora_offsets"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"{key}={kwargs[key]!r} is not supported by beacon adapters (mixed-adapter batches "
-                                 f"are not supported: one adapter runs for the whole batch): allowed None; choose the adapter with set_adapter() "
+                                 f"are not supported: one adapter runs for the whole batch): allowed None; "
+                                 f"choose the adapter with set_adapter() "
                                  f"(available: {sorted(self.peft_config)})")
         yield
 

@@ -96,6 +96,7 @@ def _load(args):
     from peft import PeftModel
 
     import beacon_peft  # noqa: F401  (registers the BEACON adapter type)
+
     from .offline.weights import load_smollm2
     from .precision import resolve_dtype
 

@@ -280,7 +280,7 @@ class Scheduler:
         valid = torch.zeros(B, L, dtype=torch.bool)
         position_ids = torch.zeros(B, L, dtype=torch.long)
         local = torch.zeros(B, L, dtype=torch.long)
-        out_dst, out_src, comp_positions = [], [], []
+        out_dst, out_src = [], []
         for b, (row, ch) in enumerate(zip(st.rows, chunks)):
             valid[b, : ch.length] = True
             position_ids[b, : ch.length] = row.sink + row.comp + row.raw + torch.arange(ch.length)

@@ -33,7 +33,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     raw = yaml.safe_load(open(args.config))
-    beacon_args, model_args = BeaconArguments(**_fields(raw, BeaconArguments)), ModelArguments(**_fields(raw, ModelArguments))
+    beacon_args = BeaconArguments(**_fields(raw, BeaconArguments))
+    model_args = ModelArguments(**_fields(raw, ModelArguments))
     config = beacon_args.to_config()
     model_config = PRESETS.get(args.model_config or model_args.model_name_or_path)
     if model_config is None:

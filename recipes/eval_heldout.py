@@ -22,7 +22,8 @@ from beacon_peft.training import compare_heldout  # importing beacon_peft regist
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="trained beacon adapter folder")
-    parser.add_argument("--base", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--base", default=None,
+                        help="base model folder (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--ratios", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--n_sequences", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)

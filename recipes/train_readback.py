@@ -132,9 +132,8 @@ def training_documents() -> list[str]:
 
 def make_probe(tokenizer, n: int, window: int, seed: int = 1234) -> list[dict]:
     """Fixed held-out key pairs (own key, other key, same filler) whose needle ends inside a compressed window."""
-    from benchmarks.common.needles import make_passkey_case
-
     from beacon_peft.offline.corpora import haystack_ids
+    from benchmarks.common.needles import make_passkey_case
 
     hay = haystack_ids(tokenizer, 40000, "held_out")
     cases, c = [], 0
@@ -314,7 +313,8 @@ def main(argv=None) -> Path:
         if step % args.log_every == 0:
             rate = window_tokens / (time.time() - window_start)
             record = dict(step=step, tokens=tokens, minutes=round((time.time() - start) / 60, 2),
-                          tokens_per_s=round(rate), **{k: round(sums[k] / sums["n"], 4) for k in ("text", "answer", "kl")})
+                          tokens_per_s=round(rate),
+                          **{k: round(sums[k] / sums["n"], 4) for k in ("text", "answer", "kl")})
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)

@@ -34,9 +34,10 @@ MODES = {
 
 
 def _model(arch: str, attn: str, mode: dict):
-    import beacon_peft
     from peft import get_peft_model
     from tiny import perturb_beacons, tiny_model
+
+    import beacon_peft
 
     model = get_peft_model(tiny_model(arch, attn=attn, intermediate_size=128), beacon_peft.BeaconConfig(**mode))
     perturb_beacons(model)
@@ -129,8 +130,10 @@ def main(argv=None) -> int:
         return 0
     before = load_file(str(args.file))
     missing, extra = sorted(set(before) - set(now)), sorted(set(now) - set(before))
-    differ = [k for k in sorted(set(before) & set(now))
-              if before[k].shape != now[k].shape or before[k].dtype != now[k].dtype or not torch.equal(before[k], now[k])]
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+    differ = [k for k in sorted(set(before) & set(now)) if not same(before[k], now[k])]
     print(f"{len(before)} tensors before, {len(now)} now: {len(differ)} differ, {len(missing)} missing, "
           f"{len(extra)} new")
     for k in (differ + missing + extra)[:20]:

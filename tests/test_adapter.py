@@ -8,10 +8,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
 
 import beacon_peft
 from beacon_peft import BeaconConfig
-from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
 
 W = 16
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny import COMMON, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import beacon_peft.model as beacon_model_module
 from beacon_peft import BeaconConfig
-from tiny import COMMON, random_ids, tiny_model
 
 W = 16
 IDS = random_ids(1, 2 * W + 3)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import save_file
+from tiny import COMMON, random_ids, tiny_model
 from transformers import DynamicCache
 
 from beacon_peft import BeaconConfig
 from beacon_peft.cli import main
 from beacon_peft.convert import convert_official
-from tiny import COMMON, random_ids, tiny_model
 
 W = 16
 
@@ -150,7 +150,8 @@ CALL_CASES = [
     ("list cache", lambda: dict(input_ids=ids(), cache=[]), TypeError, "got list"),
     ("string cache", lambda: dict(input_ids=ids(), cache="memory"), TypeError,
      "the cache must be a BeaconMemory.*got str"),
-    ("int cache", lambda: dict(input_ids=ids(), past_key_values=3), TypeError, "the cache must be a BeaconMemory.*got int"),
+    ("int cache", lambda: dict(input_ids=ids(), past_key_values=3), TypeError,
+     "the cache must be a BeaconMemory.*got int"),
 ]
 
 
@@ -327,7 +328,8 @@ def official(tmp_path):
     weights["model.beacon_embed_tokens.weight"] = torch.zeros(1, 64)
     for i in range(2):
         for p in "qkv":
-            weights[f"model.layers.{i}.self_attn.beacon_{p}_proj.weight"] = base[f"model.layers.{i}.self_attn.{p}_proj.weight"].clone()
+            prefix = f"model.layers.{i}.self_attn"
+            weights[f"{prefix}.beacon_{p}_proj.weight"] = base[f"{prefix}.{p}_proj.weight"].clone()
     save_file(weights, src / "model.safetensors")
     (src / "config.json").write_text(json.dumps({"model_type": "llama", **COMMON, "beacon_window": 16,
                                                  "beacon_ratio": [4]}))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_reuse import W, beacon_model
+from tiny import random_ids
 
 from beacon_peft.chat import Chat
 from beacon_peft.reuse import cache_kwargs
-from test_reuse import W, beacon_model
-from tiny import random_ids
 
 END = [5, 6]  # end-of-turn ids
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import transformers
 from peft import get_peft_model
+from tiny import random_ids, tiny_model
 
 from beacon_peft import BeaconConfig, BeaconMemory, compat
-from tiny import random_ids, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,16 +8,17 @@ import subprocess
 import sys
 
 import pytest
+from reference import require_reference
 from safetensors.torch import load_file
 
 from beacon_peft.cli import main
 from beacon_peft.convert import config_from_official
-from reference import require_reference
 
 
 def test_cli_writes_a_peft_adapter_and_a_stock_base(tmp_path, capsys):
     ref = require_reference()
-    assert main(["convert-official", str(ref), "--out", str(tmp_path / "ad"), "--base-out", str(tmp_path / "base")]) == 0
+    command = ["convert-official", str(ref), "--out", str(tmp_path / "ad"), "--base-out", str(tmp_path / "base")]
+    assert main(command) == 0
     assert "window=64" in capsys.readouterr().out
     adapter = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     assert set(adapter) == {"base_model.beacon_embedding"} | {

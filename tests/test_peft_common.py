@@ -29,13 +29,13 @@ from peft import (
 )
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
+from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
 
 import beacon_peft  # noqa: F401  (registers BEACON)
 from beacon_peft import BeaconConfig
 from beacon_peft.compat import OUTPUT_CACHE_FIELD as CACHE
 from beacon_peft.compat import output_cache
 from beacon_peft.layer import BeaconAttention
-from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
 
 W = 16
 ARCH_LIST = list(ARCHS)

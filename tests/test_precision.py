@@ -3,10 +3,10 @@
 import pytest
 import torch
 from peft import get_peft_model
+from tiny import random_ids, tiny_model
 
 from beacon_peft import BeaconConfig
 from beacon_peft.precision import DTYPE_NAMES, cpu_has_native_bf16, resolve_dtype
-from tiny import random_ids, tiny_model
 
 ZEN4 = "flags : fpu sse2 avx2 avx512f avx512_bf16 avx512vl"
 SKYLAKE = "flags : fpu sse2 avx2 avx512f avx512vl"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from tiny import random_ids, tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from beacon_peft import BeaconConfig
-from tiny import random_ids, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install '.[quant]')")
 W = 16

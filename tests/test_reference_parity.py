@@ -1,8 +1,9 @@
 """Parity with the official Activation Beacon code (tests/fixtures/reference, tiny Qwen2, fp32).
 
 The checkpoint is converted with `beacon_peft.convert_official` and loaded as a stock base + PEFT adapter.
-Tolerances from the reference README (tests/fixtures/reference/README.md): losses 1e-5, logits 1e-4, memory K/V 1e-4; memory sizes and per-step
-chunk layouts exactly; generated ids after checking the step logits under teacher forcing.
+Tolerances from the reference README (tests/fixtures/reference/README.md): losses 1e-5, logits 1e-4, memory K/V
+1e-4; memory sizes and per-step chunk layouts exactly;
+generated ids after checking the step logits under teacher forcing.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from reference import VARIANTS, converted, inputs, load_model, outputs
 
 CASE_INPUT = {"a_seq200": "seq200", "b_batch2": "batch2_200", "e_seq192": "seq192", "f_seq40": "seq40"}

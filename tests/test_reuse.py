@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 from peft import get_peft_model
+from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
 
 import beacon_peft
 from beacon_peft import BeaconConfig, BeaconMemory
-from beacon_peft.compat import output_cache
 from beacon_peft.reuse import ask, cache_kwargs, read
-from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
 
 W = 16
 GEN = dict(max_new_tokens=W + 3, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -66,7 +65,8 @@ def test_saved_memory_continues_exactly(arch, case, setting, tmp_path):
         assert loaded.num_entries() == memory.num_entries() and loaded.get_seq_length() == doc.shape[1]
         cont = model(input_ids=q, **cache_kwargs(model, loaded)).logits
     torch.testing.assert_close(cont, whole, atol=2e-5, rtol=1e-5)
-    expected = model.generate(input_ids=torch.cat((doc, q), 1), attention_mask=full_mask, **GEN)[:, doc.shape[1] + q.shape[1]:]
+    expected = model.generate(input_ids=torch.cat((doc, q), 1), attention_mask=full_mask, **GEN)
+    expected = expected[:, doc.shape[1] + q.shape[1]:]
     reloaded = BeaconMemory.load(tmp_path / "mem", model)
     assert ask(model, reloaded, q, **GEN).tolist() == expected.tolist()
     assert ask(model, memory, q, **GEN).tolist() == expected.tolist()

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import VARIANTS, inputs, outputs, require_reference
 
 from beacon_peft import BeaconConfig
 from beacon_peft.masks import build_mask
 from beacon_peft.memory import BeaconMemory, Take, select_entries
 from beacon_peft.schedule import RatioPicker, Scheduler
-from reference import VARIANTS, inputs, outputs, require_reference
 
 
 def run(config: BeaconConfig, calls: list[int], training: bool = False):

@@ -9,8 +9,7 @@ import pytest
 
 from beacon_peft import BeaconConfig, training
 from beacon_peft.offline import corpora, weights
-from beacon_peft.training.synthetic import (ACCOUNTS, PEOPLE, PLACES, TEMPLATES, plain_text_examples,
-                                            retrieval_examples)
+from beacon_peft.training.synthetic import ACCOUNTS, PEOPLE, PLACES, TEMPLATES, plain_text_examples, retrieval_examples
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +111,11 @@ def test_offline_retrieval_dataset_never_reads_held_out_essays_and_labels_only_t
     ds = training.tokenize_dataset(docs, tokenizer, script_args, training_args, BeaconConfig(window=512, ratios=[8]))
     assert len(ds) >= 110  # a few may re-tokenize past max_length and are dropped
     for example in ds.select(range(20)):
-        labelled = [t for t, l in zip(example["input_ids"], example["labels"]) if l != -100]
+        labelled = [t for t, lab in zip(example["input_ids"], example["labels"]) if lab != -100]
         assert labelled[-1] == tokenizer.eos_token_id
         answer = tokenizer.decode(labelled[:-1])
         assert re.fullmatch(r" [A-Za-z0-9][A-Za-z0-9\- ]*\.", answer), answer
-        prompt = tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l == -100])
+        prompt = tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab == -100])
         assert "<|im_start|>" not in prompt  # raw text, no chat template
 
     script_args.stage = "pretrain"

@@ -96,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sizes = memory.sizes()
     print(f"context: {len(ids)} tokens of held-out essays (model's native positions: {cfg.max_position_embeddings}),"
           f" pass key at depth {args.depth:.2f}")
-    print(f"window {config.window}, ratio {args.ratio}, {str(dtype).removeprefix('torch.')}: {time.strftime('%M:%S', time.gmtime(seconds))} "
+    elapsed = time.strftime("%M:%S", time.gmtime(seconds))
+    print(f"window {config.window}, ratio {args.ratio}, {str(dtype).removeprefix('torch.')}: {elapsed} "
           "to read and answer")
     correct = re.search(rf"(?<!\d){answer}(?!\d)", text) is not None
     print(f"answer: {text.strip()!r}   expected: {answer}   -> {'CORRECT' if correct else 'wrong'}")

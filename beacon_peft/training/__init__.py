@@ -31,14 +31,21 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = sorted(_MODULE_OF)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names resolve lazily in __getattr__
-    from .arguments import (BeaconArguments, BeaconSFTConfig, ModelArguments, ScriptArguments, make_parser,
-                            parse_args, validate_args)
+    from .arguments import (
+        BeaconArguments,
+        BeaconSFTConfig,
+        ModelArguments,
+        ScriptArguments,
+        make_parser,
+        parse_args,
+        validate_args,
+    )
     from .callbacks import RatioRecorder, StepRatioCallback, step_ratio
+    from .card import TrainingRecord, card_info, model_card
     from .collator import BeaconCollator
     from .data import load_documents, tokenize_dataset
     from .evaluation import compare_heldout, evaluate, heldout_sequences
     from .modeling import build_model, load_base_model, load_tokenizer, load_trained, resolve_model_path
-    from .card import TrainingRecord, card_info, model_card
     from .saving import atomic_write_dir, save_final
     from .sizing import adapter_footprint, meta_model, training_memory
     from .trainer import BeaconSFTTrainer, train, use_cpu_for_multiprocess_without_gpu

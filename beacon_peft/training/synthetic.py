@@ -127,8 +127,9 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
 
     ``templates``: indices into `TEMPLATES` to draw needles from (default all), so that some phrasings can be held
     out of training and scored as unseen. ``stream``: ``documents`` already tokenized (each followed by a blank line,
-    concatenated), so that a caller drawing many blocks tokenizes them once. ``as_ids``: also return ``prompt_ids``/``completion_ids`` and leave
-    ``prompt`` empty (no decode/re-encode round trip, for generating rows on the fly).
+    concatenated), so that a caller drawing many blocks tokenizes them once. ``as_ids``: also return
+    ``prompt_ids``/``completion_ids`` and leave ``prompt`` empty (no decode/re-encode round trip, for generating
+    rows on the fly).
 
     Raises:
         ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 8], no document text, or a template
@@ -160,12 +161,13 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
                 values.append(v)
         facts = [(template, s, v) for s, v in zip(subjects, values)]  # (template, subject, value) per needle
         if not has_subject and rng.random() < 0.3:  # a distractor fact of another kind
-            other = rng.choice([k for k in pool if "{s}" in TEMPLATES[k][0]] or [k for k, t in enumerate(TEMPLATES) if "{s}" in t[0]])
+            with_subject = [k for k in pool if "{s}" in TEMPLATES[k][0]]
+            other = rng.choice(with_subject or [k for k, t in enumerate(TEMPLATES) if "{s}" in t[0]])
             facts.append((other, rng.choice(_subject_pool(other)), _value(rng, other)))
         needles = [encode(" " + TEMPLATES[t][0].format(s=s, v=v) + " ") for t, s, v in facts]
         query = rng.randrange(n_needles)
 
-        def ask(k: int) -> str:
+        def ask(k: int, facts=facts) -> str:
             t, s, _ = facts[k]
             return TEMPLATES[t][1].format(s=s) + " " + TEMPLATES[t][2].format(s=s)
 

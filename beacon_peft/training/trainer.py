@@ -19,10 +19,10 @@ from ..labels import IGNORE_INDEX
 from ..precision import autocast_off_without_gpu, gpu_available
 from .arguments import BeaconArguments, ModelArguments, ScriptArguments, validate_args
 from .callbacks import LORA_CKPT_FILE, RatioRecorder, make_callbacks
+from .card import card_info, model_card
 from .collator import BeaconCollator
 from .data import load_documents, tokenize_dataset
 from .modeling import build_model, cast_trainable, load_lora_state_dict, load_tokenizer
-from .card import card_info, model_card
 from .saving import save_final
 
 logger = logging.getLogger(__name__)

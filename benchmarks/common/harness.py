@@ -129,10 +129,11 @@ class Bench:
     one run. ``extra_ratios`` are ratios some benchmark sweeps besides ``--ratios``."""
 
     def __init__(self, args: argparse.Namespace, extra_ratios: tuple[int, ...] = ()):
-        import beacon_peft  # importing registers the BEACON adapter type with PEFT
         from peft import PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
+
+        import beacon_peft  # importing registers the BEACON adapter type with PEFT
 
         hf_logging.disable_progress_bar()
         self.args = args

@@ -184,7 +184,7 @@ def run_kvpress_job(job: dict, timeout: float | None = None, *, venv: str | os.P
             proc.kill()
             proc.wait()
             reader.join(5)
-            raise RuntimeError(f"kvpress worker timed out after {timeout}s; output tail:\n{''.join(tail)}")
+            raise RuntimeError(f"kvpress worker timed out after {timeout}s; output tail:\n{''.join(tail)}") from None
         reader.join(5)
         if rc != 0 or not res_path.exists():
             raise RuntimeError(f"kvpress worker failed (exit {rc}); output tail:\n{''.join(tail)}")

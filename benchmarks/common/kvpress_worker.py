@@ -182,7 +182,8 @@ class Runner:
         for q in qs:
             logits = self.step(cache, q, len(ctx), logits_to_keep=1)[-1]
             answers.append(
-                self.greedy(cache, logits, len(ctx) + len(q), int(m.get("max_new_tokens", 32)), m.get("stop_at_eos", True))
+                self.greedy(cache, logits, len(ctx) + len(q), int(m.get("max_new_tokens", 32)),
+                            m.get("stop_at_eos", True))
             )
             for layer, n in zip(cache.layers, lens):  # drop question+answer, as kvpress's pipeline does
                 layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]

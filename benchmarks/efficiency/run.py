@@ -62,7 +62,7 @@ def run(bench: Bench, s: Settings) -> str:
             measure.prefill_decode(model, contexts[s.lengths[0]][: s.warmup_tokens], 1, bench.device)
     todo = [(n, rep, m) for n in s.lengths for rep in range(s.repeats) for m in local
             if m.kind != "full" or bench.fits(n)]
-    for n, rep, m in tqdm(todo, desc="efficiency", unit="run"):
+    for n, _rep, m in tqdm(todo, desc="efficiency", unit="run"):
         with bench.use(m) as model:
             _keep_min(rows, m, n, measure.prefill_decode(model, contexts[n], s.n_decode, bench.device))
     presses = bench.press_methods(bench.ratios)

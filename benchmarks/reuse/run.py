@@ -30,6 +30,8 @@ from benchmarks.common import measure, report  # noqa: E402
 from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
 
 BENCHMARK = "reuse"
+FILE_COLUMNS = ["tokens", "entries", "file MiB (fp32)", "file MiB (bf16)", "full KV MiB", "full KV / file", "save s",
+                "load s"]
 MIB = 2**20
 QUESTIONS = [
     "What is the main argument of the text?", "Who is the author talking to?", "What example does the author give?",
@@ -190,14 +192,15 @@ def _tables(bench: Bench, s: Settings, rows: list[dict], checks: list[dict]) -> 
             f"length; each further question adds the mean measured re-read time\n"
             f"- answers identical (fork vs re-read) for {same} of {len(checks)} re-read questions\n\n"
             f"{report.markdown_table(headers, table)}\n## The saved memory against a full KV cache\n\n"
-            f"{report.markdown_table(['tokens', 'entries', 'file MiB (fp32)', 'file MiB (bf16)', 'full KV MiB', 'full KV / file', 'save s', 'load s'], file_rows)}")
+            f"{report.markdown_table(FILE_COLUMNS, file_rows)}")
 
 
 def _plot(bench: Bench, rows: list[dict], out: Path) -> None:
     series = {}
     for n in sorted({r["context_tokens"] for r in rows}):
         pts = [r for r in rows if r["context_tokens"] == n]
-        series[f"{report.tokens(n)}: read once + forks"] = ([r["questions"] for r in pts], [r["fork_total_s"] for r in pts])
+        series[f"{report.tokens(n)}: read once + forks"] = ([r["questions"] for r in pts],
+                                                              [r["fork_total_s"] for r in pts])
         series[f"{report.tokens(n)}: re-read per question"] = ([r["questions"] for r in pts],
                                                                 [r["reread_total_s"] for r in pts])
     report.line_plot(out / f"{bench.stem}_reuse.png", series, xlabel="questions", ylabel="total seconds",

@@ -61,8 +61,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "storage-dtype.json").write_text(json.dumps(result, indent=1) + "\n")
     md = (f"# bf16 storage of a memory (SmolLM2-135M fp32, {args.tokens} tokens, ratio {args.ratio}, next "
-          f"{args.tail} tokens)\n\n`python benchmarks/reuse/storage_dtype.py --tokens {args.tokens} --tail {args.tail}`\n\n"
-          "| file fp32 MiB | file bf16 MiB | max abs logit diff | mean abs logit diff | logit std | NLL fp32 | NLL bf16 | argmax agreement |\n"
+          f"{args.tail} tokens)\n\n"
+          f"`python benchmarks/reuse/storage_dtype.py --tokens {args.tokens} --tail {args.tail}`\n\n"
+          "| file fp32 MiB | file bf16 MiB | max abs logit diff | mean abs logit diff | logit std | NLL fp32 "
+          "| NLL bf16 | argmax agreement |\n"
           "|---|---|---|---|---|---|---|---|\n"
           f"| {result['file_bytes_fp32'] / 2**20:.2f} | {result['file_bytes_bf16'] / 2**20:.2f} | "
           f"{result['max_abs_logit_diff']:.4f} | {result['mean_abs_logit_diff']:.5f} | {result['logit_std']:.2f} | "

@@ -13,14 +13,15 @@ import time
 
 import torch
 from peft import get_peft_model
+from tiny import ARCHS, random_ids, tiny_model
 
 import beacon_peft
 from beacon_peft.labels import IGNORE_INDEX
 from beacon_peft.training.readback import kl_to_teacher, masked_ce
-from tiny import ARCHS, random_ids, tiny_model
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-print("device", device, torch.cuda.get_device_name(0) if device == "cuda" else "", "torch", torch.__version__, flush=True)
+print("device", device, torch.cuda.get_device_name(0) if device == "cuda" else "", "torch", torch.__version__,
+      flush=True)
 failures = 0
 for arch in ARCHS:
     for attn in ("sdpa", "eager"):
@@ -37,7 +38,8 @@ for arch in ARCHS:
             with torch.no_grad():
                 got = off(input_ids=ids).logits.float()
             err = (got - ref).abs().max()
-            assert err <= 2 * noise + 1e-3, f"ratio 0 in bf16 differs from fp32 base by {err:.3g} (bf16 base: {noise:.3g})"
+            assert err <= 2 * noise + 1e-3, \
+                f"ratio 0 in bf16 differs from fp32 base by {err:.3g} (bf16 base: {noise:.3g})"
             model = get_peft_model(base, beacon_peft.BeaconConfig(window=32, ratios=[2, 4, 8]))
             for p in model.parameters():
                 if p.requires_grad:

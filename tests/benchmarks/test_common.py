@@ -204,7 +204,8 @@ def test_multikey_case():
     assert TOK.decode(case["question_ids"]) == MULTIKEY_QUESTION.format(name=names[q])
     assert case["depths_actual"] == sorted(case["depths_actual"])
     other = make_multikey_case(HAYSTACK, TOK, 1800, seed=5, n_keys=3, depths=[0.9, 0.1, 0.5], query_index=0)
-    assert other["query_index"] == 0 and other["depths_actual"][0] > other["depths_actual"][2] > other["depths_actual"][1]
+    depths = other["depths_actual"]
+    assert other["query_index"] == 0 and depths[0] > depths[2] > depths[1]
 
 
 def test_score_answer():
@@ -284,7 +285,8 @@ def test_kvpress_worker_all_presses(kvpress_env, tiny_llama):
     presses = [{"name": "none", "compression_ratio": 0.0}] + [{"name": n, "compression_ratio": 0.5} for n in PRESSES]
     job = {"model_dir": str(model_dir), "dtype": "float32", "threads": 2, "measurements": [
         {"kind": "tail_nll", "id": "ppl", "context_ids": ctx, "tail_ids": tail, "tail_chunk": 16,
-         "presses": presses + [{"name": "knorm", "compression_ratio": 0.0}, {"name": "bogus", "compression_ratio": 0.5}]},
+         "presses": presses + [{"name": "knorm", "compression_ratio": 0.0},
+                               {"name": "bogus", "compression_ratio": 0.5}]},
         {"kind": "generate", "id": "gen", "context_ids": ctx, "question_ids": question, "max_new_tokens": 6,
          "stop_at_eos": False, "presses": presses},
         {"kind": "efficiency", "id": "eff", "context_ids": ctx, "n_decode": 4, "presses": presses},

@@ -308,7 +308,7 @@ def test_trained_adapter_runs_beside_a_fresh_untrained_copy(tiny_dir, tmp_path, 
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     model = get_peft_model(base, beacon_peft.BeaconConfig(window=48, ratios=[4, 8], sink_size=1))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.5 * torch.randn_like(p))  # stands in for training
     model.save_pretrained(tmp_path / "ad")

@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-
 from tiny_recipe import WORDS, document, make_tokenizer
 
 

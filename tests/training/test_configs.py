@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from tiny_recipe import ROOT, base_args
 
 from beacon_peft import BeaconConfig, training
-from tiny_recipe import ROOT, base_args
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "configs" / "accelerate").glob("*.yaml"))

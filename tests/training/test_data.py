@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_recipe import WORDS, W, base_args, make_tokenizer, run_script
 
 from beacon_peft import BeaconConfig, training
 from beacon_peft.training import data as training_data
-from tiny_recipe import WORDS, W, base_args, make_tokenizer, run_script
 
 
 def test_unusable_data_raises_clear_errors(model_dir, tmp_path):
@@ -73,7 +73,7 @@ def test_pretrain_splits_long_documents_and_finetune_masks_the_prompt(chat_file,
     assert len(ds) == len(docs)
     for example, record in zip(ds, docs):
         answer = record["messages"][-1]["content"]
-        labelled = [t for t, l in zip(example["input_ids"], example["labels"]) if l != -100]
+        labelled = [t for t, lab in zip(example["input_ids"], example["labels"]) if lab != -100]
         assert tok.decode(labelled).replace(" ", "") == (answer + "</s>").replace(" ", "")
     batch = training.BeaconCollator(0, W, mask_first_window=True)([ds[0], ds[1]])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +24,6 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-
 from tiny_recipe import ROOT, SCRIPT, W, base_args, base_model, run_script
 
 ACCELERATE_DIR = ROOT / "recipes" / "configs" / "accelerate"
@@ -70,7 +69,8 @@ def test_accelerate_launch_two_cpu_processes(model_dir, text_dir, tmp_path):
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
            str(SCRIPT), *base_args(model_dir, text_dir, out, "--max_steps", "3", "--per_device_train_batch_size", "1",
-                                   "--save_strategy", "steps", "--save_steps", "3", "--activation_checkpointing", "true")]
+                                   "--save_strategy", "steps", "--save_steps", "3",
+                                   "--activation_checkpointing", "true")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -7,9 +7,9 @@ import importlib.util
 
 import torch
 from peft import get_peft_model
+from tiny_recipe import ROOT
 
 from beacon_peft import BeaconConfig, training
-from tiny_recipe import ROOT
 
 
 def test_llama3_8b_adapter_sizes_match_the_docs():

@@ -4,7 +4,6 @@ skipped with the reason when those optional packages are missing."""
 from __future__ import annotations
 
 import pytest
-
 from tiny_recipe import ROOT, run_script
 
 

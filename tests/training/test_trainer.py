@@ -15,9 +15,9 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from tiny_recipe import W, base_args, base_model, eval_loss, run_script, sequences
 
 from beacon_peft import BeaconConfig, training
-from tiny_recipe import W, base_args, base_model, eval_loss, run_script, sequences
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,9 @@ def test_step_ratio_sequence_is_reproducible_from_the_seed(trained, model_dir, t
     again = run_script(base_args(model_dir, text_dir, tmp_path / "a", "--max_steps", "6", "--ratio_mix", "step"))
     other = run_script(base_args(model_dir, text_dir, tmp_path / "b", "--max_steps", "6", "--ratio_mix", "step",
                                  "--ratio_seed", "7"))
-    ratios = lambda t: [int(h["compression_ratio"]) for h in t.state.log_history if "compression_ratio" in h]
+    def ratios(t):
+        return [int(h["compression_ratio"]) for h in t.state.log_history if "compression_ratio" in h]
+
     assert ratios(again) == logged[:6]
     assert ratios(other) == [training.step_ratio(7, k, [2, 4, 8]) for k in range(6)] != logged[:6]
 
