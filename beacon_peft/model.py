@@ -45,8 +45,8 @@ class SealedContext:
 
 
 class _Sealing:
-    """``original`` (the decoder's forward) with its ``beacon_ctx`` keyword sealed. A class, not a closure, so that
-    ``copy.deepcopy`` of the model rebinds it to the copied decoder."""
+    """``original`` (the decoder's forward) with its ``beacon_ctx`` keyword sealed; `_decoder_forward` wraps the
+    decoder's forward in one for each call of the window loop."""
 
     __slots__ = ("original",)
 

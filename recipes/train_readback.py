@@ -130,12 +130,17 @@ def training_documents() -> list[str]:
     return [text for _, text in train] + [text for _, text in extra_corpora()]
 
 
-def make_probe(tokenizer, n: int, window: int, seed: int = 1234) -> list[dict]:
-    """Fixed held-out key pairs (own key, other key, same filler) whose needle ends inside a compressed window."""
+def held_out_haystack(tokenizer) -> list[int]:
+    """The held-out essays' token stream both probes draw from (tokenized once per run)."""
     from beacon_peft.offline.corpora import haystack_ids
+
+    return haystack_ids(tokenizer, 40000, "held_out")
+
+
+def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234) -> list[dict]:
+    """Fixed held-out key pairs (own key, other key, same filler) whose needle ends inside a compressed window."""
     from benchmarks.common.needles import make_passkey_case
 
-    hay = haystack_ids(tokenizer, 40000, "held_out")
     cases, c = [], 0
     while len(cases) < n and c < 20 * n:
         length = (1024, 2048, 4096)[c % 3]
@@ -176,11 +181,8 @@ def key_information(model, probe: list[dict], device, ratio: int = 8) -> float:
     return sum(gaps) / max(1, len(gaps))
 
 
-def make_text_probe(tokenizer, n: int, length: int = 2048, seed: int = 4321) -> list[list[int]]:
+def make_text_probe(hay: list[int], n: int, length: int = 2048, seed: int = 4321) -> list[list[int]]:
     """Fixed held-out stretches of ``length`` tokens for the context gain (the memory probe's definition)."""
-    from beacon_peft.offline.corpora import haystack_ids
-
-    hay = haystack_ids(tokenizer, 40000, "held_out")
     starts = [random.Random(seed + c).randrange(len(hay)) for c in range(n)]
     return [[hay[(s + i) % len(hay)] for i in range(length)] for s in starts]
 
@@ -268,8 +270,9 @@ def main(argv=None) -> Path:
                      start_block=step * args.batch_size // 32 + (1000 if step else 0))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=partial(collate_rows, pad_token_id=tokenizer.pad_token_id))
-    probe = make_probe(tokenizer, args.probe_cases, args.window)
-    texts = make_text_probe(tokenizer, args.probe_cases // 2 or 1, length=4 * args.window)
+    hay = held_out_haystack(tokenizer)
+    probe = make_probe(tokenizer, hay, args.probe_cases, args.window)
+    texts = make_text_probe(hay, args.probe_cases // 2 or 1, length=4 * args.window)
     curve_path, log_path = out / "curve.json", out / "train_log.jsonl"
     curve = json.loads(curve_path.read_text()) if args.resume and curve_path.is_file() else []
     if not curve or curve[-1]["step"] != step or "context_gain" not in curve[-1]:
