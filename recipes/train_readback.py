@@ -5,6 +5,8 @@ rows from the training texts, some needle phrasings held out) and a loss of thre
 
     loss = CE(prose) + answer_weight * CE(answers) + kl_weight * KL(full-attention base || compressed model)
 
+(answers: retrieval rows' answers and recall rows' quotes)
+
 where the teacher is the frozen base with the adapter disabled (no second model in memory). Every
 ``--eval_every`` steps it measures *key information* on a fixed held-out probe (the NLL of a pass key's tokens
 after a context holding another key, minus after its own; the needle inside a compressed window) and writes the
@@ -55,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_tokens", type=int, default=8192)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--text_fraction", type=float, default=0.3)
+    p.add_argument("--recall_fraction", type=float, default=0.0,
+                   help="share of recall rows: whole windows of source, then quotes read back from its compressed "
+                   "memory (beacon_peft.training.readback.MixedRows); text_fraction + recall_fraction <= 1")
     p.add_argument("--held_out_templates", type=int, nargs="*", default=[2, 6, 8],
                    help="synthetic.TEMPLATES indices never trained on (scored as unseen phrasings)")
     p.add_argument("--answer_weight", type=float, default=1.0)
@@ -267,6 +272,7 @@ def main(argv=None) -> Path:
     train_templates = [t for t in range(len(TEMPLATES)) if t not in set(args.held_out_templates)]
     rows = MixedRows(tokenizer, training_documents(), args.min_tokens, args.max_tokens, seed=args.seed,
                      text_fraction=args.text_fraction, templates=train_templates,
+                     recall_fraction=args.recall_fraction, window=args.window,
                      start_block=step * args.batch_size // 32 + (1000 if step else 0))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=partial(collate_rows, pad_token_id=tokenizer.pad_token_id))

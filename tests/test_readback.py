@@ -103,6 +103,59 @@ def test_mixed_rows_are_seeded_and_label_prose_and_answers_apart(tokenizer):
         MixedRows(tokenizer, DOCS, 150, 300, text_fraction=1.5)
 
 
+def _occurs(part: list[int], whole: list[int]) -> bool:
+    return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))
+
+
+def test_recall_rows_quote_their_compressed_source_and_score_only_what_follows_each_cue(tokenizer):
+    window, n_recall = 64, 0
+    rows = MixedRows(tokenizer, DOCS, 200, 320, seed=5, text_fraction=0.25, recall_fraction=0.5, window=window,
+                     templates=[0, 3], block=8)
+    for r in [next(iter(rows.blocks()))[i] for i in range(8)]:
+        ids, text, answer = r["input_ids"], r["text_labels"], r["answer_labels"]
+        assert len(ids) == len(text) == len(answer) <= 320
+        scored = [i for i, a in enumerate(answer) if a != IGNORE_INDEX]
+        prose = [i for i, t in enumerate(text) if t != IGNORE_INDEX]
+        if not scored or prose[-1] == len(ids) - 1:
+            continue  # a plain-text or retrieval row
+        n_recall += 1
+        n_src = prose[-1] + 1
+        assert n_src % window == 0 and text[:n_src] == ids[:n_src], "the source is whole windows, scored as prose"
+        assert scored[0] > n_src, "every scored token comes after the source is compressed"
+        source, runs, run = ids[:n_src], [], [scored[0]]
+        for i in scored[1:]:
+            if i == run[-1] + 1:
+                run.append(i)
+            else:
+                runs.append(run)
+                run = [i]
+        runs.append(run)
+        for run in runs:  # each quote: cue (unscored) + rest (scored), contiguous in the source
+            rest = [ids[i] for i in run]
+            cue_start = max(j for j in range(n_src, run[0]) if answer[j] == IGNORE_INDEX
+                            and (j == n_src or answer[j - 1] != IGNORE_INDEX or ids[j - 1] in rows.newline))
+            assert _occurs(ids[cue_start : run[0]] + rest, source) or _occurs(rest, source)
+    assert n_recall >= 2
+    with pytest.raises(ValueError, match="recall_fraction=0.9"):
+        MixedRows(tokenizer, DOCS, 200, 320, text_fraction=0.25, recall_fraction=0.9, window=64)
+    with pytest.raises(ValueError, match="window=None"):
+        MixedRows(tokenizer, DOCS, 200, 320, recall_fraction=0.5)
+    with pytest.raises(ValueError, match="window=150"):
+        MixedRows(tokenizer, DOCS, 200, 320, recall_fraction=0.5, window=150)
+
+
+def test_draw_fact_splits_a_needle_at_its_value():
+    import random
+
+    from beacon_peft.training.synthetic import draw_fact
+
+    for seed in range(20):
+        cue, rest = draw_fact(random.Random(seed), [0, 4, 6])
+        assert cue and rest and "{" not in cue + rest and not cue.endswith(" ")
+    with pytest.raises(ValueError, match="templates="):
+        draw_fact(random.Random(0), [99])
+
+
 @pytest.mark.parametrize("path", READBACK_CONFIGS, ids=lambda p: p.name)
 def test_readback_configs_parse(path):
     from recipes.train_readback import parse_args

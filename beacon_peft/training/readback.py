@@ -8,6 +8,12 @@ signals that make the memory keep them (docs/training.md, "Read-back stage"):
   (loss on every token) or a synthetic retrieval row (`synthetic.retrieval_examples`: needles at random depths
   in real prose, every needle asked after the haystack) whose answers are weighted apart from the prose, so the
   answers are not drowned by thousands of text tokens.
+* **Recall rows** (`MixedRows`, ``recall_fraction``): whole windows of prose with a few needles (the *source*,
+  compressed by the time it is read back), then quotes from it: a cue of a few tokens copied from the source (a
+  sentence start, or a needle up to its value) and the source's next tokens, scored as answers. Every scored token
+  of a quote is known only from the compressed memory, so a row gives hundreds of read-back targets where a
+  retrieval row gives a few digits; the skill (continue, from memory, what followed a cue) is the one a question
+  after a long document needs, whatever its phrasing.
 * **Self-distillation from full attention** (`kl_to_teacher`): the frozen base with the adapter disabled reads
   the same row uncompressed (within its native positions); the KL divergence of the compressed model's next-token
   distribution from the base model's, on every raw token, tells the beacons what the memory should have carried,
@@ -17,13 +23,14 @@ signals that make the memory keep them (docs/training.md, "Read-back stage"):
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..labels import IGNORE_INDEX
-from .synthetic import _token_stream, retrieval_examples
+from .synthetic import _token_stream, boundary_ids, draw_fact, retrieval_examples
 
 
 def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
@@ -72,27 +79,82 @@ class MixedRows(torch.utils.data.IterableDataset):
     ``answer_labels`` the answers of a retrieval row (`IGNORE_INDEX` elsewhere). Rows are drawn in blocks of
     ``block`` from a seed that depends on ``seed``, the block number and the DataLoader worker, so a run is
     reproducible and a resumed run (``start_block``) draws new rows.
+
+    A share ``recall_fraction`` are recall rows (see the module docstring): their source is the largest whole
+    number of ``window``-token windows that leaves at least ``RECALL_MIN`` tokens for quotes; the quotes' cues are
+    ignored by both labels, the rest of each quote is in ``answer_labels``, the source in ``text_labels``.
     """
+
+    RECALL_MIN = 96  # the fewest tokens a recall row keeps for its quotes
 
     def __init__(self, tokenizer, documents: Sequence[str], min_tokens: int, max_tokens: int, seed: int = 0,
                  text_fraction: float = 0.3, templates: Sequence[int] | None = None, max_needles: int = 4,
-                 block: int = 32, start_block: int = 0):
+                 block: int = 32, start_block: int = 0, recall_fraction: float = 0.0, window: int | None = None):
         super().__init__()
         if not 0.0 <= text_fraction <= 1.0:
             raise ValueError(f"text_fraction={text_fraction} must be in [0, 1]")
+        if not 0.0 <= recall_fraction <= 1.0 - text_fraction:
+            raise ValueError(f"recall_fraction={recall_fraction} must be in [0, 1 - text_fraction = "
+                             f"{1.0 - text_fraction:g}]")
         if not 64 <= min_tokens <= max_tokens - 8:
             raise ValueError(f"min_tokens={min_tokens} must be in [64, max_tokens - 8 = {max_tokens - 8}]")
+        if recall_fraction > 0 and (window is None or not 16 <= window <= min_tokens - self.RECALL_MIN):
+            raise ValueError(f"window={window}: recall rows need a window in [16, min_tokens - {self.RECALL_MIN} = "
+                             f"{min_tokens - self.RECALL_MIN}] (one whole window of source plus its quotes)")
         self.tokenizer, self.documents = tokenizer, [d for d in documents if d.strip()]
         self.min_tokens, self.max_tokens, self.seed = min_tokens, max_tokens, seed
         self.text_fraction, self.templates, self.max_needles = text_fraction, templates, max_needles
+        self.recall_fraction, self.window = recall_fraction, window
         self.block, self.start_block = block, start_block
         # the prose as one token stream (cycled), tokenized once for every block of rows
         self.stream = _token_stream(tokenizer, self.documents, 1, min_tokens, max_tokens - 8)
+        if recall_fraction > 0:
+            self.boundaries = boundary_ids(tokenizer)
+            self.newline = tokenizer.encode("\n", add_special_tokens=False)
 
     def _text_row(self, rng: random.Random) -> dict:
         length, start = rng.randint(self.min_tokens, self.max_tokens), rng.randrange(len(self.stream))
         ids = [self.stream[(start + i) % len(self.stream)] for i in range(length)]
         return {"input_ids": ids, "text_labels": list(ids), "answer_labels": [IGNORE_INDEX] * length}
+
+    def _recall_row(self, rng: random.Random) -> dict:
+        """Source (whole windows of prose with 1..2*max_needles needles at sentence starts), then quotes until the
+        row is full: every needle's cue once, the rest random sentence starts of the source; order shuffled."""
+        encode = partial(self.tokenizer.encode, add_special_tokens=False)
+        length = rng.randint(self.min_tokens, self.max_tokens)
+        n_src = self.window * max(1, (length - self.RECALL_MIN) // self.window)
+        facts = [draw_fact(rng, self.templates) for _ in range(rng.randint(1, 2 * self.max_needles))]
+        needles = [(encode(" " + cue), encode(" " + rest)) for cue, rest in facts]  # (cue ids, rest ids)
+        n_fill = n_src  # more than is left after the needles: the source is trimmed to n_src below
+        start = rng.randrange(len(self.stream))
+        filler = [self.stream[(start + i) % len(self.stream)] for i in range(n_fill)]
+        room = max(2, n_src - sum(len(c) + len(r) for c, r in needles))  # needles start before it, so all fit
+        cuts = [i for i in range(1, room) if filler[i - 1] in self.boundaries] or list(range(1, room))
+        points = sorted(rng.choice(cuts) for _ in needles)
+        source, quotes, prev = [], [], 0
+        for point, (cue, rest) in zip(points, needles):
+            source += filler[prev:point]
+            if len(source) + len(cue) + len(rest) <= n_src:  # a needle the trim below would cut is left out
+                quotes.append((cue, rest))
+                source += cue + rest
+            prev = point
+        source = (source + filler[prev:])[:n_src]
+        starts = [i + 1 for i, t in enumerate(source[:-32]) if t in self.boundaries] or [0]
+        ids = source + encode("\n\n")
+        answers = [IGNORE_INDEX] * len(ids)
+        rng.shuffle(quotes)
+        while True:
+            if not quotes:  # a sentence start of the source: a cue of 4-8 tokens and the next 8-24
+                at, n_cue, n_rest = rng.choice(starts), rng.randint(4, 8), rng.randint(8, 24)
+                quotes.append((source[at : at + n_cue], source[at + n_cue : at + n_cue + n_rest]))
+            cue, rest = quotes.pop()
+            quote = self.newline + cue + rest
+            if len(ids) + len(quote) > length:
+                break
+            ids += quote
+            answers += [IGNORE_INDEX] * (len(self.newline) + len(cue)) + rest
+        return {"input_ids": ids, "text_labels": source + [IGNORE_INDEX] * (len(ids) - n_src),
+                "answer_labels": answers}
 
     def _retrieval_rows(self, n: int, seed: int) -> list[dict]:
         rows = []
@@ -111,10 +173,12 @@ class MixedRows(torch.utils.data.IterableDataset):
         number = self.start_block + worker
         while True:
             rng = random.Random(f"{self.seed}:{number}")
-            n_text = sum(rng.random() < self.text_fraction for _ in range(self.block))
-            rows = [self._text_row(rng) for _ in range(n_text)]
-            if n_text < self.block:
-                rows += self._retrieval_rows(self.block - n_text, rng.randrange(2**31))
+            draws = [rng.random() for _ in range(self.block)]
+            n_text = sum(d < self.text_fraction for d in draws)
+            n_recall = sum(self.text_fraction <= d < self.text_fraction + self.recall_fraction for d in draws)
+            rows = [self._text_row(rng) for _ in range(n_text)] + [self._recall_row(rng) for _ in range(n_recall)]
+            if n_text + n_recall < self.block:
+                rows += self._retrieval_rows(self.block - n_text - n_recall, rng.randrange(2**31))
             rng.shuffle(rows)
             yield rows
             number += workers

@@ -79,6 +79,21 @@ def _value(rng: random.Random, template: int) -> str:
     return rng.choice(pool)
 
 
+def draw_fact(rng: random.Random, templates: Sequence[int] | None = None) -> tuple[str, str]:
+    """A random needle from ``templates`` (indices into `TEMPLATES`, default all) as ``(cue, rest)``: its text up to
+    the value and from the value on, e.g. ``("The secret code for Maria is", "4071.")``; the needle reads
+    ``cue + " " + rest``. The recall rows of the read-back stage quote the cue and score the rest."""
+    pool = list(range(len(TEMPLATES))) if templates is None else list(templates)
+    if not pool or any(not isinstance(t, int) or not 0 <= t < len(TEMPLATES) for t in pool):
+        raise ValueError(f"templates={templates!r} must be a non-empty list of indices in [0, {len(TEMPLATES) - 1}]")
+    template = rng.choice(pool)
+    needle = TEMPLATES[template][0]
+    subject = rng.choice(_subject_pool(template)) if "{s}" in needle else ""
+    value = _value(rng, template)
+    head, _, tail = needle.partition("{v}")
+    return head.format(s=subject).rstrip(), (value + tail).format(s=subject, v=value)
+
+
 _BOUNDARIES: dict[tuple[int, int], frozenset[int]] = {}
 
 
