@@ -56,5 +56,18 @@ def main(argv: Optional[list[str]] = None):
     return train(script_args, beacon_args, training_args, model_args, command=command)
 
 
+def close_process_group() -> None:
+    """Tear the process group down before the interpreter exits, as torch.distributed asks: left to the exit,
+    a gloo process group's threads can abort the process after training finished (seen once under FSDP2 on a busy
+    CPU: SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        close_process_group()
