@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..labels import IGNORE_INDEX
-from .synthetic import _token_stream, boundary_ids, draw_fact, retrieval_examples
+from .synthetic import _token_stream, boundary_ids, draw_fact, retrieval_examples, template_pool
 
 
 def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
@@ -91,6 +91,7 @@ class MixedRows(torch.utils.data.IterableDataset):
                  text_fraction: float = 0.3, templates: Sequence[int] | None = None, max_needles: int = 4,
                  block: int = 32, start_block: int = 0, recall_fraction: float = 0.0, window: int | None = None):
         super().__init__()
+        templates = None if templates is None else template_pool(templates)  # checked before any row is drawn
         if not 0.0 <= text_fraction <= 1.0:
             raise ValueError(f"text_fraction={text_fraction} must be in [0, 1]")
         if not 0.0 <= recall_fraction <= 1.0 - text_fraction:
@@ -111,6 +112,7 @@ class MixedRows(torch.utils.data.IterableDataset):
         if recall_fraction > 0:
             self.boundaries = boundary_ids(tokenizer)
             self.newline = tokenizer.encode("\n", add_special_tokens=False)
+            self.separator = tokenizer.encode("\n\n", add_special_tokens=False)  # between the source and the quotes
 
     def _text_row(self, rng: random.Random) -> dict:
         length, start = rng.randint(self.min_tokens, self.max_tokens), rng.randrange(len(self.stream))
@@ -125,9 +127,8 @@ class MixedRows(torch.utils.data.IterableDataset):
         n_src = self.window * max(1, (length - self.RECALL_MIN) // self.window)
         facts = [draw_fact(rng, self.templates) for _ in range(rng.randint(1, 2 * self.max_needles))]
         needles = [(encode(" " + cue), encode(" " + rest)) for cue, rest in facts]  # (cue ids, rest ids)
-        n_fill = n_src  # more than is left after the needles: the source is trimmed to n_src below
-        start = rng.randrange(len(self.stream))
-        filler = [self.stream[(start + i) % len(self.stream)] for i in range(n_fill)]
+        start = rng.randrange(len(self.stream))  # n_src tokens of filler: more than the needles leave room for
+        filler = [self.stream[(start + i) % len(self.stream)] for i in range(n_src)]
         room = max(2, n_src - sum(len(c) + len(r) for c, r in needles))  # needles start before it, so all fit
         cuts = [i for i in range(1, room) if filler[i - 1] in self.boundaries] or list(range(1, room))
         points = sorted(rng.choice(cuts) for _ in needles)
@@ -140,7 +141,7 @@ class MixedRows(torch.utils.data.IterableDataset):
             prev = point
         source = (source + filler[prev:])[:n_src]
         starts = [i + 1 for i, t in enumerate(source[:-32]) if t in self.boundaries] or [0]
-        ids = source + encode("\n\n")
+        ids = source + self.separator
         answers = [IGNORE_INDEX] * len(ids)
         rng.shuffle(quotes)
         while True:

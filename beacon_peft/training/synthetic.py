@@ -79,13 +79,23 @@ def _value(rng: random.Random, template: int) -> str:
     return rng.choice(pool)
 
 
+def template_pool(templates: Sequence[int] | None) -> list[int]:
+    """``templates`` (indices into `TEMPLATES`; None: all) as a checked list.
+
+    Raises:
+        ValueError: an empty list, or an index outside ``[0, len(TEMPLATES) - 1]``.
+    """
+    pool = list(range(len(TEMPLATES))) if templates is None else list(templates)
+    if not pool or any(not isinstance(t, int) or not 0 <= t < len(TEMPLATES) for t in pool):
+        raise ValueError(f"templates={templates!r} must be a non-empty list of indices in [0, {len(TEMPLATES) - 1}]")
+    return pool
+
+
 def draw_fact(rng: random.Random, templates: Sequence[int] | None = None) -> tuple[str, str]:
     """A random needle from ``templates`` (indices into `TEMPLATES`, default all) as ``(cue, rest)``: its text up to
     the value and from the value on, e.g. ``("The secret code for Maria is", "4071.")``; the needle reads
     ``cue + " " + rest``. The recall rows of the read-back stage quote the cue and score the rest."""
-    pool = list(range(len(TEMPLATES))) if templates is None else list(templates)
-    if not pool or any(not isinstance(t, int) or not 0 <= t < len(TEMPLATES) for t in pool):
-        raise ValueError(f"templates={templates!r} must be a non-empty list of indices in [0, {len(TEMPLATES) - 1}]")
+    pool = template_pool(templates)
     template = rng.choice(pool)
     needle = TEMPLATES[template][0]
     subject = rng.choice(_subject_pool(template)) if "{s}" in needle else ""
@@ -150,9 +160,7 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
         ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 8], no document text, or a template
             index outside ``[0, len(TEMPLATES) - 1]``.
     """
-    pool = list(range(len(TEMPLATES))) if templates is None else list(templates)
-    if not pool or any(not isinstance(t, int) or not 0 <= t < len(TEMPLATES) for t in pool):
-        raise ValueError(f"templates={templates!r} must be a non-empty list of indices in [0, {len(TEMPLATES) - 1}]")
+    pool = template_pool(templates)
     if not 1 <= max_needles <= len(ACCOUNTS):
         raise ValueError(f"max_needles={max_needles} must be in [1, {len(ACCOUNTS)}]")
     stream = _token_stream(tokenizer, documents, n, min_tokens, max_tokens - 8, stream)
