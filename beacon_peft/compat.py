@@ -47,10 +47,13 @@ def cache_kwarg(module: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def model_output(last_hidden_state: torch.Tensor, cache: Any) -> BaseModelOutputWithPast:
+def model_output(last_hidden_state: torch.Tensor, cache: Any, hidden_states: tuple | None = None
+                 ) -> BaseModelOutputWithPast:
     """A decoder output holding ``cache`` in the field the installed transformers reads (``cache`` or
-    ``past_key_values``), so the causal LM and ``generate`` carry the memory on."""
-    return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, **{OUTPUT_CACHE_FIELD: cache})
+    ``past_key_values``), so the causal LM and ``generate`` carry the memory on, and ``hidden_states`` (the
+    embeddings' and every layer's output, as the base decoder gives them) when asked."""
+    return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, hidden_states=hidden_states,
+                                   **{OUTPUT_CACHE_FIELD: cache})
 
 
 def output_cache(output: Any) -> Any:

@@ -92,9 +92,12 @@ def _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
             raise ValueError(f"attention_mask must be 2-D (batch={batch}, >= {length} columns) with 1 for tokens "
                              f"and 0 for padding, got shape {tuple(attention_mask.shape)}")
-    for key in ("output_attentions", "output_hidden_states"):
-        if kwargs.get(key):
-            raise ValueError(f"{key}=True is not supported with an active beacon adapter")
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True is not supported with an active beacon adapter (a raw token attends "
+                         "to the memory's beacons, not to the earlier tokens, so there is no full attention map); "
+                         "output_hidden_states=True is")
+    if not isinstance(kwargs.get("output_hidden_states", False), (bool, type(None))):
+        raise TypeError(f"output_hidden_states must be True, False or None, got {kwargs['output_hidden_states']!r}")
     return batch, length
 
 
@@ -202,7 +205,10 @@ def beacon_decoder_forward(
     ignored: positions are re-based onto the memory."""
     cache = take_cache(kwargs)  # `cache=` (transformers >= 5.24) or `past_key_values=` (earlier), never dropped
     batch, length = _check_inputs(decoder, input_ids, inputs_embeds, attention_mask, kwargs)
-    kwargs.pop("output_attentions", None), kwargs.pop("output_hidden_states", None)
+    kwargs.pop("output_attentions", None)
+    want_hidden = kwargs.pop("output_hidden_states", None)
+    if want_hidden is None:  # the decoder's own default (config.output_hidden_states), as the base would read it
+        want_hidden = bool(getattr(decoder.config, "output_hidden_states", False))
     device = (input_ids if input_ids is not None else inputs_embeds).device
     signature = memory_signature(decoder, active.config)
     memory = _resolve_memory(cache, batch, signature)
@@ -217,31 +223,45 @@ def beacon_decoder_forward(
     if not any(len(c) for c in cols):
         raise ValueError("attention_mask marks every position as padding: there is no token to read")
     scheduler = Scheduler(active.config, state, cols, length, decoder.training, active.picker, device)
-    decoder_kwargs = {**kwargs, cache_kwarg(decoder): None}  # no cache inside: the memory is in `beacon_ctx`
+    decoder_kwargs = {**kwargs, cache_kwarg(decoder): None, "output_hidden_states": want_hidden}  # memory: in ctx
     run = partial(_run_step, active, original_forward, decoder, input_ids, inputs_embeds, decoder_kwargs)
-    pieces, destinations = [], []
+    pieces, destinations, layer_pieces = [], [], []  # layer_pieces[k]: pieces of hidden_states[k]
     longest = max(len(c) for c in cols)
     with tqdm(total=longest, unit="tok", desc="beacon prefill", leave=False,
               disable=True if math.ceil(longest / active.config.stride) + 1 < PROGRESS_MIN_STEPS else None) as bar:
         while (plan := scheduler.plan()) is not None:
-            state.layers, hidden = run(plan, state.layers)  # hidden (B, L, H)
+            state.layers, hidden, per_layer = run(plan, state.layers)  # hidden (B, L, H)
             step = plan.inputs
             pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, step.out_src))
             destinations.append(step.out_dst)
+            for k, h in enumerate(per_layer or ()):  # the raw entries of each layer's (B, L, H)
+                if k == len(layer_pieces):
+                    layer_pieces.append([])
+                layer_pieces[k].append(h.reshape(-1, h.shape[-1]).index_select(0, step.out_src))
             bar.update(int(step.valid.logical_and(~step.is_beacon).sum(1).max()))
 
-    source = torch.cat(pieces)  # (n_raw, H)
-    hidden = source.new_zeros(batch * length, source.shape[-1]).index_copy(0, torch.cat(destinations), source)
+    dst = torch.cat(destinations)
+    hidden = _in_input_order(pieces, dst, batch, length)
+    all_hidden = tuple(_in_input_order(p, dst, batch, length) for p in layer_pieces) if want_hidden else None
     state.columns += length
     memory.state = state
-    output = model_output(hidden.view(batch, length, -1), memory if use_cache is not False else None)
+    output = model_output(hidden, memory if use_cache is not False else None, hidden_states=all_hidden)
     return output, state.ratio_log[steps_before:]
 
 
+def _in_input_order(pieces: list[torch.Tensor], destinations: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """The raw tokens' rows gathered step by step (each (n_step, H)) put back at their input columns: (B, T, H);
+    padding columns stay zero."""
+    source = torch.cat(pieces)  # (n_raw, H)
+    out = source.new_zeros(batch * length, source.shape[-1]).index_copy(0, destinations, source)
+    return out.view(batch, length, -1)
+
+
 def _run_step(active: ActiveBeacon, original_forward: Callable, decoder: torch.nn.Module, input_ids, inputs_embeds,
-              decoder_kwargs: dict, plan: StepPlan, layers: list) -> tuple[list, torch.Tensor]:
-    """One window step through the unchanged decoder stack: the layers' next memory and the hidden states
-    (B, L, H) of the step's entries."""
+              decoder_kwargs: dict, plan: StepPlan, layers: list) -> tuple[list, torch.Tensor, tuple | None]:
+    """One window step through the unchanged decoder stack: the layers' next memory, the last hidden states
+    (B, L, H) of the step's entries and, when ``output_hidden_states`` is asked, the decoder's tuple of every
+    layer's (B, L, H) (else None)."""
     step = plan.inputs
     if input_ids is not None:
         embeds = decoder.get_input_embeddings()(input_ids.gather(1, step.input_cols))  # (B, L, H)
@@ -260,4 +280,4 @@ def _run_step(active: ActiveBeacon, original_forward: Callable, decoder: torch.n
     if any(layer is None for layer in ctx.new_layers):
         missing = [i for i, layer in enumerate(ctx.new_layers) if layer is None]
         raise RuntimeError(f"decoder layers {missing} bypassed the beacon attention (not wrapped?)")
-    return ctx.new_layers, out.last_hidden_state
+    return ctx.new_layers, out.last_hidden_state, out.hidden_states if decoder_kwargs["output_hidden_states"] else None

@@ -27,17 +27,28 @@ def load_run(run: Path) -> tuple[list[dict], list[dict]]:
     return json.loads(curve_path.read_text()), log
 
 
+def loss_terms(log: list[dict]) -> dict[str, str]:
+    """The logged loss terms to show, by key: always the three CE/KL terms, the hidden-state distance when the run
+    trained with it (``--hidden_weight`` > 0)."""
+    terms = {"text": "CE prose", "answer": "CE answers", "kl": "KL to base"}
+    if any(r.get("hidden", 0) > 0 for r in log):
+        terms["hidden"] = "hidden distance"
+    return terms
+
+
 def table(curve: list[dict], log: list[dict]) -> str:
-    """One row per curve point; loss terms from the nearest logged step at or before it."""
-    lines = ["| step | tokens | key information (nats) | context gain (nats) | CE prose | CE answers | KL to base |",
-             "|---|---|---|---|---|---|---|"]
+    """One row per curve point; loss terms from the nearest logged step at or before it (the hidden-state distance
+    only for runs that used it)."""
+    terms = loss_terms(log)
+    lines = ["| step | tokens | key information (nats) | context gain (nats) | " + " | ".join(terms.values()) + " |",
+             "|---|---|---|---|" + "---|" * len(terms)]
     for point in curve:
         logged = [r for r in log if r["step"] <= point["step"]]
         last = logged[-1] if logged and point["step"] else {}
         gain = point.get("context_gain")
         cells = [str(point["step"]), f"{point['tokens']:,}", f"{point['key_information']:.3f}",
                  "" if gain is None else f"{gain:.3f}"]
-        cells += [f"{last[k]:.2f}" if k in last else "" for k in ("text", "answer", "kl")]
+        cells += [f"{last[k]:.{3 if k == 'hidden' else 2}f}" if k in last else "" for k in terms]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -57,7 +68,7 @@ def plot(curve: list[dict], log: list[dict], path: Path, title: str) -> None:
     left.axhline(0, color="grey", lw=0.5)
     left.set(xlabel="training tokens (thousands)", ylabel="nats per token", title="held-out memory probe, ratio 8")
     left.legend()
-    for key, label in (("text", "CE prose"), ("answer", "CE answers"), ("kl", "KL to base")):
+    for key, label in loss_terms(log).items():
         points = [(r["tokens"] / 1e3, r[key]) for r in log if key in r]
         if points:
             right.plot(*zip(*points), label=label)

@@ -4,6 +4,7 @@ A plain PyTorch loop (no TRL) over `beacon_peft.training.readback`: mixed rows (
 rows from the training texts, some needle phrasings held out) and a loss of three terms,
 
     loss = CE(prose) + answer_weight * CE(answers) + kl_weight * KL(full-attention base || compressed model)
+           + hidden_weight * D(hidden states of every layer, compressed model vs full-attention base)
 
 (answers: retrieval rows' answers and recall rows' quotes)
 
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer_weight", type=float, default=1.0)
     p.add_argument("--kl_weight", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--hidden_weight", type=float, default=0.0,
+                   help="weight of the layer-wise hidden-state distance to the full-attention base on every raw "
+                   "token (beacon_peft.training.readback.hidden_distance); 0: off")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup_steps", type=int, default=20)
     p.add_argument("--max_steps", type=int, default=100000)
@@ -93,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "8192 positions: allowed <= 8192")
     if not 64 <= args.min_tokens <= args.max_tokens - 8:
         raise ValueError(f"min_tokens={args.min_tokens}: allowed [64, max_tokens - 8 = {args.max_tokens - 8}]")
+    for name in ("answer_weight", "kl_weight", "hidden_weight"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{name}={getattr(args, name)}: a loss weight: allowed >= 0")
     if args.device not in ("cpu", "cuda") and not str(args.device).startswith("cuda:"):
         raise ValueError(f"device={args.device!r}: allowed 'cpu', 'cuda' or 'cuda:N'")
     return args
@@ -247,7 +254,7 @@ def save_final(model, tokenizer, args, out: Path) -> Path:
 def main(argv=None) -> Path:
     from peft import set_peft_model_state_dict
 
-    from beacon_peft.training.readback import MixedRows, collate_rows, kl_to_teacher, masked_ce
+    from beacon_peft.training.readback import MixedRows, collate_rows, hidden_distance, kl_to_teacher, masked_ce
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -286,27 +293,37 @@ def main(argv=None) -> Path:
         curve_path.write_text(json.dumps(curve, indent=1))
     model.train()
     start, last_save, window_tokens, window_start = time.time(), time.time(), 0, time.time()
-    sums = {"text": 0.0, "answer": 0.0, "kl": 0.0, "n": 0}
+    terms = ("text", "answer", "kl", "hidden")
+    sums = dict.fromkeys(terms, 0.0) | {"n": 0}
     for batch in loader:
         if step >= args.max_steps or (time.time() - start) / 60 >= args.max_minutes:
             break
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        teacher = None
-        if args.kl_weight > 0:
+        teacher, teacher_hidden, layers = None, None, args.hidden_weight > 0
+        if args.kl_weight > 0 or layers:
             with torch.no_grad(), model.disable_adapter():
-                teacher = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+                t_out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=layers)
+                teacher, teacher_hidden = t_out.logits, t_out.hidden_states
+                del t_out
+        s_out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=layers)
+        logits = s_out.logits  # (B, T, V)
         text_sum, text_n = masked_ce(logits, batch["text_labels"])
         ans_sum, ans_n = masked_ce(logits, batch["answer_labels"])
         loss = text_sum / text_n.clamp(min=1) + args.answer_weight * ans_sum / ans_n.clamp(min=1)
-        kl = torch.zeros((), device=device)
-        if teacher is not None:
+        kl, hid = torch.zeros((), device=device), torch.zeros((), device=device)
+        if args.kl_weight > 0:
             kl_sum, kl_n = kl_to_teacher(logits, teacher, batch["attention_mask"].bool(), args.temperature)
             kl = kl_sum / kl_n.clamp(min=1)
             loss = loss + args.kl_weight * kl
-            del teacher
+        if layers:
+            hid_sum, hid_n = hidden_distance(s_out.hidden_states, teacher_hidden, batch["attention_mask"].bool())
+            hid = hid_sum / hid_n.clamp(min=1)
+            loss = loss + args.hidden_weight * hid
+        del teacher, teacher_hidden, s_out
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -318,16 +335,17 @@ def main(argv=None) -> Path:
         sums["text"] += float(text_sum.detach() / text_n.clamp(min=1))
         sums["answer"] += float(ans_sum.detach() / ans_n.clamp(min=1))
         sums["kl"] += float(kl.detach())
+        sums["hidden"] += float(hid.detach())
         sums["n"] += 1
         if step % args.log_every == 0:
             rate = window_tokens / (time.time() - window_start)
             record = dict(step=step, tokens=tokens, minutes=round((time.time() - start) / 60, 2),
                           tokens_per_s=round(rate),
-                          **{k: round(sums[k] / sums["n"], 4) for k in ("text", "answer", "kl")})
+                          **{k: round(sums[k] / sums["n"], 4) for k in terms})
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
-            sums = {"text": 0.0, "answer": 0.0, "kl": 0.0, "n": 0}
+            sums = dict.fromkeys(terms, 0.0) | {"n": 0}
             window_tokens, window_start = 0, time.time()
         if step % args.eval_every == 0:
             curve.append(evaluate(model, probe, texts, device, step, tokens))

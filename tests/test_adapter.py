@@ -173,6 +173,67 @@ def test_compression_off_equals_full_attention(arch, attn):
         assert torch.equal(model.generate(input_ids=ids, **kw), base.generate(input_ids=ids, **kw))
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_output_hidden_states_are_every_layer_of_the_raw_tokens(arch):
+    """Every layer's hidden states of the raw tokens, in input order: equal to the base's with compression off
+    and before the first beacon (nothing of the adapter read yet); the last one is what lm_head reads."""
+    base = tiny_model(arch)
+    ids = random_ids(2, 3 * W + 5)
+    with torch.no_grad():
+        expected = base(input_ids=ids, output_hidden_states=True).hidden_states
+        off = get_peft_model(tiny_model(arch), BeaconConfig(window=W, ratios=[0]))
+        got = off(input_ids=ids, output_hidden_states=True).hidden_states
+        assert len(got) == len(expected) == base.config.num_hidden_layers + 1
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        model = beacon_model(arch, sink_size=1, ratios=[4])
+        out = model(input_ids=ids, output_hidden_states=True)
+        assert model(input_ids=ids).hidden_states is None
+    assert len(out.hidden_states) == len(expected)
+    for g, e in zip(out.hidden_states, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g[:, :4], e[:, :4], atol=1e-5, rtol=1e-5)  # before the first beacon
+    assert not torch.allclose(out.hidden_states[-1][:, W:], expected[-1][:, W:], atol=1e-3)
+    lm_head = model.get_output_embeddings()
+    torch.testing.assert_close(lm_head(out.hidden_states[-1]), out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_output_hidden_states_continue_from_a_memory_as_one_call():
+    model = beacon_model("llama", sink_size=1)
+    ids = random_ids(1, 3 * W + 5)
+    with torch.no_grad():
+        whole = model(input_ids=ids, output_hidden_states=True).hidden_states
+        memory = model(input_ids=ids[:, : 2 * W]).past_key_values
+        rest = model(input_ids=ids[:, 2 * W :], past_key_values=memory, output_hidden_states=True).hidden_states
+    for w, r in zip(whole, rest):
+        torch.testing.assert_close(w[:, 2 * W :], r, atol=1e-5, rtol=1e-5)
+
+
+def test_output_hidden_states_carry_gradients_into_the_beacons():
+    model = beacon_model("llama", sink_size=1).train()
+    out = model(input_ids=random_ids(1, 2 * W + 3), output_hidden_states=True)
+    out.hidden_states[2][:, W:].square().sum().backward()  # a middle layer, tokens that read the memory
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads.values())
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert frozen == []
+
+
+def test_left_padded_rows_keep_each_rows_hidden_states():
+    model = beacon_model("llama", sink_size=1)
+    rows = [random_ids(1, 2 * W + 5, seed=1)[0], random_ids(1, W + 3, seed=2)[0]]
+    ids = torch.zeros(2, 2 * W + 5, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, ids.shape[1] - len(row) :], mask[b, ids.shape[1] - len(row) :] = row, 1
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        for b, row in enumerate(rows):
+            alone = model(input_ids=row[None], output_hidden_states=True).hidden_states
+            for g, a in zip(batch, alone):
+                torch.testing.assert_close(g[b, ids.shape[1] - len(row) :], a[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_left_padded_rows_match_each_row_alone(arch, attn):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from beacon_peft.training import readback
 from beacon_peft.training.readback import IGNORE_INDEX, MixedRows, collate_rows, kl_to_teacher, masked_ce
 from beacon_peft.training.synthetic import TEMPLATES, retrieval_examples
 
@@ -31,6 +32,27 @@ def test_kl_to_teacher_is_torch_kl_on_the_masked_positions_and_reaches_the_stude
     assert student.grad is not None and teacher.grad is None
     same, _ = kl_to_teacher(teacher.detach(), teacher.detach(), mask)
     assert abs(float(same)) < 1e-5
+
+
+def test_hidden_distance_is_the_relative_error_per_layer_on_the_masked_positions():
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 5, 4) for _ in range(3))
+    student = tuple((t + 0.1 * torch.randn_like(t)).requires_grad_() for t in teacher)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    total, count = readback.hidden_distance(student, teacher, mask)
+    expected = sum((((s - t).square().sum(-1) / t.square().sum(-1))[mask]).sum() for s, t in
+                   zip(student[1:], teacher[1:])) / 2  # layers 1 and 2; the embeddings are skipped
+    torch.testing.assert_close(total, expected)
+    assert count.item() == 7
+    total.backward()
+    assert student[0].grad is None and student[1].grad is not None
+    assert student[1].grad[~mask].abs().sum() == 0 and student[1].grad[mask].abs().sum() > 0
+    same, _ = readback.hidden_distance(teacher, teacher, mask)
+    assert same.item() == 0
+    with pytest.raises(ValueError, match="3 hidden-state tensors and teacher 2"):
+        readback.hidden_distance(student, teacher[:2], mask)
+    with pytest.raises(ValueError, match="differ"):
+        readback.hidden_distance(student, (teacher[0], teacher[1], torch.zeros(2, 5, 3)), mask)
 
 
 def test_kl_to_teacher_refuses_bad_shapes_and_temperatures():
@@ -175,10 +197,13 @@ def test_readback_arguments_are_checked(tmp_path):
         parse_args(["--max_tokens", "9000"])
     with pytest.raises(ValueError, match="min_tokens=10"):
         parse_args(["--min_tokens", "10"])
+    with pytest.raises(ValueError, match="hidden_weight=-1.0: a loss weight: allowed >= 0"):
+        parse_args(["--hidden_weight", "-1"])
 
 
 def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
-    """Two steps, stop; resume to three: the resumed run starts from the checkpoint's step and weights."""
+    """Two steps, stop; resume to three: the resumed run starts from the checkpoint's step and weights (with every
+    loss term on, the layer-wise hidden-state distance included)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -192,7 +217,8 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "model")
     common = ["--model", str(tmp_path / "model"), "--device", "cpu", "--dtype", "float32", "--window", "64",
               "--ratios", "4", "8", "--min_tokens", "150", "--max_tokens", "300", "--batch_size", "2",
-              "--probe_cases", "2", "--eval_every", "2", "--workers", "0", "--output_dir", str(tmp_path / "run")]
+              "--probe_cases", "2", "--eval_every", "2", "--workers", "0", "--output_dir", str(tmp_path / "run"),
+              "--hidden_weight", "1.0", "--log_every", "1"]
     main(common + ["--max_steps", "2"])
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["tokens"] > 0
@@ -204,6 +230,8 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     assert all(math.isfinite(c["key_information"]) and math.isfinite(c["context_gain"]) for c in curve)
     weights = load_file(str(final / "adapter_model.safetensors"))
     assert weights and all(k.startswith("base_model.") or "beacon" in k for k in weights)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["hidden"] > 0 and r["kl"] > 0 for r in log)
     moved = [k for k in state["adapter"] if not torch.equal(state["adapter"][k], resumed["adapter"][k])]
     assert moved, "the resumed step changed no adapter weight"
 
@@ -223,5 +251,11 @@ def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):
     assert (tmp_path / "out" / "t_curve.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="refusing to overwrite"):
         plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "t"])
+    (run / "train_log.jsonl").write_text(json.dumps(dict(step=10, tokens=5000, text=3.1, answer=1.2, kl=0.2,
+                                                         hidden=0.0712)) + "\n")
+    assert plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "h"]) == 0
+    table = (tmp_path / "out" / "h_curve.md").read_text().splitlines()
+    assert table[0].endswith("| KL to base | hidden distance |")
+    assert table[3] == "| 10 | 5,000 | 0.500 | 0.250 | 3.10 | 1.20 | 0.20 | 0.071 |"
     with pytest.raises(ValueError, match="no curve.json"):
         plot_main([str(tmp_path), "--out", str(tmp_path / "out"), "--name", "u"])

@@ -57,6 +57,33 @@ def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     return total * temperature**2, torch.tensor(float(index.numel()), device=student.device)
 
 
+def hidden_distance(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor,
+                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum, count)`` of the layer-wise hidden-state distance to the full-attention teacher over the positions
+    where ``mask`` is true: for each position, the mean over layers of ``|h_s - h_t|^2 / |h_t|^2``.
+
+    student, teacher: ``output_hidden_states`` tuples (embeddings, then every layer), each (B, T, H); mask (B, T)
+    bool. The embeddings (identical by construction) are skipped. Each position is measured relative to the
+    teacher's own norm there, so a few tokens with massive activations do not outweigh the rest. Computed in
+    float32; the gradient reaches ``student`` only. This is the dense "what the memory should carry" signal of
+    self-distillation: every layer of every raw token after compressed windows is told what full attention made.
+    """
+    if len(student) != len(teacher) or len(student) < 2:
+        raise ValueError(f"student has {len(student)} hidden-state tensors and teacher {len(teacher)}: both must be "
+                         "output_hidden_states tuples of the same model (embeddings + at least one layer)")
+    index = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s_layer, t_layer in zip(student[1:], teacher[1:]):
+        if s_layer.shape != t_layer.shape:
+            raise ValueError(f"student hidden states {tuple(s_layer.shape)} and teacher's {tuple(t_layer.shape)} "
+                             "differ")
+        s = s_layer.reshape(-1, s_layer.shape[-1]).index_select(0, index).float()  # (N, H)
+        t = t_layer.reshape(-1, t_layer.shape[-1]).index_select(0, index).float().detach()
+        total = total + ((s - t).square().sum(-1) / (t.square().sum(-1) + eps)).sum()
+    count = torch.tensor(float(index.numel()), device=student[0].device)
+    return total / (len(student) - 1), count
+
+
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, count)`` of next-token cross-entropy: position ``t`` predicts ``labels[:, t + 1]``.
 
