@@ -101,8 +101,9 @@ def _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int
     return batch, length
 
 
-# Keywords a causal LM, the Trainer or generate() may hand the decoder that change nothing here (the loss
-# normaliser is the causal LM's business; False/None output flags ask for nothing). Anything else is refused.
+# Keywords a causal LM, the Trainer or generate() may hand the decoder that the loop accepts: the loss normaliser
+# is the causal LM's business, output_attentions may only be False/None (`_check_shapes`) and output_hidden_states
+# is honoured (`beacon_decoder_forward`). Anything else is refused.
 _IGNORED_KWARGS = ("num_items_in_batch", "return_dict", "output_attentions", "output_hidden_states",
                    "output_router_logits", "is_causal")
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
