@@ -288,6 +288,10 @@ def main(argv=None) -> Path:
     texts = make_text_probe(hay, args.probe_cases // 2 or 1, length=4 * args.window)
     curve_path, log_path = out / "curve.json", out / "train_log.jsonl"
     curve = json.loads(curve_path.read_text()) if args.resume and curve_path.is_file() else []
+    lost = [c["step"] for c in curve if c["step"] > step]
+    if lost:  # measured after the checkpoint, on weights the resumed run no longer has
+        print(f"dropping curve points {lost}: they come after the checkpoint's step {step}", flush=True)
+        curve = [c for c in curve if c["step"] <= step]
     if not curve or curve[-1]["step"] != step or "context_gain" not in curve[-1]:
         curve = [c for c in curve if c["step"] != step] + [evaluate(model, probe, texts, device, step, tokens)]
         curve_path.write_text(json.dumps(curve, indent=1))
