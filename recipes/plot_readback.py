@@ -24,7 +24,10 @@ def load_run(run: Path) -> tuple[list[dict], list[dict]]:
         raise ValueError(f"{run} holds no curve.json: pass the output_dir of a recipes/train_readback.py run")
     log_path = run / "train_log.jsonl"
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
-    return json.loads(curve_path.read_text()), log
+    # a run resumed from a checkpoint older than its last log lines logs those steps again: the later lines are the
+    # trajectory the run went on from, so each step keeps its last record
+    by_step = {r["step"]: r for r in log}
+    return json.loads(curve_path.read_text()), [by_step[k] for k in sorted(by_step)]
 
 
 def loss_terms(log: list[dict]) -> dict[str, str]:

@@ -250,7 +250,9 @@ def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):
     run.mkdir()
     (run / "curve.json").write_text(json.dumps([dict(step=0, tokens=0, key_information=0.01, context_gain=0.2),
                                                 dict(step=10, tokens=5000, key_information=0.5, context_gain=0.25)]))
-    (run / "train_log.jsonl").write_text(json.dumps(dict(step=10, tokens=5000, text=3.1, answer=1.2, kl=0.2)) + "\n")
+    (run / "train_log.jsonl").write_text(json.dumps(dict(step=10, tokens=5000, text=9.9, answer=9.9, kl=9.9)) + "\n"
+                                         + json.dumps(dict(step=10, tokens=5000, text=3.1, answer=1.2, kl=0.2)) + "\n")
+    # step 10 logged twice (a resume from an older checkpoint): the later record is the one shown
     assert plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "t"]) == 0
     table = (tmp_path / "out" / "t_curve.md").read_text().splitlines()
     assert table[2].startswith("| 0 | 0 | 0.010 | 0.200 |")
