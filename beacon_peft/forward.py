@@ -226,7 +226,7 @@ def beacon_decoder_forward(
     scheduler = Scheduler(active.config, state, cols, length, decoder.training, active.picker, device)
     decoder_kwargs = {**kwargs, cache_kwarg(decoder): None, "output_hidden_states": want_hidden}  # memory: in ctx
     run = partial(_run_step, active, original_forward, decoder, input_ids, inputs_embeds, decoder_kwargs)
-    pieces, destinations, layer_pieces = [], [], []  # layer_pieces[k]: pieces of hidden_states[k]
+    pieces, destinations, step_layers = [], [], []  # step_layers[i][k]: step i's raw rows of hidden_states[k]
     longest = max(len(c) for c in cols)
     with tqdm(total=longest, unit="tok", desc="beacon prefill", leave=False,
               disable=True if math.ceil(longest / active.config.stride) + 1 < PROGRESS_MIN_STEPS else None) as bar:
@@ -235,15 +235,14 @@ def beacon_decoder_forward(
             step = plan.inputs
             pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, step.out_src))
             destinations.append(step.out_dst)
-            for k, h in enumerate(per_layer or ()):  # the raw entries of each layer's (B, L, H)
-                if k == len(layer_pieces):
-                    layer_pieces.append([])
-                layer_pieces[k].append(h.reshape(-1, h.shape[-1]).index_select(0, step.out_src))
+            if per_layer is not None:  # the raw entries of each layer's (B, L, H)
+                step_layers.append([h.reshape(-1, h.shape[-1]).index_select(0, step.out_src) for h in per_layer])
             bar.update(int(step.valid.logical_and(~step.is_beacon).sum(1).max()))
 
     dst = torch.cat(destinations)
     hidden = _in_input_order(pieces, dst, batch, length)
-    all_hidden = tuple(_in_input_order(p, dst, batch, length) for p in layer_pieces) if want_hidden else None
+    all_hidden = tuple(_in_input_order(list(layer), dst, batch, length) for layer in zip(*step_layers)) \
+        if want_hidden else None
     state.columns += length
     memory.state = state
     output = model_output(hidden, memory if use_cache is not False else None, hidden_states=all_hidden)

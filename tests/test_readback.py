@@ -229,7 +229,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     curve_path = tmp_path / "run" / "curve.json"
     curve_path.write_text(json.dumps(json.loads(curve_path.read_text()) + [dict(step=9, tokens=1, key_information=0.0,
                                                                                 context_gain=0.0)]))
-    final = main(common + ["--max_steps", "3", "--resume"])  # a point after the checkpoint (a killed run's) goes
+    final = main(common + ["--max_steps", "3", "--resume"])  # drops the point after the checkpoint (a killed run's)
     resumed = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert resumed["step"] == 3 and resumed["tokens"] > state["tokens"]
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
