@@ -1,13 +1,15 @@
 """Quick read-back evaluation of a beacon adapter (GPU or CPU): pass key and synthetic needles, held-out text.
 
-* pass key (`benchmarks.common.needles`) at each ``--lengths`` with ``--cases`` keys over depths 0.05-0.85, the
-  needle inside a compressed window, at ``--ratio``; full attention beside it where the length fits the base
-  model's positions;
+* pass key (`benchmarks.common.needles`) at each ``--lengths`` with ``--cases`` keys over depths 0.05-0.85, at
+  ``--ratio``; full attention beside it where the length fits the base model's positions;
 * synthetic needles (`beacon_peft.training.synthetic`) built from the held-out essays, split into the phrasings
   the read-back stage trained on and those it held out (``held_out_templates`` of the adapter's
   ``readback_args.json``).
 
-Greedy answers, scored by `needles.score_answer`. Writes ``--out`` (json) and prints a markdown table.
+Greedy answers, scored by `needles.score_answer`. Each case records whether its needle sits in a compressed window
+when the answer is read (``compressed``, `needles.needle_compressed`); the table scores those cases apart from all
+cases, since a needle in the open window is read from raw tokens, not from the memory. Writes ``--out`` (json) and
+prints a markdown table.
 
     python recipes/eval_readback.py --adapter outputs/readback/final --lengths 4096 8192 16384 32768
 """
@@ -26,7 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
-from benchmarks.common.needles import make_passkey_case, score_answer  # noqa: E402
+from benchmarks.common.needles import make_passkey_case, needle_compressed, score_answer  # noqa: E402
 
 
 def greedy_text(model, tokenizer, ids: list[int], device, new: int = 12) -> str:
@@ -50,6 +52,8 @@ def main(argv=None) -> dict:
                    help="base model dtype; auto: bfloat16 where it is the fast path (beacon_peft.precision)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.out is not None and args.out.exists():
+        raise SystemExit(f"--out {args.out} exists: refusing to overwrite it (pass another path)")
 
     from peft import PeftModel
 
@@ -61,6 +65,7 @@ def main(argv=None) -> dict:
     base, tok = load_smollm2(dtype=resolve_dtype(args.dtype, args.device))
     model = PeftModel.from_pretrained(base.to(args.device), args.adapter).eval()
     model.base_model.set_compression_ratio(args.ratio)
+    config = model.peft_config[model.active_adapter]
     meta_path = Path(args.adapter) / "readback_args.json"
     held = json.loads(meta_path.read_text()).get("held_out_templates", []) if meta_path.is_file() else []
     hay = haystack_ids(tok, max(args.lengths) + 8192, "held_out")
@@ -72,7 +77,8 @@ def main(argv=None) -> dict:
             depth = 0.05 + 0.8 * c / max(1, args.cases - 1)
             case = make_passkey_case(hay, tok, length, depth, seed=10_000 + length + c, filler_offset=c * 997)
             prompt = case["context_ids"] + case["question_ids"]
-            row = dict(length=length, depth=round(case["depth_actual"], 3), answer=case["answer"])
+            row = dict(length=length, depth=round(case["depth_actual"], 3), answer=case["answer"],
+                       compressed=needle_compressed(case, len(prompt), config.window, config.stride))
             row["beacon"] = score_answer(greedy_text(model, tok, prompt, args.device), case["answer"])
             if len(prompt) + 12 <= native:
                 with model.disable_adapter():
@@ -89,24 +95,38 @@ def main(argv=None) -> dict:
             for ex in examples:
                 value = ex["completion"].strip().rstrip(".")
                 ok = score_answer(greedy_text(model, tok, ex["prompt_ids"], args.device, new=10), value)
+                compressed = needle_compressed(ex, len(ex["prompt_ids"]), config.window, config.stride)
                 results["needles"].append(dict(length=length, group=group, template=ex["template"],
-                                               depth=round(ex["depth"], 3), ok=ok))
+                                               depth=round(ex["depth"], 3), compressed=compressed, ok=ok))
     results["seconds"] = round(time.time() - start, 1)
-    lines = ["| test | length | beacon (ratio %d) | full attention |" % args.ratio, "|---|---|---|---|"]
-    for length in args.lengths:
-        rows = [r for r in results["passkey"] if r["length"] == length]
-        full = [r["full"] for r in rows if "full" in r]
-        lines.append(f"| pass key | {length} | {sum(r['beacon'] for r in rows)}/{len(rows)} | "
-                     + (f"{sum(full)}/{len(full)} |" if full else "beyond native positions |"))
-    for length in args.needle_lengths:
-        for group in groups:
-            rows = [r for r in results["needles"] if r["length"] == length and r["group"] == group]
-            lines.append(f"| needles, {group} phrasings | {length} | {sum(r['ok'] for r in rows)}/{len(rows)} | |")
-    results["table"] = "\n".join(lines)
+    results["table"] = table(results, args.ratio, args.lengths, args.needle_lengths, list(groups))
     print(results["table"], flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     return results
+
+
+def _score(rows: list[dict], key: str) -> str:
+    """``hits/cases`` over the cases whose needle was compressed, then over all cases."""
+    inner = [r for r in rows if r["compressed"]]
+    return f"{sum(r[key] for r in inner)}/{len(inner)} | {sum(r[key] for r in rows)}/{len(rows)}"
+
+
+def table(results: dict, ratio: int, lengths: list[int], needle_lengths: list[int], groups: list[str]) -> str:
+    """Markdown table of `main`'s results: beacon hits over the compressed-needle cases and over all cases, full
+    attention over all cases (where the length fits its positions)."""
+    lines = [f"| test | length | beacon, needle compressed (ratio {ratio}) | beacon, all cases | full attention |",
+             "|---|---|---|---|---|"]
+    for length in lengths:
+        rows = [r for r in results["passkey"] if r["length"] == length]
+        full = [r["full"] for r in rows if "full" in r]
+        lines.append(f"| pass key | {length} | {_score(rows, 'beacon')} | "
+                     + (f"{sum(full)}/{len(full)} |" if full else "beyond native positions |"))
+    for length in needle_lengths:
+        for group in groups:
+            rows = [r for r in results["needles"] if r["length"] == length and r["group"] == group]
+            lines.append(f"| needles, {group} phrasings | {length} | {_score(rows, 'ok')} | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

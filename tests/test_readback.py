@@ -268,3 +268,30 @@ def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):
     assert table[3] == "| 10 | 5,000 | 0.500 | 0.250 | 3.10 | 1.20 | 0.20 | 0.071 |"
     with pytest.raises(ValueError, match="no curve.json"):
         plot_main([str(tmp_path), "--out", str(tmp_path / "out"), "--name", "u"])
+
+
+def test_readback_evaluation_scores_compressed_needles_apart_and_never_overwrites(tmp_path):
+    """`recipes/eval_readback.py`'s table counts the cases whose needle sat in a compressed window apart from all
+    cases (an open-window needle is read from raw tokens), and ``--out`` is never overwritten."""
+    from recipes.eval_readback import main as eval_main
+    from recipes.eval_readback import table
+
+    results = dict(passkey=[dict(length=4096, compressed=True, beacon=True, full=True),
+                            dict(length=4096, compressed=True, beacon=False, full=False),
+                            dict(length=4096, compressed=False, beacon=True, full=True),
+                            dict(length=32768, compressed=True, beacon=False)],
+                   needles=[dict(length=4096, group="trained", compressed=False, ok=True),
+                            dict(length=4096, group="trained", compressed=True, ok=False),
+                            dict(length=4096, group="held_out", compressed=True, ok=True)])
+    lines = table(results, 8, [4096, 32768], [4096], ["trained", "held_out"]).splitlines()
+    assert lines[0] == ("| test | length | beacon, needle compressed (ratio 8) | beacon, all cases "
+                        "| full attention |")
+    assert lines[2] == "| pass key | 4096 | 1/2 | 2/3 | 2/3 |"
+    assert lines[3] == "| pass key | 32768 | 0/1 | 0/1 | beyond native positions |"
+    assert lines[4] == "| needles, trained phrasings | 4096 | 0/1 | 1/2 | |"
+    assert lines[5] == "| needles, held_out phrasings | 4096 | 1/1 | 1/1 | |"
+    out = tmp_path / "eval.json"
+    out.write_text("keep")
+    with pytest.raises(SystemExit, match="refusing to overwrite"):
+        eval_main(["--adapter", str(tmp_path), "--out", str(out)])
+    assert out.read_text() == "keep"

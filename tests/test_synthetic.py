@@ -65,6 +65,24 @@ def test_depth_is_the_queried_needles_position(tokenizer, texts):
     assert 8 <= late <= 32, late
 
 
+def test_needle_token_end_is_where_the_queried_needle_ends_in_the_prompt_ids(tokenizer, texts):
+    """``needle_token_end`` indexes ``prompt_ids``: the queried needle's own tokens (value included) end exactly
+    there."""
+    examples = retrieval_examples(tokenizer, texts, 40, 600, 900, seed=11, as_ids=True)
+    assert sum(e["n_needles"] > 1 for e in examples) >= 10  # distractors around the queried needle
+    for e in examples:
+        needle, _, lead = TEMPLATES[e["template"]]
+        value = e["completion"].strip().rstrip(".")
+        subjects = [""] if "{s}" not in lead else PEOPLE + PLACES + ACCOUNTS
+        prompt = tokenizer.decode(e["prompt_ids"])
+        subject = next(x for x in subjects if prompt.endswith(" " + lead.format(s=x)))
+        text = needle.format(s=subject, v=value)
+        end = e["needle_token_end"]
+        assert 0 < end < len(e["prompt_ids"])
+        own = tokenizer.encode(" " + text + " ", add_special_tokens=False)  # a needle as the haystack holds it
+        assert e["prompt_ids"][end - len(own) : end] == own, (text, end)
+
+
 def test_same_seed_same_examples_other_seed_other_examples(tokenizer, texts):
     a = retrieval_examples(tokenizer, texts, 5, 200, 400, seed=1)
     assert a == retrieval_examples(tokenizer, texts, 5, 200, 400, seed=1)

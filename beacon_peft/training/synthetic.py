@@ -138,12 +138,14 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
                        seed: int = 0, max_needles: int = 4, ask_all: bool = False,
                        templates: Sequence[int] | None = None, as_ids: bool = False,
                        stream: Sequence[int] | None = None) -> list[dict]:
-    """``n`` retrieval examples ``{"prompt", "completion", "template", "depth", "n_needles", "n_questions"}``.
+    """``n`` retrieval examples ``{"prompt", "completion", "template", "depth", "n_needles", "n_questions",
+    "needle_token_end"}``.
 
     The prompt (intro, haystack with needles, question and lead-in) is about ``min_tokens``..``max_tokens - 8``
     tokens, drawn uniformly; the haystack is a random stretch of the concatenated ``documents`` (cycled). The
     queried needle's ``depth`` is its position in the haystack in [0, 1]; one example in four has it in the last
-    sixth of the context, the rest anywhere before.
+    sixth of the context, the rest anywhere before; ``needle_token_end`` is where that needle ends in the prompt's
+    tokens (``prompt_ids``), so a caller can tell whether it sits in a compressed window.
 
     ``ask_all``: after the first answer the completion asks about every other needle (distractors included) in
     random order, each question followed by its answer, ``"\n\n" + question + " " + lead-in + " " + value + "."``;
@@ -210,13 +212,16 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
         points = [rng.choice(cuts) for _ in needles]  # distractors anywhere
         points[query] = min(cuts, key=lambda c: abs(c - target * n_fill))
         order = sorted(range(len(needles)), key=lambda k: (points[k], k != query))
-        ids, prev = list(intro), 0
+        ids, prev, needle_end = list(intro), 0, 0
         for k in order:
             ids += filler[prev : points[k]] + needles[k]
             prev = points[k]
+            if k == query:
+                needle_end = len(ids)  # the queried needle's end in the prompt's tokens
         ids += filler[prev:] + question
         row = dict(prompt="" if as_ids else tokenizer.decode(ids), completion=completion, template=template,
-                   depth=points[query] / n_fill, n_needles=len(needles), n_questions=1 + len(later))
+                   depth=points[query] / n_fill, n_needles=len(needles), n_questions=1 + len(later),
+                   needle_token_end=needle_end)
         if as_ids:
             row.update(prompt_ids=ids, completion_ids=encode(completion))
         examples.append(row)

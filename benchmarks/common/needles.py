@@ -187,6 +187,15 @@ def make_multikey_case(
     )
 
 
+def needle_compressed(case: dict, n_prompt: int, window: int, stride: int) -> bool:
+    """Whether the needle lies in a completed (compressed) window when the token after ``n_prompt`` prompt tokens
+    is predicted: windows cover raw tokens ``[k * stride, k * stride + window)``, and a completed window keeps its
+    last ``window - stride`` raw activations (overlap) as the start of the next one."""
+    reading = n_prompt - 1  # the position whose output predicts the first answer token
+    completed_end = stride * (reading // stride) - (window - stride)
+    return case["needle_token_end"] <= completed_end
+
+
 def score_answer(generated_text: str, answer: str) -> bool:
     """True when ``answer`` appears in the generated text; an all-digit answer must not be
     part of a longer digit run ("68213" is not found in "682130")."""

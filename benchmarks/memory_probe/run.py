@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import measure, report  # noqa: E402
 from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
-from benchmarks.common.needles import make_passkey_case  # noqa: E402
+from benchmarks.common.needles import make_passkey_case, needle_compressed  # noqa: E402
 
 BENCHMARK = "memory_probe"
 
@@ -51,15 +51,6 @@ SETTINGS = {
     "full": Settings([1024, 4096, 16384, 65536], cases=8),
     "long": Settings([4096, 8150, 16384], cases=4),
 }
-
-
-def needle_compressed(case: dict, n_prompt: int, window: int, stride: int) -> bool:
-    """Whether the needle lies in a completed (compressed) window when the token after ``n_prompt`` prompt tokens
-    is predicted: windows cover raw tokens ``[k * stride, k * stride + window)``, and a completed window keeps its
-    last ``window - stride`` raw activations (overlap) as the start of the next one."""
-    reading = n_prompt - 1  # the position whose output predicts the first answer token
-    completed_end = stride * (reading // stride) - (window - stride)
-    return case["needle_token_end"] <= completed_end
 
 
 def make_cases(bench: Bench, s: Settings) -> tuple[list[dict], dict[int, list[list[int]]]]:
