@@ -238,15 +238,15 @@ def save_checkpoint(model, optimizer, step: int, tokens: int, out: Path) -> None
     write_dir(out / "checkpoint", lambda tmp: torch.save(state, tmp / "state.pt"), overwrite=True)
 
 
-def save_final(model, tokenizer, args, out: Path) -> Path:
-    """The adapter (a PEFT folder), its tokenizer and ``readback_args.json`` into ``out/final``, replacing an
-    earlier one atomically."""
+def save_final(model, tokenizer, args, out: Path, step: int, tokens: int) -> Path:
+    """The adapter (a PEFT folder), its tokenizer and ``readback_args.json`` (the run's arguments, with the
+    ``step`` and ``tokens`` it reached) into ``out/final``, replacing an earlier one atomically."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "readback_args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                            for k, v in vars(args).items()}, indent=1))
+        record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        (tmp / "readback_args.json").write_text(json.dumps(record | {"step": step, "tokens": tokens}, indent=1))
 
     return write_dir(out / "final", write, overwrite=True)
 
@@ -361,7 +361,7 @@ def main(argv=None) -> Path:
         curve.append(evaluate(model, probe, texts, device, step, tokens))
         curve_path.write_text(json.dumps(curve, indent=1))
     save_checkpoint(model, optimizer, step, tokens, out)
-    final = save_final(model, tokenizer, args, out)
+    final = save_final(model, tokenizer, args, out, step, tokens)
     print(f"saved {final} after {step} steps, {tokens} tokens, {(time.time() - start) / 60:.1f} minutes", flush=True)
     return final
 

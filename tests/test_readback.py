@@ -205,13 +205,9 @@ def test_readback_arguments_are_checked(tmp_path):
         parse_args(["--hidden_weight", "-1"])
 
 
-def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
-    """Two steps, stop; resume to three: the resumed run starts from the checkpoint's step and weights (with every
-    loss term on, the layer-wise hidden-state distance included)."""
-    from safetensors.torch import load_file
+def _tiny_run_args(tmp_path, tokenizer) -> list[str]:
+    """train_readback.py arguments for a tiny random Llama (saved with the real tokenizer) on the CPU."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from recipes.train_readback import main
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -219,10 +215,20 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    common = ["--model", str(tmp_path / "model"), "--device", "cpu", "--dtype", "float32", "--window", "64",
-              "--ratios", "4", "8", "--min_tokens", "150", "--max_tokens", "300", "--batch_size", "2",
-              "--probe_cases", "2", "--eval_every", "2", "--workers", "0", "--output_dir", str(tmp_path / "run"),
-              "--hidden_weight", "1.0", "--log_every", "1"]
+    return ["--model", str(tmp_path / "model"), "--device", "cpu", "--dtype", "float32", "--window", "64",
+            "--ratios", "4", "8", "--min_tokens", "150", "--max_tokens", "300", "--batch_size", "2",
+            "--probe_cases", "2", "--eval_every", "2", "--workers", "0", "--output_dir", str(tmp_path / "run"),
+            "--hidden_weight", "1.0", "--log_every", "1"]
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
+    """Two steps, stop; resume to three: the resumed run starts from the checkpoint's step and weights (with every
+    loss term on, the layer-wise hidden-state distance included)."""
+    from safetensors.torch import load_file
+
+    from recipes.train_readback import main
+
+    common = _tiny_run_args(tmp_path, tokenizer)
     main(common + ["--max_steps", "2"])
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["tokens"] > 0
@@ -241,6 +247,54 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["hidden"] > 0 and r["kl"] > 0 for r in log)
     moved = [k for k in state["adapter"] if not torch.equal(state["adapter"][k], resumed["adapter"][k])]
     assert moved, "the resumed step changed no adapter weight"
+    args = json.loads((final / "readback_args.json").read_text())
+    assert args["step"] == 3 and args["tokens"] == resumed["tokens"]
+
+
+def test_export_writes_a_bfloat16_adapter_with_its_history_that_loads_and_never_overwrites(tmp_path, tokenizer):
+    """Two read-back stages (the second from the first), exported: weights stored in bfloat16 equal the trained
+    ones rounded, the config has the new ratios, the card lists both stages and the evaluation file, PEFT loads
+    it; bad ratios and an existing --out are refused before anything is written."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from recipes.export_readback import main as export_main
+    from recipes.train_readback import main
+
+    common = _tiny_run_args(tmp_path, tokenizer)
+    first = main(common + ["--max_steps", "1"])
+    second = main(common[:-6] + ["--output_dir", str(tmp_path / "run2"), "--init_adapter", str(first),
+                                 "--max_steps", "2", "--ratios", "8", "--lr", "1e-3"])
+    result = tmp_path / "probe.md"
+    result.write_text("# Memory probe (quick)\n\n- command: `probe --quick`\n\n## Key information\n\n| a | b |\n")
+    out = tmp_path / "exported"
+    with pytest.raises(ValueError, match="ratios entry"):
+        export_main([str(second), "--out", str(out), "--ratios", "4", "1000"])  # above the stride (64)
+    with pytest.raises(ValueError, match="evaluation files"):
+        export_main([str(second), "--out", str(out), "--evaluation", str(tmp_path / "missing.md")])
+    assert not out.exists()
+    export_main([str(second), "--out", str(out), "--ratios", "2", "4", "8", "--evaluation", str(result)])
+    trained = load_file(str(second / "adapter_model.safetensors"))
+    stored = load_file(str(out / "adapter_model.safetensors"))
+    assert stored.keys() == trained.keys() and all(v.dtype == torch.bfloat16 for v in stored.values())
+    assert all(torch.equal(stored[k], trained[k].to(torch.bfloat16)) for k in trained)
+    assert json.loads((out / "adapter_config.json").read_text())["ratios"] == [2, 4, 8]
+    card = (out / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    first_tokens = json.loads((first / "readback_args.json").read_text())["tokens"]
+    assert len(rows) == 2 and rows[0].endswith(f"| 1 | {first_tokens:,} |") and "| [8] | 0.001 | 2 |" in rows[1]
+    assert "### Memory probe (quick)" in card and "- command: `probe --quick`" in card
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    model = PeftModel.from_pretrained(base, out)
+    loaded = get_peft_model_state_dict(model)
+    assert all(torch.equal(loaded[k].float(), stored[k].float()) for k in stored)
+    model.base_model.set_compression_ratio(8)
+    assert torch.isfinite(model(input_ids=torch.randint(0, 100, (1, 200))).logits).all()
+    (out / "README.md").write_text("mine")
+    with pytest.raises(SystemExit, match="refusing to overwrite"):
+        export_main([str(second), "--out", str(out)])
+    assert (out / "README.md").read_text() == "mine"
 
 
 def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):

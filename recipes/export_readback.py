@@ -1,0 +1,188 @@
+"""Export a read-back run's adapter (``recipes/train_readback.py`` -> ``<output_dir>/final``) as a shippable folder.
+
+* the beacon weights stored in ``--dtype`` (bfloat16 by default: half the bytes; loading casts them to the model's
+  dtype), checked to round-trip exactly;
+* ``--ratios`` in the adapter config (the ratios a user may pick; the card says which ones training used);
+* a model card: beacon settings, the whole training history (each read-back stage found by following
+  ``init_adapter`` through the stages' ``readback_args.json``, then the first stage's own card), and the
+  evaluation result files given with ``--evaluation`` (benchmark markdown, included verbatim with their commands).
+
+Never overwrites: ``--out`` must not exist. Everything is checked before anything is written.
+
+    python recipes/export_readback.py outputs/readback-long-cpu/final --out /tmp/candidate \\
+        --evaluation benchmarks/memory_probe/results/quick-candidate.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from beacon_peft.atomic import write_dir  # noqa: E402
+from beacon_peft.config import BeaconConfig  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS = "adapter_model.safetensors"
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+               "readback_args.json")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("adapter", type=Path, help="the run's final/ folder (a PEFT adapter with readback_args.json)")
+    p.add_argument("--out", type=Path, required=True, help="new folder to write (must not exist)")
+    p.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--evaluation", type=Path, nargs="*", default=[], help="result markdown files for the card")
+    p.add_argument("--max_stages", type=int, default=16, help="stop following init_adapter after this many")
+    args = p.parse_args(argv)
+    if args.out.exists():
+        raise SystemExit(f"--out {args.out} exists: refusing to overwrite it (pass a new path)")
+    for name in ("adapter_config.json", WEIGHTS, "readback_args.json"):
+        if not (args.adapter / name).is_file():
+            raise ValueError(f"adapter={args.adapter}: no {name} (expected a train_readback.py final/ folder)")
+    if len(set(args.ratios)) != len(args.ratios):
+        raise ValueError(f"ratios={args.ratios}: allowed distinct ratios")
+    missing = [str(f) for f in args.evaluation if not f.is_file()]
+    if missing:
+        raise ValueError(f"evaluation files {missing} do not exist")
+    return args
+
+
+def stages(adapter: Path, max_stages: int = 16) -> tuple[list[dict], Path | None]:
+    """The read-back stages from the first to ``adapter`` (each its ``readback_args.json`` plus ``folder``), and
+    the folder the first of them started from (its own training is described by its card), or None."""
+    chain, folder = [], adapter
+    while folder is not None and (folder / "readback_args.json").is_file():
+        if len(chain) == max_stages:
+            raise ValueError(f"{adapter}: more than {max_stages} stages of init_adapter (a cycle?)")
+        stage = json.loads((folder / "readback_args.json").read_text()) | {"folder": str(folder)}
+        chain.append(stage)
+        folder = Path(stage["init_adapter"]) if stage.get("init_adapter") else None
+    return chain[::-1], folder
+
+
+def _mix(s: dict) -> str:
+    retrieval = max(0.0, 1.0 - s["text_fraction"] - s["recall_fraction"])
+    parts = [f"{s['text_fraction']:.0%} plain text", f"{s['recall_fraction']:.0%} recall", f"{retrieval:.0%} QA"]
+    return ", ".join(p for p in parts if not p.startswith("0%"))
+
+
+def _loss(s: dict) -> str:
+    terms = ["CE(prose)", f"{s['answer_weight']:g} x CE(answers)"]
+    if s.get("kl_weight"):
+        terms.append(f"{s['kl_weight']:g} x KL(base)")
+    if s.get("hidden_weight"):
+        terms.append(f"{s['hidden_weight']:g} x hidden distance")
+    return " + ".join(terms)
+
+
+def history_lines(chain: list[dict], root: Path | None) -> list[str]:
+    """Card lines: one table row per read-back stage (config, rows, mix, loss, steps, tokens), then the first
+    stage's card sections."""
+    lines = ["## Training", "", "Read-back stages (`recipes/train_readback.py`), in order; each started from the "
+             "one before:", "",
+             "| stage | config | rows (tokens) | mix | loss | ratios | lr | steps | tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    total = 0
+    for i, s in enumerate(chain, 1):
+        step, tokens = s.get("step"), s.get("tokens")
+        total += tokens or 0
+        lines.append(f"| {i} | `{s.get('config')}` | {s['min_tokens']}-{s['max_tokens']} | {_mix(s)} | {_loss(s)} "
+                     f"| {s['ratios']} | {s['lr']:g} | {'n/a' if step is None else step} "
+                     f"| {'n/a' if tokens is None else f'{tokens:,}'} |")
+    known = all(s.get("tokens") is not None for s in chain)
+    lines += ["", f"Read-back tokens in all: {total:,}{'' if known else ' (stages marked n/a not counted)'}. Needle "
+              f"phrasings held out of training: `synthetic.TEMPLATES` {chain[-1].get('held_out_templates')}. "
+              "Data: the training essays of `beacon_peft.offline.corpora`; the held-out essays were not trained on.",
+              ""]
+    if root is not None:
+        lines += [f"The first read-back stage started from `{root}`."]
+        card = root / "README.md"
+        text = card.read_text(encoding="utf-8") if card.is_file() else ""
+        if "## Data" in text:
+            body = text[text.find("## Data"): text.find("## Evaluation") if "## Evaluation" in text else None]
+            lines += ["", *[("#" + line if line.startswith("#") else line) for line in body.rstrip().splitlines()]]
+        lines.append("")
+    return lines
+
+
+def card(config: dict, chain: list[dict], root: Path | None, evaluation: list[Path], dtype: str,
+         n_params: int, n_bytes: int) -> str:
+    trained = sorted({r for s in chain for r in s["ratios"]})
+    lines = [
+        "---", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "library_name: peft", "tags:",
+        "- activation-beacon", "- peft", "- beacon_peft", "- long-context", "- context-compression", "---", "",
+        "# Activation Beacon adapter for `HuggingFaceTB/SmolLM2-135M-Instruct`, trained to read facts back", "",
+        "Activation Beacon (arXiv 2401.03462) condenses the key/values of every window of raw tokens into a few "
+        "beacon activations, so the base model reads long inputs through a compressed memory. This folder is a "
+        "`beacon_peft` PEFT adapter: only the beacon parameters were trained; the base model is unchanged.", "",
+        "```python",
+        "import beacon_peft  # registers the BEACON adapter type",
+        "from beacon_peft.offline.weights import load_smollm2",
+        "from peft import PeftModel",
+        "base, tokenizer = load_smollm2()",
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        f"model.base_model.set_compression_ratio({max(chain[-1]['ratios'])})  # the last stage's",
+        "```", "",
+        "## Beacon settings", "",
+        "| setting | value |", "|---|---|",
+        f"| window / stride | {config['window']} / {config['stride']} |",
+        f"| compression ratios | {config['ratios']} (read-back stages trained at {trained}) |",
+        f"| sink size | {config['sink_size']} |",
+        f"| beacon projections | {', '.join(config['beacon_projections'])} |",
+        f"| beacon parameters stored | {n_params:,} ({dtype}, {n_bytes / 2**20:.1f} MiB) |", "",
+        *history_lines(chain, root),
+    ]
+    if evaluation:
+        lines += ["## Evaluation", "", "Result files of the benchmarks (`benchmarks/`), each with its command:", ""]
+        for path in evaluation:  # headings two levels down: a file's title becomes a ### section
+            text = path.read_text(encoding="utf-8").strip().splitlines()
+            lines += [*[("##" + x if x.startswith("#") else x) for x in text], "", f"(`{path.name}`)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    args = parse_args(argv)
+    config = json.loads((args.adapter / "adapter_config.json").read_text())
+    chain, root = stages(args.adapter, args.max_stages)
+    weights = load_file(str(args.adapter / WEIGHTS))
+    dtype = DTYPES[args.dtype]
+    stored = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    config["ratios"] = list(args.ratios)
+    fields = {f.name for f in dataclasses.fields(BeaconConfig)}
+    BeaconConfig(**{k: v for k, v in config.items() if k in fields})  # the ratios checked against the window
+    n_params = sum(v.numel() for v in stored.values())
+    n_bytes = sum(v.numel() * v.element_size() for v in stored.values())
+    text = card(config, chain, root, args.evaluation, args.dtype, n_params, n_bytes)
+
+    def write(tmp: Path) -> None:
+        save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        back = load_file(str(tmp / WEIGHTS))
+        if any(not torch.equal(back[k], stored[k]) for k in stored):
+            raise RuntimeError("the stored weights do not read back equal")
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in EXTRA_FILES:
+            if (args.adapter / name).is_file():
+                shutil.copy2(args.adapter / name, tmp / name)
+        (tmp / "README.md").write_text(text, encoding="utf-8")
+
+    out = write_dir(args.out, write)
+    print(f"wrote {out}: {n_params:,} parameters in {args.dtype} ({n_bytes / 2**20:.1f} MiB), "
+          f"{len(chain)} read-back stage(s)", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
