@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,7 +76,7 @@ def main(argv=None) -> dict:
     results: dict = {"adapter": args.adapter, "ratio": args.ratio, "passkey": [], "needles": []}
     start = time.time()
     for length in args.lengths:
-        for c in range(args.cases):
+        for c in tqdm(range(args.cases), desc=f"pass key {length}", unit="key"):
             depth = 0.05 + 0.8 * c / max(1, args.cases - 1)
             case = make_passkey_case(hay, tok, length, depth, seed=10_000 + length + c, filler_offset=c * 997)
             prompt = case["context_ids"] + case["question_ids"]
@@ -94,7 +95,7 @@ def main(argv=None) -> dict:
         for group, templates in groups.items():
             examples = retrieval_examples(tok, docs, args.needle_cases, length - 200, length - 8, seed=length,
                                           max_needles=4, templates=templates, as_ids=True)
-            for ex in examples:
+            for ex in tqdm(examples, desc=f"needles {length} {group}", unit="needle"):
                 value = ex["completion"].strip().rstrip(".")
                 ok = score_answer(greedy_text(model, tok, ex["prompt_ids"], args.device, new=10), value)
                 compressed = needle_compressed(ex, len(ex["prompt_ids"]), config.window, config.stride)
