@@ -29,7 +29,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
-from benchmarks.common.needles import make_passkey_case, needle_compressed, score_answer  # noqa: E402
+from benchmarks.common.needles import (  # noqa: E402
+    digit_similarity,
+    make_passkey_case,
+    needle_compressed,
+    score_answer,
+)
 
 
 def greedy_text(model, tokenizer, ids: list[int], device, new: int = 12) -> str:
@@ -46,7 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--needle_cases", type=int, default=20, help="synthetic needles per template group and length")
-    p.add_argument("--needle_lengths", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--needle_lengths", type=int, nargs="*", default=[4096, 8192], help="none: no needles")
     p.add_argument("--ratio", type=int, default=8)
     p.add_argument("--no_full", action="store_true", help="skip full attention (its answers do not depend on the "
                    "adapter: the same cases give the same figures)")
@@ -82,7 +87,9 @@ def main(argv=None) -> dict:
             prompt = case["context_ids"] + case["question_ids"]
             row = dict(length=length, depth=round(case["depth_actual"], 3), answer=case["answer"],
                        compressed=needle_compressed(case, len(prompt), config.window, config.stride))
-            row["beacon"] = score_answer(greedy_text(model, tok, prompt, args.device), case["answer"])
+            text = greedy_text(model, tok, prompt, args.device)
+            row.update(beacon=score_answer(text, case["answer"]), digits=digit_similarity(text, case["answer"]),
+                       text=text)
             if not args.no_full and len(prompt) + 12 <= native:
                 with model.disable_adapter():
                     row["full"] = score_answer(greedy_text(model, tok, prompt, args.device), case["answer"])
@@ -97,10 +104,12 @@ def main(argv=None) -> dict:
                                           max_needles=4, templates=templates, as_ids=True)
             for ex in tqdm(examples, desc=f"needles {length} {group}", unit="needle"):
                 value = ex["completion"].strip().rstrip(".")
-                ok = score_answer(greedy_text(model, tok, ex["prompt_ids"], args.device, new=10), value)
+                text = greedy_text(model, tok, ex["prompt_ids"], args.device, new=10)
+                ok = score_answer(text, value)
                 compressed = needle_compressed(ex, len(ex["prompt_ids"]), config.window, config.stride)
                 results["needles"].append(dict(length=length, group=group, template=ex["template"],
-                                               depth=round(ex["depth"], 3), compressed=compressed, ok=ok))
+                                               depth=round(ex["depth"], 3), compressed=compressed, ok=ok,
+                                               answer=value, text=text))
     results["seconds"] = round(time.time() - start, 1)
     results["table"] = table(results, args.ratio, args.lengths, args.needle_lengths, list(groups), native)
     print(results["table"], flush=True)
@@ -119,18 +128,20 @@ def table(results: dict, ratio: int, lengths: list[int], needle_lengths: list[in
           native: int = 8192) -> str:
     """Markdown table of `main`'s results: beacon hits over the compressed-needle cases and over all cases, full
     attention over all cases (where the length fits its positions)."""
-    lines = [f"| test | length | beacon, needle compressed (ratio {ratio}) | beacon, all cases | full attention |",
-             "|---|---|---|---|---|"]
+    lines = [f"| test | length | beacon, needle compressed (ratio {ratio}) | beacon, all cases | full attention "
+             "| key digits right, needle compressed |", "|---|---|---|---|---|---|"]
     for length in lengths:
         rows = [r for r in results["passkey"] if r["length"] == length]
         full = [r["full"] for r in rows if "full" in r]
+        inner = [r["digits"] for r in rows if r["compressed"] and "digits" in r]
         lines.append(f"| pass key | {length} | {_score(rows, 'beacon')} | "
                      + (f"{sum(full)}/{len(full)} |" if full else "not run |" if length <= native
-                        else "beyond native positions |"))
+                        else "beyond native positions |")
+                     + (f" {sum(inner) / len(inner):.0%} |" if inner else " |"))
     for length in needle_lengths:
         for group in groups:
             rows = [r for r in results["needles"] if r["length"] == length and r["group"] == group]
-            lines.append(f"| needles, {group} phrasings | {length} | {_score(rows, 'ok')} | |")
+            lines.append(f"| needles, {group} phrasings | {length} | {_score(rows, 'ok')} | | |")
     return "\n".join(lines)
 
 

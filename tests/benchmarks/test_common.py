@@ -28,6 +28,7 @@ from benchmarks.common.needles import (  # noqa: E402
     MULTIKEY_QUESTION,
     PASSKEY_NEEDLE,
     PASSKEY_QUESTION,
+    digit_similarity,
     make_multikey_case,
     make_passkey_case,
     score_answer,
@@ -214,6 +215,18 @@ def test_score_answer():
     assert not score_answer(" 682130", "68213")
     assert not score_answer(" 6821", "68213")
     assert score_answer("it is Alice's", "Alice")
+
+
+def test_digit_similarity_is_one_minus_the_edit_distance_of_the_first_digit_run():
+    assert digit_similarity(" 68213. Remember it", "68213") == 1.0
+    assert digit_similarity(" 9376. Remember it", "93765") == pytest.approx(0.8)  # one digit dropped
+    assert digit_similarity(" 9199.", "91519") == pytest.approx(0.6)  # 5 dropped, 1 -> 9: two edits
+    assert digit_similarity(" 267. 12345", "26755") == pytest.approx(0.6)  # only the first run counts
+    assert digit_similarity(" 68312", "68213") == pytest.approx(0.6)  # two substitutions
+    assert digit_similarity("the way that you want", "68213") == 0.0
+    assert digit_similarity(" 1234567890123", "68213") == 0.0  # floored at 0
+    with pytest.raises(ValueError, match="answer='Alice'"):
+        digit_similarity("Alice", "Alice")
 
 
 def test_needles_with_a_real_hf_style_tokenizer_interface():
