@@ -333,7 +333,7 @@ def test_readback_evaluation_scores_compressed_needles_apart_and_never_overwrite
     results = dict(passkey=[dict(length=4096, compressed=True, beacon=True, full=True, digits=1.0),
                             dict(length=4096, compressed=True, beacon=False, full=False, digits=0.6),
                             dict(length=4096, compressed=False, beacon=True, full=True, digits=1.0),
-                            dict(length=8192, compressed=True, beacon=True, digits=1.0),
+                            dict(length=8192, compressed=True, beacon=True, digits=1.0, full=None),
                             dict(length=32768, compressed=True, beacon=False, digits=0.0)],
                    needles=[dict(length=4096, group="trained", compressed=False, ok=True),
                             dict(length=4096, group="trained", compressed=True, ok=False),
@@ -343,7 +343,7 @@ def test_readback_evaluation_scores_compressed_needles_apart_and_never_overwrite
                         "| full attention | key digits right, needle compressed |")
     assert lines[2] == "| pass key | 4096 | 1/2 | 2/3 | 2/3 | 80% |"  # digits: mean of 1.0 and 0.6
     assert lines[3] == "| pass key | 32768 | 0/1 | 0/1 | beyond native positions | 0% |"
-    assert lines[4] == "| pass key | 8192 | 1/1 | 1/1 | not run | 100% |"  # --no_full
+    assert lines[4] == "| pass key | 8192 | 1/1 | 1/1 | not run | 100% |"  # --no_full: full is None
     assert lines[5] == "| needles, trained phrasings | 4096 | 0/1 | 1/2 | | |"
     assert lines[6] == "| needles, held_out phrasings | 4096 | 1/1 | 1/1 | | |"
     out = tmp_path / "eval.json"
