@@ -164,6 +164,9 @@ def test_recall_rows_quote_their_compressed_source_and_score_only_what_follows_e
     assert n_recall >= 2
     with pytest.raises(ValueError, match="recall_fraction=0.9"):
         MixedRows(tokenizer, DOCS, 200, 320, text_fraction=0.25, recall_fraction=0.9, window=64)
+    with pytest.raises(ValueError, match="recall_fraction=0.21"):
+        MixedRows(tokenizer, DOCS, 200, 320, text_fraction=0.8, recall_fraction=0.21, window=64)
+    MixedRows(tokenizer, DOCS, 200, 320, text_fraction=0.8, recall_fraction=0.2, window=64)  # sums to 1 exactly
     with pytest.raises(ValueError, match="window=None"):
         MixedRows(tokenizer, DOCS, 200, 320, recall_fraction=0.5)
     with pytest.raises(ValueError, match="window=150"):

@@ -121,7 +121,7 @@ class MixedRows(torch.utils.data.IterableDataset):
         templates = None if templates is None else template_pool(templates)  # checked before any row is drawn
         if not 0.0 <= text_fraction <= 1.0:
             raise ValueError(f"text_fraction={text_fraction} must be in [0, 1]")
-        if not 0.0 <= recall_fraction <= 1.0 - text_fraction:
+        if not 0.0 <= recall_fraction <= 1.0 - text_fraction + 1e-9:  # 1 - 0.8 is 0.19999999999999996 in floats
             raise ValueError(f"recall_fraction={recall_fraction} must be in [0, 1 - text_fraction = "
                              f"{1.0 - text_fraction:g}]")
         if not 64 <= min_tokens <= max_tokens - 8:
