@@ -197,12 +197,13 @@ def needle_compressed(case: dict, n_prompt: int, window: int, stride: int) -> bo
 
 
 def score_answer(generated_text: str, answer: str) -> bool:
-    """True when ``answer`` appears in the generated text; an all-digit answer must not be
-    part of a longer digit run ("68213" is not found in "682130")."""
+    """True when ``answer`` appears in the generated text as a whole token: an all-digit answer must not be part of a
+    longer digit run ("68213" is not found in "682130"), a word answer matches regardless of case but not inside a
+    longer word ("lighthouse" is found in "Lighthouse." but not in "lighthousekeeper")."""
     answer = str(answer).strip()
     if answer.isdigit():
         return re.search(rf"(?<!\d){re.escape(answer)}(?!\d)", generated_text) is not None
-    return answer in generated_text
+    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", generated_text, flags=re.IGNORECASE) is not None
 
 
 def digit_similarity(generated_text: str, answer: str) -> float:

@@ -215,6 +215,11 @@ def test_score_answer():
     assert not score_answer(" 682130", "68213")
     assert not score_answer(" 6821", "68213")
     assert score_answer("it is Alice's", "Alice")
+    assert score_answer(" Lighthouse.", "lighthouse")  # case does not matter for words
+    assert score_answer("in PORTO, then", "Porto")
+    assert not score_answer(" lighthousekeeper", "lighthouse")  # nor does a longer word count
+    assert not score_answer(" Portobello", "Porto")
+    assert score_answer("a blue teapot", "blue teapot")  # several words
 
 
 def test_digit_similarity_is_one_minus_the_edit_distance_of_the_first_digit_run():
