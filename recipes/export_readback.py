@@ -5,7 +5,11 @@
 * ``--ratios`` in the adapter config (the ratios a user may pick; the card says which ones training used);
 * a model card: beacon settings, the whole training history (each read-back stage found by following
   ``init_adapter`` through the stages' ``readback_args.json``, then the first stage's own card), and the
-  evaluation result files given with ``--evaluation`` (benchmark markdown, included verbatim with their commands).
+  evaluation result files given with ``--evaluation`` (benchmark markdown, included verbatim with their commands);
+* optionally a weight average with another adapter of the same beacon structure (``--average_with OTHER
+  --average_weight W``: ``(1 - W) * adapter + W * OTHER``, parameter by parameter, in float32 before storing): stages
+  fine-tuned from one another stay in one basin, so the average trades what each stage learnt (e.g. the read-back
+  stage's keys against the earlier adapter's language modelling) without training.
 
 Never overwrites: ``--out`` must not exist. Everything is checked before anything is written.
 
@@ -44,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--evaluation", type=Path, nargs="*", default=[], help="result markdown files for the card")
     p.add_argument("--max_stages", type=int, default=16, help="stop following init_adapter after this many")
+    p.add_argument("--average_with", type=Path, default=None, help="another adapter folder of the same structure")
+    p.add_argument("--average_weight", type=float, default=None, help="OTHER's share in (0, 1)")
     args = p.parse_args(argv)
     if args.out.exists():
         raise SystemExit(f"--out {args.out} exists: refusing to overwrite it (pass a new path)")
@@ -52,6 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"adapter={args.adapter}: no {name} (expected a train_readback.py final/ folder)")
     if len(set(args.ratios)) != len(args.ratios):
         raise ValueError(f"ratios={args.ratios}: allowed distinct ratios")
+    if (args.average_with is None) != (args.average_weight is None):
+        raise ValueError("--average_with and --average_weight go together (got "
+                         f"average_with={args.average_with}, average_weight={args.average_weight})")
+    if args.average_with is not None:
+        if not 0.0 < args.average_weight < 1.0:
+            raise ValueError(f"average_weight={args.average_weight}: allowed 0 < weight < 1")
+        for name in ("adapter_config.json", WEIGHTS):
+            if not (args.average_with / name).is_file():
+                raise ValueError(f"average_with={args.average_with}: no {name} (expected a PEFT adapter folder)")
     missing = [str(f) for f in args.evaluation if not f.is_file()]
     if missing:
         raise ValueError(f"evaluation files {missing} do not exist")
@@ -69,6 +84,30 @@ def stages(adapter: Path, max_stages: int = 16) -> tuple[list[dict], Path | None
         chain.append(stage)
         folder = Path(stage["init_adapter"]) if stage.get("init_adapter") else None
     return chain[::-1], folder
+
+
+STRUCTURAL_SAME_AS = ("ratios", "base_model_name_or_path", "revision", "inference_mode")  # may differ when averaging
+
+
+def average(mine: dict, config: dict, other: dict, other_config: dict, weight: float) -> dict:
+    """``(1 - weight) * mine + weight * other``, key by key, computed in float32 and returned in ``mine``'s dtypes.
+
+    Raises:
+        ValueError: the two adapters differ in a config field that shapes the beacon (window, stride, sink size,
+            beacon projections, ...; everything but ``STRUCTURAL_SAME_AS``), or in parameter names or shapes.
+    """
+    fields = sorted((set(config) | set(other_config)) - set(STRUCTURAL_SAME_AS))
+    differ = [f for f in fields if config.get(f) != other_config.get(f)]
+    if differ:
+        raise ValueError(f"average_with: adapter configs differ in {differ} "
+                         f"({[config.get(f) for f in differ]} vs {[other_config.get(f) for f in differ]})")
+    if mine.keys() != other.keys():
+        raise ValueError(f"average_with: parameter names differ ({sorted(set(mine) ^ set(other))[:4]} ...)")
+    shapes = [k for k in mine if mine[k].shape != other[k].shape]
+    if shapes:
+        raise ValueError(f"average_with: shapes differ for {shapes[:4]}")
+    return {k: (((1.0 - weight) * v.float() + weight * other[k].float()).to(v.dtype) if v.is_floating_point()
+                else v) for k, v in mine.items()}
 
 
 def _mix(s: dict) -> str:
@@ -117,7 +156,7 @@ def history_lines(chain: list[dict], root: Path | None) -> list[str]:
 
 
 def card(config: dict, chain: list[dict], root: Path | None, evaluation: list[Path], dtype: str,
-         n_params: int, n_bytes: int) -> str:
+         n_params: int, n_bytes: int, averaged: tuple[Path, float] | None = None) -> str:
     trained = sorted({r for s in chain for r in s["ratios"]})
     lines = [
         "---", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "library_name: peft", "tags:",
@@ -143,6 +182,10 @@ def card(config: dict, chain: list[dict], root: Path | None, evaluation: list[Pa
         f"| beacon parameters stored | {n_params:,} ({dtype}, {n_bytes / 2**20:.1f} MiB) |", "",
         *history_lines(chain, root),
     ]
+    if averaged is not None:
+        lines += ["## Weight average", "", f"The stored weights are `{1 - averaged[1]:g} x` the last stage above plus "
+                  f"`{averaged[1]:g} x` the adapter `{averaged[0]}`, parameter by parameter "
+                  "(`recipes/export_readback.py --average_with`).", ""]
     if evaluation:
         lines += ["## Evaluation", "", "Result files of the benchmarks (`benchmarks/`), each with its command:", ""]
         for path in evaluation:  # headings two levels down: a file's title becomes a ### section
@@ -158,6 +201,10 @@ def main(argv=None) -> Path:
     config = json.loads((args.adapter / "adapter_config.json").read_text())
     chain, root = stages(args.adapter, args.max_stages)
     weights = load_file(str(args.adapter / WEIGHTS))
+    if args.average_with is not None:
+        other_config = json.loads((args.average_with / "adapter_config.json").read_text())
+        weights = average(weights, config, load_file(str(args.average_with / WEIGHTS)), other_config,
+                          args.average_weight)
     dtype = DTYPES[args.dtype]
     stored = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     config["ratios"] = list(args.ratios)
@@ -165,7 +212,8 @@ def main(argv=None) -> Path:
     BeaconConfig(**{k: v for k, v in config.items() if k in fields})  # the ratios checked against the window
     n_params = sum(v.numel() for v in stored.values())
     n_bytes = sum(v.numel() * v.element_size() for v in stored.values())
-    text = card(config, chain, root, args.evaluation, args.dtype, n_params, n_bytes)
+    averaged = None if args.average_with is None else (args.average_with, args.average_weight)
+    text = card(config, chain, root, args.evaluation, args.dtype, n_params, n_bytes, averaged)
 
     def write(tmp: Path) -> None:
         save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt"})

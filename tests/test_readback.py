@@ -300,6 +300,47 @@ def test_export_writes_a_bfloat16_adapter_with_its_history_that_loads_and_never_
     assert (out / "README.md").read_text() == "mine"
 
 
+def test_export_can_store_a_weight_average_with_another_adapter_and_refuses_a_different_structure(tmp_path, tokenizer):
+    """--average_with OTHER --average_weight W stores (1 - W) * adapter + W * OTHER (then rounded to bfloat16) and
+    says so in the card; a weight outside (0, 1), a lone flag, and an adapter whose beacon config differs (here the
+    window) are refused before anything is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from recipes.export_readback import main as export_main
+    from recipes.train_readback import main
+
+    final = main(_tiny_run_args(tmp_path, tokenizer) + ["--max_steps", "1"])
+    mine = load_file(str(final / "adapter_model.safetensors"))
+    other = tmp_path / "other"
+    shutil.copytree(final, other)
+    save_file({k: 3.0 * v + 1.0 for k, v in mine.items()}, str(other / "adapter_model.safetensors"))
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {"ratios": [2]}))  # ratios may differ
+    out = tmp_path / "averaged"
+    with_other = ["--average_with", str(other)]
+    for bad, match in ((with_other + ["--average_weight", "1.0"], "average_weight=1.0"),
+                       (with_other + ["--average_weight", "0"], "average_weight=0.0"), (with_other, "go together"),
+                       (["--average_weight", "0.5"], "go together")):
+        with pytest.raises(ValueError, match=match):
+            export_main([str(final), "--out", str(out)] + bad)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(other, wrong)
+    (wrong / "adapter_config.json").write_text(json.dumps(config | {"window": 32}))
+    with pytest.raises(ValueError, match=r"differ in \['window'\]"):
+        export_main([str(final), "--out", str(out), "--average_with", str(wrong), "--average_weight", "0.25"])
+    assert not out.exists()
+    export_main([str(final), "--out", str(out), "--ratios", "4", "8", "--average_with", str(other),
+                 "--average_weight", "0.25"])
+    stored = load_file(str(out / "adapter_model.safetensors"))
+    assert stored.keys() == mine.keys()
+    for k, v in mine.items():  # 0.75 v + 0.25 (3 v + 1) = 1.5 v + 0.25
+        assert torch.equal(stored[k], (0.75 * v + 0.25 * (3.0 * v + 1.0)).to(torch.bfloat16))
+        assert not torch.equal(stored[k], v.to(torch.bfloat16))
+    assert "`0.75 x` the last stage above plus `0.25 x` the adapter" in (out / "README.md").read_text()
+
+
 def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):
     from recipes.plot_readback import main as plot_main
 
