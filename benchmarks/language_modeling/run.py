@@ -165,8 +165,11 @@ def _plots(bench: Bench, s: Settings, todo, ppl, out: Path) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    if args.sweep_ratios is not None and (not args.sweep_ratios or min(args.sweep_ratios) < 1):
+        raise ValueError(f"--sweep-ratios {args.sweep_ratios}: allowed one or more integers >= 1")
     return with_overrides(SETTINGS[args.mode], lengths=args.lengths, samples=args.samples, tail=args.tail,
-                          sweep_length=args.sweep_length)
+                          sweep_length=args.sweep_length,
+                          sweep_ratios=None if args.sweep_ratios is None else sorted(set(args.sweep_ratios)))
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +177,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help="sequences per length")
     parser.add_argument("--tail", type=int, help="scored tail tokens (default 256)")
     parser.add_argument("--sweep-length", type=int, help="sequence length of the ratio sweep")
+    parser.add_argument("--sweep-ratios", type=int, nargs="*",
+                        help="ratios of the sweep (default: the mode's; each adapter runs those it supports)")
 
 
 def main(argv=None) -> int:

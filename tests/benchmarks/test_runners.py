@@ -257,6 +257,20 @@ def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
     assert _numbers(_summary(again)) == first
 
 
+def test_language_modeling_sweep_ratios_narrow_the_ratio_sweep(tiny_dir, tmp_path):
+    """--sweep-ratios 8: the sweep length runs full attention and ratio 8 only (the quick mode sweeps 4, 8, 16);
+    a ratio below 1 or an empty list is refused before the model loads."""
+    common = ["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root", str(tmp_path), *FAST,
+              "--ratios", "4", "8", "--lengths", "512", "--tail", "32", "--sweep-length", "256"]
+    for bad in (["--sweep-ratios", "0", "8"], ["--sweep-ratios"]):
+        with pytest.raises(ValueError, match="--sweep-ratios"):
+            language_modeling.main(common + bad)
+    assert language_modeling.main(common + ["--sweep-ratios", "8"]) == 0
+    got = {(r["method"], r["context_tokens"]) for r in _summary(tmp_path) if r["metric"] == "perplexity"}
+    assert got == {("full", 512), ("beacon-untrained-r4", 512), ("beacon-untrained-r8", 512), ("full", 256),
+                   ("beacon-untrained-r8", 256)}
+
+
 def test_needle_compressed_by_hand():
     """The answer's first token is predicted at position n_prompt - 1; windows before its own are compressed."""
     assert memory_probe.needle_compressed({"needle_token_end": 128}, 129, 64, 64)  # reads in window 2: 0-127 done
