@@ -86,7 +86,7 @@ def stages(adapter: Path, max_stages: int = 16) -> tuple[list[dict], Path | None
     return chain[::-1], folder
 
 
-STRUCTURAL_SAME_AS = ("ratios", "base_model_name_or_path", "revision", "inference_mode")  # may differ when averaging
+MAY_DIFFER_WHEN_AVERAGING = ("ratios", "base_model_name_or_path", "revision", "inference_mode")  # config fields
 
 
 def average(mine: dict, config: dict, other: dict, other_config: dict, weight: float) -> dict:
@@ -94,9 +94,9 @@ def average(mine: dict, config: dict, other: dict, other_config: dict, weight: f
 
     Raises:
         ValueError: the two adapters differ in a config field that shapes the beacon (window, stride, sink size,
-            beacon projections, ...; everything but ``STRUCTURAL_SAME_AS``), or in parameter names or shapes.
+            beacon projections, ...; everything but ``MAY_DIFFER_WHEN_AVERAGING``), or in parameter names or shapes.
     """
-    fields = sorted((set(config) | set(other_config)) - set(STRUCTURAL_SAME_AS))
+    fields = sorted((set(config) | set(other_config)) - set(MAY_DIFFER_WHEN_AVERAGING))
     differ = [f for f in fields if config.get(f) != other_config.get(f)]
     if differ:
         raise ValueError(f"average_with: adapter configs differ in {differ} "
