@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -32,6 +33,20 @@ MULTIKEY_QUESTION = "\n\nWhat is the pass key for {name}? The pass key for {name
 NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry",
          "Irene", "Jack", "Karen", "Louis", "Maria", "Nathan", "Olivia", "Peter")
 _BOUNDARY_END = (".", "!", "?", "\n")
+
+
+def check_phrasing(needle: str, question: str) -> None:
+    """Raise ``ValueError`` unless ``needle`` is a template whose only field is ``{key}`` and ``question`` is text."""
+    if not isinstance(needle, str) or not isinstance(question, str):
+        raise TypeError(f"needle={needle!r}, question={question!r}: allowed strings")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(needle) if f is not None]
+    except ValueError:  # unbalanced braces
+        fields = []
+    if not fields or set(fields) != {"key"}:
+        raise ValueError(f"needle={needle!r}: allowed a template whose only field is {{key}} (at least once)")
+    if not question.strip():
+        raise ValueError(f"question={question!r}: allowed non-empty text")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -106,22 +121,28 @@ def make_passkey_case(
     intro: str = INTRO,
     filler_offset: int = 0,
     snap_window: int = 32,
+    needle: str = PASSKEY_NEEDLE,
+    question: str = PASSKEY_QUESTION,
 ) -> dict:
     """One passkey case. Returns a dict with
 
     - ``context_ids`` (exactly ``context_tokens`` ids), ``question_ids``, ``answer`` (the key),
     - ``needle_token_start`` / ``needle_token_end``: the needle's span in ``context_ids``,
     - ``depth_actual``: insertion point / number of filler tokens after snapping, ``seed``.
+
+    ``needle`` (a template holding ``{key}``) and ``question`` phrase the case differently from the defaults, e.g.
+    to check that a trained reader generalises beyond the phrasing it was trained on (``check_phrasing``).
     """
+    check_phrasing(needle, question)
     rng = random.Random(seed)
     key = _random_key(rng, key_digits)
-    needle_ids = _encode(tokenizer, PASSKEY_NEEDLE.format(key=key))
+    needle_ids = _encode(tokenizer, needle.format(key=key))
     context, starts, depths = _assemble(
         haystack_ids, tokenizer, context_tokens, [(depth, needle_ids)], intro, filler_offset, snap_window
     )
     return dict(
         context_ids=context,
-        question_ids=_encode(tokenizer, PASSKEY_QUESTION),
+        question_ids=_encode(tokenizer, question),
         answer=key,
         needle_token_start=starts[0],
         needle_token_end=starts[0] + len(needle_ids),

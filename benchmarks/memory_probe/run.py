@@ -33,7 +33,14 @@ if __package__ in (None, ""):
 
 from benchmarks.common import measure, report  # noqa: E402
 from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
-from benchmarks.common.needles import make_passkey_case, needle_compressed  # noqa: E402
+from benchmarks.common.needles import (  # noqa: E402
+    INTRO,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+    check_phrasing,
+    make_passkey_case,
+    needle_compressed,
+)
 
 BENCHMARK = "memory_probe"
 
@@ -44,6 +51,9 @@ class Settings:
     cases: int = 4  # pass-key cases (and text stretches) per length
     depths: tuple[float, float] = (0.05, 0.5)  # the needles' depths are spread over this range
     tail: int = 256  # tokens scored for the context gain
+    needle: str = PASSKEY_NEEDLE  # the pass key's sentence, a template with {key}
+    question: str = PASSKEY_QUESTION
+    intro: str = INTRO  # the text before the filler ("" for none)
 
 
 SETTINGS = {
@@ -65,8 +75,9 @@ def make_cases(bench: Bench, s: Settings) -> tuple[list[dict], dict[int, list[li
             depth = lo + (hi - lo) * c / max(1, s.cases - 1)
             seed = bench.args.seed * 1_000_003 + length * 31 + c
             offset = random.Random(seed).randrange(len(hay))
-            own = make_passkey_case(hay, bench.tokenizer, length, depth, seed, filler_offset=offset)
-            other = make_passkey_case(hay, bench.tokenizer, length, depth, seed + 7_919, filler_offset=offset)
+            phrasing = dict(needle=s.needle, question=s.question, intro=s.intro, filler_offset=offset)
+            own = make_passkey_case(hay, bench.tokenizer, length, depth, seed, **phrasing)
+            other = make_passkey_case(hay, bench.tokenizer, length, depth, seed + 7_919, **phrasing)
             if other["answer"] == own["answer"] or other["needle_token_start"] != own["needle_token_start"]:
                 continue  # keys of different token lengths move the filler: not a like-for-like pair
             pairs.append(dict(length=length, depth=own["depth_actual"], own=own, other=other,
@@ -159,22 +170,33 @@ def _tables(bench: Bench, s: Settings, names: list[str], table: dict) -> str:
     key = report.markdown_table(head, [[m, *[cell(m, n, "key_information") for n in s.lengths]] for m in names])
     gain = report.markdown_table(head, [[m, *[cell(m, n, "context_gain") for n in s.lengths]] for m in names])
     lo, hi = s.depths
+    phrasing = "" if (s.needle, s.question, s.intro) == (PASSKEY_NEEDLE, PASSKEY_QUESTION, INTRO) else (
+        f"- phrasing (not the pass-key benchmark's): needle {s.needle!r}, question {s.question!r}, "
+        f"intro {s.intro!r}\n")
     return (f"# Memory probe ({bench.args.mode})\n\n{bench.describe()}"
             f"- {s.cases} pass-key pairs per length, needles at depths {lo:g}..{hi:g}; context gain on the last "
-            f"{s.tail} tokens (half the length if shorter) of {s.cases} held-out stretches\n\n"
+            f"{s.tail} tokens (half the length if shorter) of {s.cases} held-out stretches\n{phrasing}\n"
             f"## Key information: answer NLL after another key minus after its own (nats/token; in brackets the "
             f"cases whose needle was compressed; * = beyond native positions)\n\n{key}\n"
             f"## Context gain: NLL of the tail alone minus after the whole stretch (nats/token)\n\n{gain}")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases, tail=args.tail)
+    """The mode's settings with the command line's; the phrasing is checked here, before the model loads."""
+    s = with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases, tail=args.tail,
+                       needle=args.needle, question=args.question, intro=args.intro)
+    check_phrasing(s.needle, s.question)
+    return s
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="context lengths (tokens)")
     parser.add_argument("--cases", type=int, help="pass-key pairs and text stretches per length")
     parser.add_argument("--tail", type=int, help="tokens scored for the context gain")
+    parser.add_argument("--needle", help="the pass key's sentence, a template with {key} (default: the pass-key "
+                        "benchmark's); phrase it unlike training to check that the memory generalises")
+    parser.add_argument("--question", help="the question after the context (its answer is the key)")
+    parser.add_argument("--intro", help="text before the filler ('' for none; default: the pass-key intro)")
 
 
 def main(argv=None) -> int:

@@ -177,6 +177,21 @@ def test_passkey_depth_extremes_and_no_snap():
         make_passkey_case(HAYSTACK, TOK, 800, 1.5, seed=1)
 
 
+def test_passkey_in_another_phrasing():
+    """``needle``/``question``: the same placement rules with a sentence and question of the caller's."""
+    needle, question = " My locker code, {key}, is on the fridge. ", "\nWhich code opens my locker? It is"
+    case = make_passkey_case(HAYSTACK, TOK, 900, 0.4, seed=4, intro="", needle=needle, question=question)
+    s, e = case["needle_token_start"], case["needle_token_end"]
+    assert TOK.decode(case["context_ids"][s:e]) == needle.format(key=case["answer"]) and len(case["context_ids"]) == 900
+    assert TOK.decode(case["question_ids"]) == question
+    assert case["answer"] == make_passkey_case(HAYSTACK, TOK, 900, 0.4, seed=4)["answer"]  # same key, same seed
+    for bad in (" no key here ", " {key} and {name} ", " {} ", " {key ", " {0} ", 5):
+        with pytest.raises((ValueError, TypeError), match="needle="):
+            make_passkey_case(HAYSTACK, TOK, 900, 0.4, seed=4, needle=bad)
+    with pytest.raises(ValueError, match="question="):
+        make_passkey_case(HAYSTACK, TOK, 900, 0.4, seed=4, question="  ")
+
+
 def test_passkey_determinism():
     a = make_passkey_case(HAYSTACK, TOK, 700, 0.4, seed=11)
     b = make_passkey_case(HAYSTACK, TOK, 700, 0.4, seed=11)

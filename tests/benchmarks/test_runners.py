@@ -313,6 +313,21 @@ def test_memory_probe_quick_on_the_tiny_model(tiny_dir, tmp_path, capsys):
     assert (folder / "quick_key_information.png").is_file() and (folder / "quick_context_gain.png").is_file()
 
 
+def test_memory_probe_in_another_phrasing(tiny_dir, tmp_path):
+    """--needle/--question/--intro: the pairs carry the caller's sentence (named in the markdown); a template
+    without {key} is refused before the model loads."""
+    common = ["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root", str(tmp_path), *FAST,
+              "--ratios", "8", "--lengths", "512", "--cases", "2", "--tail", "32"]
+    with pytest.raises(ValueError, match="needle="):
+        memory_probe.main(common + ["--needle", "the code is KEY"])
+    assert not (tmp_path / "memory_probe").exists()
+    assert memory_probe.main(common + ["--needle", " Locker code: {key}. ", "--question", "\nLocker code?",
+                                       "--intro", ""]) == 0
+    markdown = (tmp_path / "memory_probe" / "results" / "quick.md").read_text()
+    assert "phrasing (not the pass-key benchmark's): needle ' Locker code: {key}. '" in markdown
+    assert json.loads((tmp_path / "memory_probe" / "results" / "quick.json").read_text())["settings"]["intro"] == ""
+
+
 def test_trained_adapter_runs_beside_a_fresh_untrained_copy(tiny_dir, tmp_path, capsys):
     """``--adapter LABEL=PATH --with-untrained``: both adapters in one run, the untrained one with the saved
     adapter's settings and fresh weights, so the training's effect is visible in one table."""
