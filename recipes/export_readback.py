@@ -11,6 +11,9 @@
   fine-tuned from one another stay in one basin, so the average trades what each stage learnt (e.g. the read-back
   stage's keys against the earlier adapter's language modelling) without training.
 
+``--root`` names where the adapter the first read-back stage started from lives now, if it moved after training
+(e.g. the previously shipped adapter kept under a ``-v1`` folder when this one replaces it).
+
 Never overwrites: ``--out`` must not exist. Everything is checked before anything is written.
 
     python recipes/export_readback.py outputs/readback-long-cpu/final --out /tmp/candidate \\
@@ -48,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--evaluation", type=Path, nargs="*", default=[], help="result markdown files for the card")
     p.add_argument("--max_stages", type=int, default=16, help="stop following init_adapter after this many")
+    p.add_argument("--root", type=Path, default=None,
+                   help="where the adapter the first read-back stage started from is now, if it moved since "
+                   "(default: the init_adapter that stage recorded); its card describes the earlier training")
     p.add_argument("--average_with", type=Path, default=None, help="another adapter folder of the same structure")
     p.add_argument("--average_weight", type=float, default=None, help="OTHER's share in (0, 1)")
     args = p.parse_args(argv)
@@ -67,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         for name in ("adapter_config.json", WEIGHTS):
             if not (args.average_with / name).is_file():
                 raise ValueError(f"average_with={args.average_with}: no {name} (expected a PEFT adapter folder)")
+    if args.root is not None and not (args.root / "adapter_config.json").is_file():
+        raise ValueError(f"root={args.root}: no adapter_config.json (expected the adapter folder the first "
+                         "read-back stage started from)")
     missing = [str(f) for f in args.evaluation if not f.is_file()]
     if missing:
         raise ValueError(f"evaluation files {missing} do not exist")
@@ -125,9 +134,9 @@ def _loss(s: dict) -> str:
     return " + ".join(terms)
 
 
-def history_lines(chain: list[dict], root: Path | None) -> list[str]:
+def history_lines(chain: list[dict], root: Path | None, recorded: Path | None = None) -> list[str]:
     """Card lines: one table row per read-back stage (config, rows, mix, loss, steps, tokens), then the first
-    stage's card sections."""
+    stage's card sections (read from ``root``; ``recorded``: the path the first stage recorded, if it moved)."""
     lines = ["## Training", "", "Read-back stages (`recipes/train_readback.py`), in order; each started from the "
              "one before:", "",
              "| stage | config | rows (tokens) | mix | loss | ratios | lr | steps | tokens |",
@@ -145,7 +154,8 @@ def history_lines(chain: list[dict], root: Path | None) -> list[str]:
               "Data: the training essays of `beacon_peft.offline.corpora`; the held-out essays were not trained on.",
               ""]
     if root is not None:
-        lines += [f"The first read-back stage started from `{root}`."]
+        moved = "" if recorded is None or recorded == root else f" (recorded as `{recorded}`, moved since)"
+        lines += [f"The first read-back stage started from `{root}`{moved}."]
         card = root / "README.md"
         text = card.read_text(encoding="utf-8") if card.is_file() else ""
         if "## Data" in text:
@@ -156,7 +166,8 @@ def history_lines(chain: list[dict], root: Path | None) -> list[str]:
 
 
 def card(config: dict, chain: list[dict], root: Path | None, evaluation: list[Path], dtype: str,
-         n_params: int, n_bytes: int, averaged: tuple[Path, float] | None = None) -> str:
+         n_params: int, n_bytes: int, averaged: tuple[Path, float] | None = None,
+         recorded: Path | None = None) -> str:
     trained = sorted({r for s in chain for r in s["ratios"]})
     lines = [
         "---", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "library_name: peft", "tags:",
@@ -180,7 +191,7 @@ def card(config: dict, chain: list[dict], root: Path | None, evaluation: list[Pa
         f"| sink size | {config['sink_size']} |",
         f"| beacon projections | {', '.join(config['beacon_projections'])} |",
         f"| beacon parameters stored | {n_params:,} ({dtype}, {n_bytes / 2**20:.1f} MiB) |", "",
-        *history_lines(chain, root),
+        *history_lines(chain, root, recorded),
     ]
     if averaged is not None:
         lines += ["## Weight average", "", f"The stored weights are `{1 - averaged[1]:g} x` the last stage above plus "
@@ -200,6 +211,11 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     config = json.loads((args.adapter / "adapter_config.json").read_text())
     chain, root = stages(args.adapter, args.max_stages)
+    recorded = root
+    if args.root is not None:
+        if root is None:
+            raise ValueError(f"root={args.root}: the first read-back stage of {args.adapter} recorded no init_adapter")
+        root = args.root
     weights = load_file(str(args.adapter / WEIGHTS))
     if args.average_with is not None:
         other_config = json.loads((args.average_with / "adapter_config.json").read_text())
@@ -213,7 +229,7 @@ def main(argv=None) -> Path:
     n_params = sum(v.numel() for v in stored.values())
     n_bytes = sum(v.numel() * v.element_size() for v in stored.values())
     averaged = None if args.average_with is None else (args.average_with, args.average_weight)
-    text = card(config, chain, root, args.evaluation, args.dtype, n_params, n_bytes, averaged)
+    text = card(config, chain, root, args.evaluation, args.dtype, n_params, n_bytes, averaged, recorded)
 
     def write(tmp: Path) -> None:
         save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt"})

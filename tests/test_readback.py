@@ -300,6 +300,31 @@ def test_export_writes_a_bfloat16_adapter_with_its_history_that_loads_and_never_
     assert (out / "README.md").read_text() == "mine"
 
 
+def test_export_reads_the_first_adapter_from_where_it_moved(tmp_path):
+    """--root: the adapter the first stage started from moved after training (the previously shipped adapter kept
+    under -v1 when its successor takes its folder); its card is read from there, the card names both paths, and a
+    --root that is no adapter folder is refused before anything is written."""
+    from recipes.export_readback import history_lines, parse_args
+
+    moved = tmp_path / "adapter-v1"
+    moved.mkdir()
+    (moved / "adapter_config.json").write_text("{}")
+    (moved / "README.md").write_text("# v1\n\n## Data\n\n- dataset: `offline:all`\n\n## Evaluation\n\nold\n")
+    stage = dict(config="c.yaml", min_tokens=3000, max_tokens=4000, text_fraction=0.8, recall_fraction=0.2,
+                 answer_weight=1.0, ratios=[8], lr=1e-4, step=3, tokens=100, held_out_templates=[2])
+    text = "\n".join(history_lines([stage], moved, recorded=Path("adapters/old")))
+    assert f"started from `{moved}` (recorded as `adapters/old`, moved since)." in text
+    assert "- dataset: `offline:all`" in text and "old" not in text.split("moved since")[1]
+    run = tmp_path / "final"
+    run.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "readback_args.json"):
+        (run / name).write_text("{}")
+    with pytest.raises(ValueError, match="root="):
+        parse_args([str(run), "--out", str(tmp_path / "out"), "--root", str(tmp_path / "nowhere")])
+    assert parse_args([str(run), "--out", str(tmp_path / "out"), "--root", str(moved)]).root == moved
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_can_store_a_weight_average_with_another_adapter_and_refuses_a_different_structure(tmp_path, tokenizer):
     """--average_with OTHER --average_weight W stores (1 - W) * adapter + W * OTHER (then rounded to bfloat16) and
     says so in the card; a weight outside (0, 1), a lone flag, and an adapter whose beacon config differs (here the
