@@ -7,7 +7,7 @@ from pathlib import Path
 
 from beacon_peft.training.card import TrainingRecord, earlier_stage
 
-SHIPPED = Path(__file__).resolve().parents[2] / "adapters" / "smollm2-135m-beacon"
+SHIPPED = Path(__file__).resolve().parents[2] / "adapters" / "smollm2-135m-beacon-v1"  # v1: a train.py run
 
 
 def test_a_record_round_trips_through_training_log_json(tmp_path):
@@ -19,7 +19,8 @@ def test_a_record_round_trips_through_training_log_json(tmp_path):
 
 
 def test_a_log_without_a_record_is_read_from_trainers_history():
-    """The shipped adapter's log predates records: its figures come from the log history (as its card shows)."""
+    """The first shipped adapter's (v1's) log predates records: its figures come from the log history (as its card
+    shows)."""
     record = TrainingRecord.read(SHIPPED)
     card = (SHIPPED / "README.md").read_text()
     assert f"| tokens seen (non-padding) | {record.tokens_seen:,} |" in card

@@ -26,8 +26,8 @@ def test_cpu_smoke_config_trains_smollm2(tmp_path):
 
 
 def test_retrieval_stage_config_continues_the_shipped_adapter(tmp_path):
-    """The second stage of the shipped adapter (`offline:retrieval`, raw text, from a first-stage adapter) runs
-    end to end on SmolLM2, starting from the shipped adapter's weights."""
+    """The second stage of the first shipped adapter (`offline:retrieval`, raw text, from a first-stage adapter)
+    runs end to end on SmolLM2, starting from that adapter's weights (v1, kept in adapters/smollm2-135m-beacon-v1)."""
     from beacon_peft.offline import corpora, weights
 
     try:
@@ -35,7 +35,7 @@ def test_retrieval_stage_config_continues_the_shipped_adapter(tmp_path):
         corpora.essay_split()
     except RuntimeError as err:  # the offline weights / essays are optional packages
         pytest.skip(str(err))
-    shipped = ROOT / "adapters" / "smollm2-135m-beacon"
+    shipped = ROOT / "adapters" / "smollm2-135m-beacon-v1"
     config = ROOT / "recipes" / "configs" / "smollm2-135m-beacon-retrieval.yaml"
     trainer = run_script(["--config", str(config), "--output_dir", str(tmp_path), "--final_dir", str(tmp_path / "f"),
                           "--init_adapter", str(shipped), "--max_steps", "1", "--retrieval_examples", "3",
