@@ -65,25 +65,22 @@ def test_the_compressed_memory_carries_a_pass_keys_digits(shipped):
     if str(ROOT) not in sys.path:  # the repository's benchmarks/ (tests/ has no __init__.py)
         sys.path.insert(0, str(ROOT))
     from beacon_peft.offline.corpora import haystack_ids
-    from benchmarks.common.needles import make_passkey_case
+    from benchmarks.common.measure import tail_nll
+    from benchmarks.common.needles import make_passkey_case, needle_compressed
 
     model, tokenizer = shipped
     hay = haystack_ids(tokenizer, 40000, "held_out")
-    window = model.peft_config["default"].window
+    config = model.peft_config["default"]
     gaps = []
     for seed in range(4):
         own = make_passkey_case(hay, tokenizer, 2048, 0.3, seed, filler_offset=7919 * seed)
         other = make_passkey_case(hay, tokenizer, 2048, 0.3, seed + 1000, filler_offset=7919 * seed)
         assert own["answer"] != other["answer"] and own["needle_token_start"] == other["needle_token_start"]
-        reading = 2048 + len(own["question_ids"])
-        assert own["needle_token_end"] <= window * (reading // window)  # inside a compressed window
+        prompt = len(own["context_ids"]) + len(own["question_ids"])
+        assert needle_compressed(own, prompt, config.window, config.stride)
         answer = tokenizer.encode(" " + own["answer"], add_special_tokens=False)
-        nll = {}
-        with torch.no_grad():
-            for side, case in (("own", own), ("other", other)):
-                ids = torch.tensor([case["context_ids"] + case["question_ids"] + answer])
-                logits = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0, :-1].float()
-                nll[side] = float(torch.nn.functional.cross_entropy(logits, torch.tensor(answer)))
+        nll = {side: tail_nll(model, case["context_ids"] + case["question_ids"] + answer, len(answer))[0] / len(answer)
+               for side, case in (("own", own), ("other", other))}
         gaps.append(nll["other"] - nll["own"])
     assert sum(gaps) / len(gaps) > 0.75, gaps
 
