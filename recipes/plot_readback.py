@@ -43,14 +43,18 @@ def table(curve: list[dict], log: list[dict]) -> str:
     """One row per curve point; loss terms from the nearest logged step at or before it (the hidden-state distance
     only for runs that used it)."""
     terms = loss_terms(log)
-    lines = ["| step | tokens | key information (nats) | context gain (nats) | " + " | ".join(terms.values()) + " |",
-             "|---|---|---|---|" + "---|" * len(terms)]
+    unseen = any("key_information_unseen" in p for p in curve)  # runs with composed phrasings also probe unseen ones
+    lines = ["| step | tokens | key information (nats) | " + ("unseen phrasings (nats) | " if unseen else "")
+             + "context gain (nats) | " + " | ".join(terms.values()) + " |",
+             "|---|---|---|---|" + ("---|" if unseen else "") + "---|" * len(terms)]
     for point in curve:
         logged = [r for r in log if r["step"] <= point["step"]]
         last = logged[-1] if logged and point["step"] else {}
         gain = point.get("context_gain")
-        cells = [str(point["step"]), f"{point['tokens']:,}", f"{point['key_information']:.3f}",
-                 "" if gain is None else f"{gain:.3f}"]
+        cells = [str(point["step"]), f"{point['tokens']:,}", f"{point['key_information']:.3f}"]
+        if unseen:
+            cells.append(f"{point['key_information_unseen']:.3f}" if "key_information_unseen" in point else "")
+        cells.append("" if gain is None else f"{gain:.3f}")
         cells += [f"{last[k]:.{3 if k == 'hidden' else 2}f}" if k in last else "" for k in terms]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -65,6 +69,9 @@ def plot(curve: list[dict], log: list[dict], path: Path, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     tokens = [p["tokens"] / 1e3 for p in curve]
     left.plot(tokens, [p["key_information"] for p in curve], marker="o", label="key information")
+    unseen = [(p["tokens"] / 1e3, p["key_information_unseen"]) for p in curve if "key_information_unseen" in p]
+    if unseen:
+        left.plot(*zip(*unseen), marker="^", label="key information, unseen phrasings")
     gains = [(p["tokens"] / 1e3, p["context_gain"]) for p in curve if p.get("context_gain") is not None]
     if gains:
         left.plot(*zip(*gains), marker="s", label="context gain")

@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recall_fraction", type=float, default=0.0,
                    help="share of recall rows: whole windows of source, then quotes read back from its compressed "
                    "memory (beacon_peft.training.readback.MixedRows); text_fraction + recall_fraction <= 1")
+    p.add_argument("--composed_fraction", type=float, default=0.0,
+                   help="share of composed retrieval rows: facts composed from holder/attribute/statement/question "
+                   "parts of the training split (beacon_peft.training.phrasings); with it on, half the recall rows' "
+                   "needles are composed too; text + recall + composed fractions <= 1")
     p.add_argument("--held_out_templates", type=int, nargs="*", default=[2, 6, 8],
                    help="synthetic.TEMPLATES indices never trained on (scored as unseen phrasings)")
     p.add_argument("--answer_weight", type=float, default=1.0)
@@ -149,17 +153,27 @@ def held_out_haystack(tokenizer) -> list[int]:
     return haystack_ids(tokenizer, 40000, "held_out")
 
 
-def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234) -> list[dict]:
-    """Fixed held-out key pairs (own key, other key, same filler) whose needle ends inside a compressed window."""
-    from benchmarks.common.needles import make_passkey_case
+def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234, unseen: bool = False) -> list[dict]:
+    """Fixed held-out key pairs (own key, other key, same filler) whose needle ends inside a compressed window.
+
+    ``unseen``: each pair states and asks its key in a phrasing composed from the held-out split of
+    `beacon_peft.training.phrasings` (no holder, attribute, statement or question pattern any row trains on)
+    instead of the pass-key sentence."""
+    from beacon_peft.training.phrasings import as_passkey_template, compose_fact
+    from benchmarks.common.needles import PASSKEY_NEEDLE, PASSKEY_QUESTION, make_passkey_case
 
     cases, c = [], 0
     while len(cases) < n and c < 20 * n:
         length = (1024, 2048, 4096)[c % 3]
         depth = 0.05 + 0.5 * random.Random(seed + c).random()
         offset = random.Random(seed * 7 + c).randrange(len(hay))
-        own = make_passkey_case(hay, tokenizer, length, depth, seed + c, filler_offset=offset)
-        other = make_passkey_case(hay, tokenizer, length, depth, seed + c + 7919, filler_offset=offset)
+        needle, question = PASSKEY_NEEDLE, PASSKEY_QUESTION
+        if unseen:
+            needle, question = as_passkey_template(compose_fact(random.Random(seed * 13 + c), "held_out"))
+        phrasing = dict(filler_offset=offset, needle=needle, question=question, intro="" if unseen else None)
+        phrasing = {k: v for k, v in phrasing.items() if v is not None}
+        own = make_passkey_case(hay, tokenizer, length, depth, seed + c, **phrasing)
+        other = make_passkey_case(hay, tokenizer, length, depth, seed + c + 7919, **phrasing)
         c += 1
         reading = length + len(own["question_ids"]) - 1
         if other["answer"] == own["answer"] or other["needle_token_start"] != own["needle_token_start"]:
@@ -219,12 +233,17 @@ def context_gain(model, stretches: list[list[int]], device, ratio: int = 8, tail
     return sum(gains) / max(1, len(gains))
 
 
-def evaluate(model, probe: list[dict], texts: list[list[int]], device, step: int, tokens: int) -> dict:
-    """One point of the training curve: key information and context gain at ratio 8, held-out texts."""
+def evaluate(model, probe: list[dict], texts: list[list[int]], device, step: int, tokens: int,
+             unseen: list[dict] | None = None) -> dict:
+    """One point of the training curve: key information and context gain at ratio 8, held-out texts; with
+    ``unseen``, also the key information of held-out composed phrasings (``key_information_unseen``)."""
     point = dict(step=step, tokens=tokens, key_information=key_information(model, probe, device),
                  context_gain=context_gain(model, texts, device))
-    print(f"step {step}: key information {point['key_information']:.3f}, context gain {point['context_gain']:.3f}",
-          flush=True)
+    if unseen:
+        point["key_information_unseen"] = key_information(model, unseen, device)
+    extra = f", unseen phrasings {point['key_information_unseen']:.3f}" if unseen else ""
+    print(f"step {step}: key information {point['key_information']:.3f}, context gain {point['context_gain']:.3f}"
+          + extra, flush=True)
     return point
 
 
@@ -280,11 +299,13 @@ def main(argv=None) -> Path:
     rows = MixedRows(tokenizer, training_documents(), args.min_tokens, args.max_tokens, seed=args.seed,
                      text_fraction=args.text_fraction, templates=train_templates,
                      recall_fraction=args.recall_fraction, window=args.window,
+                     composed_fraction=args.composed_fraction,
                      start_block=step * args.batch_size // 32 + (1000 if step else 0))
     loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=partial(collate_rows, pad_token_id=tokenizer.pad_token_id))
     hay = held_out_haystack(tokenizer)
     probe = make_probe(tokenizer, hay, args.probe_cases, args.window)
+    unseen = make_probe(tokenizer, hay, args.probe_cases, args.window, unseen=True) if args.composed_fraction else None
     texts = make_text_probe(hay, args.probe_cases // 2 or 1, length=4 * args.window)
     curve_path, log_path = out / "curve.json", out / "train_log.jsonl"
     curve = json.loads(curve_path.read_text()) if args.resume and curve_path.is_file() else []
@@ -293,7 +314,7 @@ def main(argv=None) -> Path:
         print(f"dropping curve points {lost}: they come after the checkpoint's step {step}", flush=True)
         curve = [c for c in curve if c["step"] <= step]
     if not curve or curve[-1]["step"] != step or "context_gain" not in curve[-1]:
-        curve = [c for c in curve if c["step"] != step] + [evaluate(model, probe, texts, device, step, tokens)]
+        curve = [c for c in curve if c["step"] != step] + [evaluate(model, probe, texts, device, step, tokens, unseen)]
         curve_path.write_text(json.dumps(curve, indent=1))
     model.train()
     start, last_save, window_tokens, window_start = time.time(), time.time(), 0, time.time()
@@ -352,13 +373,13 @@ def main(argv=None) -> Path:
             sums = dict.fromkeys(terms, 0.0) | {"n": 0}
             window_tokens, window_start = 0, time.time()
         if step % args.eval_every == 0:
-            curve.append(evaluate(model, probe, texts, device, step, tokens))
+            curve.append(evaluate(model, probe, texts, device, step, tokens, unseen))
             curve_path.write_text(json.dumps(curve, indent=1))
         if (time.time() - last_save) / 60 >= args.save_minutes:
             save_checkpoint(model, optimizer, step, tokens, out)
             last_save = time.time()
     if curve[-1]["step"] != step:
-        curve.append(evaluate(model, probe, texts, device, step, tokens))
+        curve.append(evaluate(model, probe, texts, device, step, tokens, unseen))
         curve_path.write_text(json.dumps(curve, indent=1))
     save_checkpoint(model, optimizer, step, tokens, out)
     final = save_final(model, tokenizer, args, out, step, tokens)

@@ -14,6 +14,10 @@ signals that make the memory keep them (docs/training.md, "Read-back stage"):
   of a quote is known only from the compressed memory, so a row gives hundreds of read-back targets where a
   retrieval row gives a few digits; the skill (continue, from memory, what followed a cue) is the one a question
   after a long document needs, whatever its phrasing.
+* **Composed rows** (`MixedRows`, ``composed_fraction``): retrieval rows whose facts are composed from
+  independent parts (`phrasings.compose_facts`: holder, attribute, statement and question patterns, training
+  split only), so the memory learns to keep a stated number however it is worded; the values (not the questions)
+  are scored as answers. With composed rows on, half the needles of the recall rows are composed too.
 * **Self-distillation from full attention** (`kl_to_teacher`): the frozen base with the adapter disabled reads
   the same row uncompressed (within its native positions); the KL divergence of the compressed model's next-token
   distribution from the base model's, on every raw token, tells the beacons what the memory should have carried,
@@ -30,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..labels import IGNORE_INDEX
-from .synthetic import _token_stream, boundary_ids, draw_fact, retrieval_examples, template_pool
+from .phrasings import compose_fact, compose_facts
+from .synthetic import INTROS, _token_stream, boundary_ids, draw_fact, retrieval_examples, template_pool
 
 
 def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
@@ -110,13 +115,17 @@ class MixedRows(torch.utils.data.IterableDataset):
     A share ``recall_fraction`` are recall rows (see the module docstring): their source is the largest whole
     number of ``window``-token windows that leaves at least ``RECALL_MIN`` tokens for quotes; the quotes' cues are
     ignored by both labels, the rest of each quote is in ``answer_labels``, the source in ``text_labels``.
+
+    A share ``composed_fraction`` are composed retrieval rows (`_composed_row`); the rest after text, recall and
+    composed rows are template retrieval rows (`synthetic.retrieval_examples`).
     """
 
     RECALL_MIN = 96  # the fewest tokens a recall row keeps for its quotes
 
     def __init__(self, tokenizer, documents: Sequence[str], min_tokens: int, max_tokens: int, seed: int = 0,
                  text_fraction: float = 0.3, templates: Sequence[int] | None = None, max_needles: int = 4,
-                 block: int = 32, start_block: int = 0, recall_fraction: float = 0.0, window: int | None = None):
+                 block: int = 32, start_block: int = 0, recall_fraction: float = 0.0, window: int | None = None,
+                 composed_fraction: float = 0.0):
         super().__init__()
         templates = None if templates is None else template_pool(templates)  # checked before any row is drawn
         if not 0.0 <= text_fraction <= 1.0:
@@ -124,6 +133,12 @@ class MixedRows(torch.utils.data.IterableDataset):
         if not 0.0 <= recall_fraction <= 1.0 - text_fraction + 1e-9:  # 1 - 0.8 is 0.19999999999999996 in floats
             raise ValueError(f"recall_fraction={recall_fraction} must be in [0, 1 - text_fraction = "
                              f"{1.0 - text_fraction:g}]")
+        room = 1.0 - text_fraction - recall_fraction
+        if not 0.0 <= composed_fraction <= room + 1e-9:
+            raise ValueError(f"composed_fraction={composed_fraction} must be in [0, 1 - text_fraction - "
+                             f"recall_fraction = {max(0.0, room):g}]")
+        if not 1 <= max_needles <= 8:
+            raise ValueError(f"max_needles={max_needles} must be in [1, 8]")
         if not 64 <= min_tokens <= max_tokens - 8:
             raise ValueError(f"min_tokens={min_tokens} must be in [64, max_tokens - 8 = {max_tokens - 8}]")
         if recall_fraction > 0 and (window is None or not 16 <= window <= min_tokens - self.RECALL_MIN):
@@ -132,12 +147,13 @@ class MixedRows(torch.utils.data.IterableDataset):
         self.tokenizer, self.documents = tokenizer, [d for d in documents if d.strip()]
         self.min_tokens, self.max_tokens, self.seed = min_tokens, max_tokens, seed
         self.text_fraction, self.templates, self.max_needles = text_fraction, templates, max_needles
-        self.recall_fraction, self.window = recall_fraction, window
+        self.recall_fraction, self.window, self.composed_fraction = recall_fraction, window, composed_fraction
         self.block, self.start_block = block, start_block
         # the prose as one token stream (cycled), tokenized once for every block of rows
         self.stream = _token_stream(tokenizer, self.documents, 1, min_tokens, max_tokens - 8)
-        if recall_fraction > 0:
+        if recall_fraction > 0 or composed_fraction > 0:
             self.boundaries = boundary_ids(tokenizer)
+        if recall_fraction > 0:
             self.newline = tokenizer.encode("\n", add_special_tokens=False)
             self.separator = tokenizer.encode("\n\n", add_special_tokens=False)  # between the source and the quotes
 
@@ -152,7 +168,7 @@ class MixedRows(torch.utils.data.IterableDataset):
         encode = partial(self.tokenizer.encode, add_special_tokens=False)
         length = rng.randint(self.min_tokens, self.max_tokens)
         n_src = self.window * max(1, (length - self.RECALL_MIN) // self.window)
-        facts = [draw_fact(rng, self.templates) for _ in range(rng.randint(1, 2 * self.max_needles))]
+        facts = [self._recall_fact(rng) for _ in range(rng.randint(1, 2 * self.max_needles))]
         needles = [(encode(" " + cue), encode(" " + rest)) for cue, rest in facts]  # (cue ids, rest ids)
         start = rng.randrange(len(self.stream))  # n_src tokens of filler: more than the needles leave room for
         filler = [self.stream[(start + i) % len(self.stream)] for i in range(n_src)]
@@ -184,6 +200,56 @@ class MixedRows(torch.utils.data.IterableDataset):
         return {"input_ids": ids, "text_labels": source + [IGNORE_INDEX] * (len(ids) - n_src),
                 "answer_labels": answers}
 
+    def _recall_fact(self, rng: random.Random) -> tuple[str, str]:
+        """A needle for a recall row as ``(cue, rest)``: a template fact, or (half the time when composed rows are
+        on) a composed one from the training split."""
+        if self.composed_fraction > 0 and rng.random() < 0.5:
+            fact = compose_fact(rng, "train")
+            return fact.cue, fact.rest
+        return draw_fact(rng, self.templates)
+
+    def _composed_row(self, rng: random.Random) -> dict:
+        """Intro, prose with 1..max_needles composed facts (distinct holders) at sentence starts, then every fact
+        asked in random order: ``"\n\n" + question + " " + lead-in`` and the answer ``" " + value + "."``. The
+        queried facts sit mostly (five times in six) in the first five sixths of the prose, so in compressed
+        windows. Labels: the intro and prose in ``text_labels``, the answers in ``answer_labels``, questions in
+        neither (nothing before them predicts their wording)."""
+        encode = partial(self.tokenizer.encode, add_special_tokens=False)
+        length = rng.randint(self.min_tokens, self.max_tokens)
+        facts = compose_facts(rng, rng.randint(1, self.max_needles), "train")
+        intro = encode(rng.choice(INTROS))
+
+        def sizes(kept):
+            needles = [encode(" " + f.needle + " ") for f in kept]
+            asks = [(encode("\n\n" + f.question + (" " + f.lead if f.lead else "")), encode(" " + f.value + "."))
+                    for f in kept]
+            return needles, asks, length - len(intro) - sum(map(len, needles)) - sum(len(q) + len(a) for q, a in asks)
+
+        needles, asks, n_fill = sizes(facts)
+        while n_fill < 32 and len(facts) > 1:  # a short row keeps fewer facts
+            facts = facts[:-1]
+            needles, asks, n_fill = sizes(facts)
+        n_fill = max(16, n_fill)
+        start = rng.randrange(len(self.stream))
+        filler = [self.stream[(start + i) % len(self.stream)] for i in range(n_fill)]
+        cuts = [i for i in range(1, n_fill) if filler[i - 1] in self.boundaries] or list(range(1, n_fill))
+        early = [c for c in cuts if c <= 5 * n_fill // 6] or cuts
+        points = sorted(rng.choice(early if rng.random() < 5 / 6 else cuts) for _ in needles)
+        ids, prev = list(intro), 0
+        for point, needle in zip(points, needles):
+            ids += filler[prev:point] + needle
+            prev = point
+        ids += filler[prev:]
+        text = list(ids)
+        answers = [IGNORE_INDEX] * len(ids)
+        rng.shuffle(asks)
+        for question, answer in asks:
+            ids += question + answer
+            answers += [IGNORE_INDEX] * len(question) + answer
+        ids, answers = ids[: self.max_tokens], answers[: self.max_tokens]
+        text = (text + [IGNORE_INDEX] * len(ids))[: len(ids)]
+        return {"input_ids": ids, "text_labels": text, "answer_labels": answers}
+
     def _retrieval_rows(self, n: int, seed: int) -> list[dict]:
         rows = []
         for ex in retrieval_examples(self.tokenizer, self.documents, n, self.min_tokens, self.max_tokens, seed=seed,
@@ -203,10 +269,13 @@ class MixedRows(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}:{number}")
             draws = [rng.random() for _ in range(self.block)]
             n_text = sum(d < self.text_fraction for d in draws)
-            n_recall = sum(self.text_fraction <= d < self.text_fraction + self.recall_fraction for d in draws)
+            recall_end = self.text_fraction + self.recall_fraction
+            n_recall = sum(self.text_fraction <= d < recall_end for d in draws)
+            n_composed = sum(recall_end <= d < recall_end + self.composed_fraction for d in draws)
             rows = [self._text_row(rng) for _ in range(n_text)] + [self._recall_row(rng) for _ in range(n_recall)]
-            if n_text + n_recall < self.block:
-                rows += self._retrieval_rows(self.block - n_text - n_recall, rng.randrange(2**31))
+            rows += [self._composed_row(rng) for _ in range(n_composed)]
+            if n_text + n_recall + n_composed < self.block:
+                rows += self._retrieval_rows(self.block - n_text - n_recall - n_composed, rng.randrange(2**31))
             rng.shuffle(rows)
             yield rows
             number += workers
