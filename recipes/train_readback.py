@@ -160,7 +160,7 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
     `beacon_peft.training.phrasings` (no holder, attribute, statement or question pattern any row trains on)
     instead of the pass-key sentence."""
     from beacon_peft.training.phrasings import as_passkey_template, compose_fact
-    from benchmarks.common.needles import PASSKEY_NEEDLE, PASSKEY_QUESTION, make_passkey_case
+    from benchmarks.common.needles import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey_pair
 
     cases, c = [], 0
     while len(cases) < n and c < 20 * n:
@@ -172,12 +172,12 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
             needle, question = as_passkey_template(compose_fact(random.Random(seed * 13 + c), "held_out"))
         phrasing = dict(filler_offset=offset, needle=needle, question=question, intro="" if unseen else None)
         phrasing = {k: v for k, v in phrasing.items() if v is not None}
-        own = make_passkey_case(hay, tokenizer, length, depth, seed + c, **phrasing)
-        other = make_passkey_case(hay, tokenizer, length, depth, seed + c + 7919, **phrasing)
+        pair = passkey_pair(hay, tokenizer, length, depth, seed + c, seed + c + 7919, **phrasing)
         c += 1
-        reading = length + len(own["question_ids"]) - 1
-        if other["answer"] == own["answer"] or other["needle_token_start"] != own["needle_token_start"]:
+        if pair is None:
             continue
+        own, other = pair
+        reading = length + len(own["question_ids"]) - 1
         if own["needle_token_end"] > window * (reading // window):
             continue  # the needle must lie in a completed (compressed) window
         answer = tokenizer.encode(" " + own["answer"], add_special_tokens=False)

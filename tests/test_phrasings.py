@@ -9,8 +9,17 @@ import string
 import pytest
 
 from beacon_peft.training import phrasings
-from beacon_peft.training.phrasings import (ATTRIBUTES, HOLDERS, QUESTIONS, SPLITS, STATEMENTS, as_passkey_template,
-                                            compose_fact, compose_facts, split_items)
+from beacon_peft.training.phrasings import (
+    ATTRIBUTES,
+    HOLDERS,
+    QUESTIONS,
+    SPLITS,
+    STATEMENTS,
+    as_passkey_template,
+    compose_fact,
+    compose_facts,
+    split_items,
+)
 from beacon_peft.training.readback import IGNORE_INDEX, MixedRows
 
 

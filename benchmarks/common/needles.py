@@ -208,6 +208,21 @@ def make_multikey_case(
     )
 
 
+def passkey_pair(haystack_ids: list[int], tokenizer, context_tokens: int, depth: float, seed: int, other_seed: int,
+                 **phrasing) -> tuple[dict, dict] | None:
+    """Two `make_passkey_case` cases alike but for the key (``seed`` and ``other_seed`` draw the keys; the same
+    filler, depth and ``phrasing`` keywords): the *own* case and the *other* one whose context holds another key.
+    The key information of a reader is NLL(own key | other context) - NLL(own key | own context).
+
+    Returns None when the two keys are equal or tokenize to different lengths (the filler and the needle would sit
+    at other positions: not a like-for-like pair)."""
+    own = make_passkey_case(haystack_ids, tokenizer, context_tokens, depth, seed, **phrasing)
+    other = make_passkey_case(haystack_ids, tokenizer, context_tokens, depth, other_seed, **phrasing)
+    if other["answer"] == own["answer"] or other["needle_token_start"] != own["needle_token_start"]:
+        return None
+    return own, other
+
+
 def needle_compressed(case: dict, n_prompt: int, window: int, stride: int) -> bool:
     """Whether the needle lies in a completed (compressed) window when the token after ``n_prompt`` prompt tokens
     is predicted: windows cover raw tokens ``[k * stride, k * stride + window)``, and a completed window keeps its

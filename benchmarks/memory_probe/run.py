@@ -38,8 +38,8 @@ from benchmarks.common.needles import (  # noqa: E402
     PASSKEY_NEEDLE,
     PASSKEY_QUESTION,
     check_phrasing,
-    make_passkey_case,
     needle_compressed,
+    passkey_pair,
 )
 
 BENCHMARK = "memory_probe"
@@ -76,10 +76,10 @@ def make_cases(bench: Bench, s: Settings) -> tuple[list[dict], dict[int, list[li
             seed = bench.args.seed * 1_000_003 + length * 31 + c
             offset = random.Random(seed).randrange(len(hay))
             phrasing = dict(needle=s.needle, question=s.question, intro=s.intro, filler_offset=offset)
-            own = make_passkey_case(hay, bench.tokenizer, length, depth, seed, **phrasing)
-            other = make_passkey_case(hay, bench.tokenizer, length, depth, seed + 7_919, **phrasing)
-            if other["answer"] == own["answer"] or other["needle_token_start"] != own["needle_token_start"]:
+            pair = passkey_pair(hay, bench.tokenizer, length, depth, seed, seed + 7_919, **phrasing)
+            if pair is None:
                 continue  # keys of different token lengths move the filler: not a like-for-like pair
+            own, other = pair
             pairs.append(dict(length=length, depth=own["depth_actual"], own=own, other=other,
                               answer_ids=bench.tokenizer.encode(" " + own["answer"], add_special_tokens=False)))
         texts[length] = [[hay[(c * 4096 + i) % len(hay)] for i in range(length)] for c in range(s.cases)]

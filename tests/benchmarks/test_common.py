@@ -31,6 +31,7 @@ from benchmarks.common.needles import (  # noqa: E402
     digit_similarity,
     make_multikey_case,
     make_passkey_case,
+    passkey_pair,
     score_answer,
 )
 
@@ -198,6 +199,16 @@ def test_passkey_determinism():
     c = make_passkey_case(HAYSTACK, TOK, 700, 0.4, seed=12)
     assert a == b
     assert a["answer"] != c["answer"] and len(c["answer"]) == 5
+
+
+def test_passkey_pair_differs_only_in_the_key():
+    own, other = passkey_pair(HAYSTACK, TOK, 700, 0.4, 11, 12, intro="")
+    assert own["answer"] != other["answer"] and own["needle_token_start"] == other["needle_token_start"]
+    span = slice(own["needle_token_start"], own["needle_token_end"])
+    a, b = own["context_ids"], other["context_ids"]
+    assert len(a) == len(b) == 700 and a[: span.start] == b[: span.start] and a[span.stop :] == b[span.stop :]
+    assert a[span] != b[span] and own["question_ids"] == other["question_ids"]
+    assert passkey_pair(HAYSTACK, TOK, 700, 0.4, 11, 11) is None  # the same key twice is no pair
 
 
 def test_multikey_case():
