@@ -143,7 +143,8 @@ def _tables(bench: Bench, s: Settings, methods: list[str], acc: dict) -> str:
             f"- pass key: {len(s.depths)} depths ({depth}) x {s.cases} case(s) per length; multi-key: "
             f"{s.n_keys} keys, {s.multikey_cases} case(s) per length; greedy, {s.max_new_tokens} new tokens\n\n"
             f"## Pass-key accuracy (mean over depths; * = beyond native positions; per depth: "
-            f"`{bench.stem}_passkey_heatmap.png`)\n\n{tables[0]}\n## Multi-key accuracy\n\n{tables[1]}")
+            f"`{bench.stem}_passkey_heatmap.png`)\n\n{tables[0]}\n## Multi-key accuracy\n\n"
+            + (tables[1] if s.multikey_cases else "Not run (`--multikey-cases 0`).\n"))
 
 
 def _plots(bench: Bench, s: Settings, methods: list[str], acc: dict, out: Path) -> None:
@@ -152,14 +153,22 @@ def _plots(bench: Bench, s: Settings, methods: list[str], acc: dict, out: Path) 
                     xticks=[report.tokens(n) for n in s.lengths], yticks=[f"{d:g}" for d in s.depths],
                     xlabel="context tokens", ylabel="depth",
                     title=f"{bench.model_name}: pass-key accuracy (grey: not run)")
+    if not s.multikey_cases:  # no multi-key cases: no empty plot
+        return
     report.line_plot(out / f"{bench.stem}_multikey.png",
                      {m: (s.lengths, [acc["by_length"].get((m, "multikey", n)) for n in s.lengths]) for m in methods},
                      xlabel="context tokens", ylabel="accuracy", title=f"{bench.model_name}: multi-key accuracy")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases,
-                          multikey_cases=args.multikey_cases)
+    """The mode's settings with the command line's, checked before the model loads."""
+    s = with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases,
+                       multikey_cases=args.multikey_cases)
+    if s.cases < 1:
+        raise SystemExit(f"--cases {s.cases}: pass-key cases per (length, depth); allowed >= 1")
+    if s.multikey_cases < 0:
+        raise SystemExit(f"--multikey-cases {s.multikey_cases}: allowed >= 0 (0: no multi-key cases)")
+    return s
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -435,3 +435,17 @@ def test_reuse_kvpress_pipeline_asks_one_prefill_per_length_and_reads_the_worker
     assert "| 8K | 16 | 26 | 1 |" in _pipeline_table(rows)
     assert _kvpress_pipeline(SimpleNamespace(config=bench.config, tokenizer=FakeTokenizer(), kvpress=lambda m: None),
                              Settings([8192], [1]), {8192: [5] * 10}, 16) == []
+
+
+def test_retrieval_without_multikey_cases_writes_no_empty_plot_and_bad_counts_are_refused(tiny_dir, tmp_path):
+    common = ["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root", str(tmp_path), "--threads", "1",
+              "--lengths", "512", "--ratios", "8"]
+    assert retrieval.main(common + ["--multikey-cases", "0"]) == 0
+    folder = tmp_path / "retrieval" / "results"
+    assert list(folder.glob("quick_passkey_heatmap.png")) and not list(folder.glob("quick_multikey.png"))
+    assert "## Multi-key accuracy\n\nNot run (`--multikey-cases 0`)." in (folder / "quick.md").read_text()
+    answers = json.loads((folder / "quick.json").read_text())["answers"]
+    assert answers and {a["task"] for a in answers} == {"passkey"}
+    for flag, value, message in (("--multikey-cases", "-1", "allowed >= 0"), ("--cases", "0", "allowed >= 1")):
+        with pytest.raises(SystemExit, match=f"{flag} {value}: .*{message}"):
+            retrieval.main(common + [flag, value])
