@@ -18,7 +18,8 @@ curve; every ``--save_minutes`` it writes a resumable checkpoint (adapter, optim
     python recipes/train_readback.py --config recipes/configs/readback/smollm2-135m-gpu.yaml \\
         --device cpu --dtype float32 --max_tokens 1024 --min_tokens 600 --batch_size 1 --max_steps 2   # smoke
 
-Outputs under ``--output_dir``: ``checkpoint/`` (resume), ``final/`` (the adapter: PEFT folder, loadable with
+Outputs under ``--output_dir``: ``checkpoint/`` (resume: ``state.pt``; ``adapter/``, the checkpoint's adapter as a
+loadable folder), ``final/`` (the adapter: PEFT folder, loadable with
 ``PeftModel.from_pretrained``), ``curve.json`` (step, tokens, loss terms, key information), ``train_log.jsonl``.
 """
 
@@ -247,27 +248,39 @@ def evaluate(model, probe: list[dict], texts: list[list[int]], device, step: int
     return point
 
 
-def save_checkpoint(model, optimizer, step: int, tokens: int, out: Path) -> None:
+def _write_adapter(model, tokenizer, args, folder: Path, step: int, tokens: int) -> None:
+    """The adapter (a PEFT folder), its tokenizer and ``readback_args.json`` (the run's arguments, with the
+    ``step`` and ``tokens`` it reached) into ``folder``."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (folder / "readback_args.json").write_text(json.dumps(record | {"step": step, "tokens": tokens}, indent=1))
+
+
+def save_checkpoint(model, optimizer, step: int, tokens: int, out: Path, tokenizer=None, args=None) -> None:
     """Adapter + optimizer + counters into ``out/checkpoint/state.pt``, replacing the previous checkpoint
-    atomically (`beacon_peft.atomic.write_dir`)."""
+    atomically (`beacon_peft.atomic.write_dir`). With ``tokenizer`` and ``args``, ``out/checkpoint/adapter`` is
+    also the checkpoint's adapter as a loadable folder (like ``final/``), so a run killed between checkpoints
+    can be evaluated or exported (`recipes/export_readback.py RUN/checkpoint/adapter`) without resuming it."""
     from peft import get_peft_model_state_dict
 
     state = {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(), "step": step,
              "tokens": tokens, "rng": random.getstate(), "torch_rng": torch.get_rng_state()}
-    write_dir(out / "checkpoint", lambda tmp: torch.save(state, tmp / "state.pt"), overwrite=True)
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp / "state.pt")
+        if tokenizer is not None and args is not None:
+            (tmp / "adapter").mkdir()
+            _write_adapter(model, tokenizer, args, tmp / "adapter", step, tokens)
+
+    write_dir(out / "checkpoint", write, overwrite=True)
 
 
 def save_final(model, tokenizer, args, out: Path, step: int, tokens: int) -> Path:
     """The adapter (a PEFT folder), its tokenizer and ``readback_args.json`` (the run's arguments, with the
     ``step`` and ``tokens`` it reached) into ``out/final``, replacing an earlier one atomically."""
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        (tmp / "readback_args.json").write_text(json.dumps(record | {"step": step, "tokens": tokens}, indent=1))
-
-    return write_dir(out / "final", write, overwrite=True)
+    return write_dir(out / "final", lambda tmp: _write_adapter(model, tokenizer, args, tmp, step, tokens),
+                     overwrite=True)
 
 
 def main(argv=None) -> Path:
@@ -376,12 +389,12 @@ def main(argv=None) -> Path:
             curve.append(evaluate(model, probe, texts, device, step, tokens, unseen))
             curve_path.write_text(json.dumps(curve, indent=1))
         if (time.time() - last_save) / 60 >= args.save_minutes:
-            save_checkpoint(model, optimizer, step, tokens, out)
+            save_checkpoint(model, optimizer, step, tokens, out, tokenizer, args)
             last_save = time.time()
     if curve[-1]["step"] != step:
         curve.append(evaluate(model, probe, texts, device, step, tokens, unseen))
         curve_path.write_text(json.dumps(curve, indent=1))
-    save_checkpoint(model, optimizer, step, tokens, out)
+    save_checkpoint(model, optimizer, step, tokens, out, tokenizer, args)
     final = save_final(model, tokenizer, args, out, step, tokens)
     print(f"saved {final} after {step} steps, {tokens} tokens, {(time.time() - start) / 60:.1f} minutes", flush=True)
     return final

@@ -235,6 +235,12 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     main(common + ["--max_steps", "2"])
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["tokens"] > 0
+    snapshot = tmp_path / "run" / "checkpoint" / "adapter"  # the checkpoint as a loadable adapter folder
+    stored = load_file(str(snapshot / "adapter_model.safetensors"))
+    assert stored.keys() == state["adapter"].keys()
+    assert all(torch.equal(stored[k], state["adapter"][k]) for k in stored)
+    assert json.loads((snapshot / "readback_args.json").read_text())["step"] == 2
+    assert (snapshot / "adapter_config.json").is_file() and (snapshot / "tokenizer_config.json").is_file()
     curve_path = tmp_path / "run" / "curve.json"
     curve_path.write_text(json.dumps(json.loads(curve_path.read_text()) + [dict(step=9, tokens=1, key_information=0.0,
                                                                                 context_gain=0.0)]))
