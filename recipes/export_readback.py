@@ -134,11 +134,13 @@ def _loss(s: dict) -> str:
     return " + ".join(terms)
 
 
+READBACK_MARK = "Read-back stages (`recipes/train_readback.py`)"  # how `history_lines` opens the stage table
+
+
 def history_lines(chain: list[dict], root: Path | None, recorded: Path | None = None) -> list[str]:
     """Card lines: one table row per read-back stage (config, rows, mix, loss, steps, tokens), then the first
     stage's card sections (read from ``root``; ``recorded``: the path the first stage recorded, if it moved)."""
-    lines = ["## Training", "", "Read-back stages (`recipes/train_readback.py`), in order; each started from the "
-             "one before:", "",
+    lines = ["## Training", "", READBACK_MARK + ", in order; each started from the one before:", "",
              "| stage | config | rows (tokens) | mix | loss | ratios | lr | steps | tokens |",
              "|---|---|---|---|---|---|---|---|---|"]
     total = 0
@@ -158,9 +160,18 @@ def history_lines(chain: list[dict], root: Path | None, recorded: Path | None = 
         lines += [f"The first read-back stage started from `{root}`{moved}."]
         card = root / "README.md"
         text = card.read_text(encoding="utf-8") if card.is_file() else ""
-        if "## Data" in text:
-            body = text[text.find("## Data"): text.find("## Evaluation") if "## Evaluation" in text else None]
-            lines += ["", *[("#" + line if line.startswith("#") else line) for line in body.rstrip().splitlines()]]
+        heads = [line for line in text.splitlines() if line.startswith("## ")]  # the card's top-level sections
+        # an exported read-back adapter's card: its own stages and history ("## Training"); a train.py card: "## Data"
+        first = "## Training" if "## Training" in heads and READBACK_MARK in text else "## Data"
+        if first in heads:
+            body = text.splitlines()
+            start = body.index(first)
+            end = next((i for i in range(start + 1, len(body)) if body[i] == "## Evaluation"), len(body))
+            if first == "## Training":
+                lines += ["", f"The read-back stages and history of `{root}`, from its card:"]
+            lines += ["", *[("#" + line if line.startswith("#") else line) for line in body[start:end]]]
+            while lines[-1] == "":
+                lines.pop()
         lines.append("")
     return lines
 

@@ -321,6 +321,15 @@ def test_export_reads_the_first_adapter_from_where_it_moved(tmp_path):
     text = "\n".join(history_lines([stage], moved, recorded=Path("adapters/old")))
     assert f"started from `{moved}` (recorded as `adapters/old`, moved since)." in text
     assert "- dataset: `offline:all`" in text and "old" not in text.split("moved since")[1]
+    # a root that is itself an exported read-back adapter: its stage table and its own history come along
+    shipped = tmp_path / "adapter-v2"
+    shipped.mkdir()
+    (shipped / "README.md").write_text("\n".join(history_lines([stage | dict(config="v2.yaml")], moved))
+                                       + "\n## Evaluation\n\nv2 figures\n")
+    text = "\n".join(history_lines([stage | dict(config="v3.yaml")], shipped))
+    assert text.index("`v3.yaml`") < text.index(f"history of `{shipped}`") < text.index("`v2.yaml`")
+    assert "### Training" in text and "#### Data" in text and "- dataset: `offline:all`" in text
+    assert "v2 figures" not in text and "## Evaluation" not in text
     run = tmp_path / "final"
     run.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors", "readback_args.json"):
