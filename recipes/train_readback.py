@@ -161,18 +161,17 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
     `beacon_peft.training.phrasings` (no holder, attribute, statement or question pattern any row trains on)
     instead of the pass-key sentence."""
     from beacon_peft.training.phrasings import as_passkey_template, compose_fact
-    from benchmarks.common.needles import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey_pair
+    from benchmarks.common.needles import passkey_pair
 
     cases, c = [], 0
     while len(cases) < n and c < 20 * n:
         length = (1024, 2048, 4096)[c % 3]
         depth = 0.05 + 0.5 * random.Random(seed + c).random()
         offset = random.Random(seed * 7 + c).randrange(len(hay))
-        needle, question = PASSKEY_NEEDLE, PASSKEY_QUESTION
+        phrasing = dict(filler_offset=offset)  # the pass-key sentence, question and intro unless unseen
         if unseen:
             needle, question = as_passkey_template(compose_fact(random.Random(seed * 13 + c), "held_out"))
-        phrasing = dict(filler_offset=offset, needle=needle, question=question, intro="" if unseen else None)
-        phrasing = {k: v for k, v in phrasing.items() if v is not None}
+            phrasing.update(needle=needle, question=question, intro="")
         pair = passkey_pair(hay, tokenizer, length, depth, seed + c, seed + c + 7919, **phrasing)
         c += 1
         if pair is None:

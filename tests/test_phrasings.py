@@ -21,6 +21,7 @@ from beacon_peft.training.phrasings import (
     split_items,
 )
 from beacon_peft.training.readback import IGNORE_INDEX, MixedRows
+from tests.test_readback import DOCS, _tiny_run_args
 
 
 @pytest.mark.parametrize("items", [HOLDERS, ATTRIBUTES, STATEMENTS, QUESTIONS], ids=["holders", "attributes",
@@ -74,19 +75,6 @@ def test_composed_facts_have_distinct_holders_and_values_and_bad_counts_are_refu
     for bad in (0, limit + 1, 2.0):
         with pytest.raises(ValueError, match=f"n={bad!r}: allowed an int in \\[1, {limit}\\]"):
             compose_facts(random.Random(0), bad, "held_out")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from beacon_peft.offline import weights
-
-    return AutoTokenizer.from_pretrained(weights.smollm2_dir())
-
-
-DOCS = ["The harbour was quiet that morning. Boats rocked on the grey water. " * 40,
-        "Notes on compilers.\nA parser reads tokens. A lexer makes them. Then code is generated! " * 40]
 
 
 def test_a_composed_fact_becomes_a_pass_key_case(tokenizer):
@@ -144,7 +132,6 @@ def test_recall_rows_mix_composed_needles_in_when_composed_rows_are_on(tokenizer
 
 def test_the_training_curve_probes_unseen_phrasings_when_composed_rows_are_on(tmp_path, tokenizer):
     from recipes.train_readback import main, make_probe
-    from tests.test_readback import _tiny_run_args
 
     hay = tokenizer.encode((DOCS[0] + DOCS[1]) * 3, add_special_tokens=False)
     seen, unseen = make_probe(tokenizer, hay, 3, 512), make_probe(tokenizer, hay, 3, 512, unseen=True)

@@ -77,15 +77,6 @@ def test_masked_ce_is_shifted_cross_entropy():
     assert float(empty) == 0 and int(none) == 0
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from beacon_peft.offline import weights
-
-    return AutoTokenizer.from_pretrained(weights.smollm2_dir())
-
-
 DOCS = ["The harbour was quiet that morning. Boats rocked on the grey water. " * 40,
         "Notes on compilers.\nA parser reads tokens. A lexer makes them. Then code is generated! " * 40]
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..labels import IGNORE_INDEX
 from .phrasings import compose_fact, compose_facts
-from .synthetic import INTROS, _token_stream, boundary_ids, draw_fact, retrieval_examples, template_pool
+from .synthetic import ACCOUNTS, INTROS, _token_stream, boundary_ids, draw_fact, retrieval_examples, template_pool
 
 
 def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
@@ -137,8 +137,8 @@ class MixedRows(torch.utils.data.IterableDataset):
         if not 0.0 <= composed_fraction <= room + 1e-9:
             raise ValueError(f"composed_fraction={composed_fraction} must be in [0, 1 - text_fraction - "
                              f"recall_fraction = {max(0.0, room):g}]")
-        if not 1 <= max_needles <= 8:
-            raise ValueError(f"max_needles={max_needles} must be in [1, 8]")
+        if not 1 <= max_needles <= len(ACCOUNTS):  # retrieval_examples' bound, checked here before any row is drawn
+            raise ValueError(f"max_needles={max_needles} must be in [1, {len(ACCOUNTS)}]")
         if not 64 <= min_tokens <= max_tokens - 8:
             raise ValueError(f"min_tokens={min_tokens} must be in [64, max_tokens - 8 = {max_tokens - 8}]")
         if recall_fraction > 0 and (window is None or not 16 <= window <= min_tokens - self.RECALL_MIN):

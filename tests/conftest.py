@@ -1,0 +1,15 @@
+"""Fixtures shared by the test modules of tests/ (tests/training has its own conftest.py too)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The offline SmolLM2 tokenizer (the read-back rows' and composed phrasings' tests)."""
+    from transformers import AutoTokenizer
+
+    from beacon_peft.offline import weights
+
+    return AutoTokenizer.from_pretrained(weights.smollm2_dir())
