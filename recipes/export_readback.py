@@ -120,8 +120,10 @@ def average(mine: dict, config: dict, other: dict, other_config: dict, weight: f
 
 
 def _mix(s: dict) -> str:
-    retrieval = max(0.0, 1.0 - s["text_fraction"] - s["recall_fraction"])
-    parts = [f"{s['text_fraction']:.0%} plain text", f"{s['recall_fraction']:.0%} recall", f"{retrieval:.0%} QA"]
+    composed = s.get("composed_fraction", 0.0)  # stages before composed phrasings recorded none
+    retrieval = max(0.0, 1.0 - s["text_fraction"] - s["recall_fraction"] - composed)
+    parts = [f"{s['text_fraction']:.0%} plain text", f"{s['recall_fraction']:.0%} recall",
+             f"{composed:.0%} composed QA", f"{retrieval:.0%} template QA"]
     return ", ".join(p for p in parts if not p.startswith("0%"))
 
 

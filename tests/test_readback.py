@@ -331,6 +331,18 @@ def test_export_reads_the_first_adapter_from_where_it_moved(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_card_names_composed_rows_apart_from_template_rows():
+    """The card's mix column: composed retrieval rows (``composed_fraction``) are named apart from the template
+    retrieval rows, which take what is left; a stage recorded before composed rows existed reads as before."""
+    from recipes.export_readback import _mix
+
+    stage = dict(text_fraction=0.35, recall_fraction=0.15, composed_fraction=0.4)
+    assert _mix(stage) == "35% plain text, 15% recall, 40% composed QA, 10% template QA"
+    assert _mix(stage | dict(text_fraction=0.7, recall_fraction=0.2, composed_fraction=0.1)) == (
+        "70% plain text, 20% recall, 10% composed QA")
+    assert _mix(dict(text_fraction=0.2, recall_fraction=0.5)) == "20% plain text, 50% recall, 30% template QA"
+
+
 def test_export_can_store_a_weight_average_with_another_adapter_and_refuses_a_different_structure(tmp_path, tokenizer):
     """--average_with OTHER --average_weight W stores (1 - W) * adapter + W * OTHER (then rounded to bfloat16) and
     says so in the card; a weight outside (0, 1), a lone flag, and an adapter whose beacon config differs (here the
