@@ -2,9 +2,11 @@
 
 Cases come from ``benchmarks/common/needles.py`` over held-out essays: ``context_tokens`` tokens exactly (intro,
 filler, needle(s)), then the question; the answer is read greedily (``max_new_tokens``, stopping at EOS) and is
-correct when the key appears in it as a whole number. Full attention and beacons run in this process
-(``model.generate``), kvpress presses in their worker (context compressed, question and answer not). Full
-attention and kvpress only run where context + question + answer fit the model's native positions.
+correct when the key appears in it as a whole number; a pass key also gets partial credit, its digit
+similarity (``needles.digit_similarity``: 1 - edit distance of the first digit run / key length). Full attention
+and beacons run in this process (``model.generate``), kvpress presses in their worker (context compressed,
+question and answer not). Full attention and kvpress only run where context + question + answer fit the model's
+native positions.
 
     python benchmarks/retrieval/run.py --quick      # or --full (GPU), --lengths 1024 4096 ...
 """
@@ -24,7 +26,12 @@ if __package__ in (None, ""):
 
 from benchmarks.common import measure, report  # noqa: E402
 from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
-from benchmarks.common.needles import make_multikey_case, make_passkey_case, score_answer  # noqa: E402
+from benchmarks.common.needles import (  # noqa: E402
+    digit_similarity,
+    make_multikey_case,
+    make_passkey_case,
+    score_answer,
+)
 
 BENCHMARK = "retrieval"
 
@@ -102,9 +109,13 @@ def run(bench: Bench, s: Settings) -> str:
     for (name, task, length), value in sorted(acc["by_length"].items()):
         metric = "passkey_accuracy" if task == "passkey" else "multikey_accuracy"
         bench.record(BENCHMARK, by_method[name], length, metric, value)
+    for (name, length), value in sorted(acc["digits"].items()):
+        bench.record(BENCHMARK, by_method[name], length, "passkey_digit_similarity", value)
     markdown = _tables(bench, s, methods, acc)
     payload = dict(settings=vars(s), accuracy=[dict(method=k[0], task=k[1], context_tokens=k[2], accuracy=v)
                                                for k, v in sorted(acc["by_length"].items())],
+                   digit_similarity=[dict(method=k[0], context_tokens=k[1], digit_similarity=v)
+                                     for k, v in sorted(acc["digits"].items())],
                    answers=answers)
     out = bench.write(BENCHMARK, payload, markdown)
     _plots(bench, s, methods, acc, out)
@@ -113,9 +124,10 @@ def run(bench: Bench, s: Settings) -> str:
 
 def _answer(bench: Bench, m: Method, case: dict, ids: list[int]) -> dict:
     text = bench.tokenizer.decode(ids)  # special tokens kept visible (an untrained adapter often says EOS)
+    digits = digit_similarity(text, case["answer"]) if case["task"] == "passkey" else None  # pass keys: all digits
     return dict(method=m.name, compression=m.ratio, task=case["task"], context_tokens=case["length"],
                 cell=case["cell"], depth=case["depth_actual"], case=case["key"], answer=case["answer"],
-                generated=text, correct=score_answer(text, case["answer"]))
+                generated=text, correct=score_answer(text, case["answer"]), digit_similarity=digits)
 
 
 def _mean(xs: list[bool]) -> float:
@@ -123,12 +135,14 @@ def _mean(xs: list[bool]) -> float:
 
 
 def _accuracy(answers: list[dict]) -> dict:
-    """``by_length[(method, task, length)]`` and ``by_cell[(method, length, depth index)]`` (pass key)."""
-    groups: dict[str, dict] = {"by_length": {}, "by_cell": {}}
+    """``by_length[(method, task, length)]``, ``by_cell[(method, length, depth index)]`` (pass key) and
+    ``digits[(method, length)]`` (the pass keys' mean digit similarity)."""
+    groups: dict[str, dict] = {"by_length": {}, "by_cell": {}, "digits": {}}
     for a in answers:
         groups["by_length"].setdefault((a["method"], a["task"], a["context_tokens"]), []).append(a["correct"])
         if a["task"] == "passkey":
             groups["by_cell"].setdefault((a["method"], a["context_tokens"], a["cell"]), []).append(a["correct"])
+            groups["digits"].setdefault((a["method"], a["context_tokens"]), []).append(a["digit_similarity"])
     return {k: {key: _mean(v) for key, v in g.items()} for k, g in groups.items()}
 
 
@@ -138,12 +152,16 @@ def _tables(bench: Bench, s: Settings, methods: list[str], acc: dict) -> str:
     for task in ("passkey", "multikey"):
         rows = [[m, *[acc["by_length"].get((m, task, n)) for n in s.lengths]] for m in methods]
         tables.append(report.markdown_table(["method", *head], rows))
+    digits = report.markdown_table(["method", *head], [[m, *[acc["digits"].get((m, n)) for n in s.lengths]]
+                                                        for m in methods])
     depth = ", ".join(f"{d:g}" for d in s.depths)
     return (f"# Retrieval ({bench.args.mode})\n\n{bench.describe()}"
             f"- pass key: {len(s.depths)} depths ({depth}) x {s.cases} case(s) per length; multi-key: "
             f"{s.n_keys} keys, {s.multikey_cases} case(s) per length; greedy, {s.max_new_tokens} new tokens\n\n"
             f"## Pass-key accuracy (mean over depths; * = beyond native positions; per depth: "
-            f"`{bench.stem}_passkey_heatmap.png`)\n\n{tables[0]}\n## Multi-key accuracy\n\n"
+            f"`{bench.stem}_passkey_heatmap.png`)\n\n{tables[0]}\n"
+            f"## Pass-key digit similarity (partial credit: 1 - edit distance of the answer's first digit run to the "
+            f"key / key length; 1 = exact)\n\n{digits}\n## Multi-key accuracy\n\n"
             + (tables[1] if s.multikey_cases else "Not run (`--multikey-cases 0`).\n"))
 
 

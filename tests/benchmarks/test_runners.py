@@ -161,12 +161,25 @@ def test_beacon_memory_bytes_match_the_formula(tiny_dir, n):
 
 
 def test_accuracy_aggregation_by_hand():
-    rows = [dict(method="m", task="passkey", context_tokens=1024, cell=d, correct=c)
-            for d, c in [(0, True), (0, False), (1, True), (1, True)]]
-    rows.append(dict(method="m", task="multikey", context_tokens=1024, cell=None, correct=False))
+    rows = [dict(method="m", task="passkey", context_tokens=1024, cell=d, correct=c, digit_similarity=g)
+            for d, c, g in [(0, True, 1.0), (0, False, 0.6), (1, True, 1.0), (1, True, 1.0)]]
+    rows.append(dict(method="m", task="multikey", context_tokens=1024, cell=None, correct=False,
+                     digit_similarity=None))
     acc = retrieval._accuracy(rows)
     assert acc["by_cell"] == {("m", 1024, 0): 0.5, ("m", 1024, 1): 1.0}
     assert acc["by_length"] == {("m", "passkey", 1024): 0.75, ("m", "multikey", 1024): 0.0}
+    assert acc["digits"] == {("m", 1024): pytest.approx(0.9)}  # pass keys only
+
+
+def test_retrieval_answer_scores_a_near_miss_pass_key_with_partial_credit():
+    """A pass key one digit off is wrong but keeps 0.8 of its digits; a multi-key answer gets no digit score."""
+    bench = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids: " 74395. Remember it."))
+    case = dict(task="passkey", length=4096, cell=0, depth_actual=0.0, key=["passkey", 4096, 0, 0], answer="74399")
+    row = retrieval._answer(bench, Method("full", "full"), case, [1, 2])
+    assert row["correct"] is False and row["digit_similarity"] == pytest.approx(0.8)
+    assert retrieval._answer(bench, Method("full", "full"), dict(case, answer="74395"), [1])["digit_similarity"] == 1
+    multi = retrieval._answer(bench, Method("full", "full"), dict(case, task="multikey", cell=None), [1])
+    assert multi["digit_similarity"] is None
 
 
 def test_keep_min_and_ratios():
@@ -231,6 +244,7 @@ def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
         assert ("language_modeling", method, 512, "perplexity") in got
         assert ("retrieval", method, 512, "passkey_accuracy") in got
         assert ("retrieval", method, 512, "multikey_accuracy") in got
+        assert ("retrieval", method, 512, "passkey_digit_similarity") in got
         assert ("efficiency", method, 512, "kv_bytes") in got
     assert ("language_modeling", "full", 1024, "perplexity") not in got  # beyond the 768 native positions
     assert ("retrieval", "full", 1024, "passkey_accuracy") not in got
@@ -248,6 +262,11 @@ def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
         assert list(folder.glob("quick_*.png"))
     answers = json.loads((tmp_path / "retrieval" / "results" / "quick.json").read_text())["answers"]
     assert {a["task"] for a in answers} == {"passkey", "multikey"} and all(len(a["answer"]) == 5 for a in answers)
+    for a in answers:  # partial credit: pass keys only, 1 exactly when the key was read back whole
+        assert (a["digit_similarity"] is None) == (a["task"] == "multikey")
+        if a["task"] == "passkey":
+            assert 0.0 <= a["digit_similarity"] <= 1.0
+    assert "## Pass-key digit similarity" in (tmp_path / "retrieval" / "results" / "quick.md").read_text()
 
     again = tmp_path / "again"
     for module, extra in [(language_modeling, lm), (retrieval, ["--lengths", "512", "1024"])]:
