@@ -12,7 +12,9 @@
   stage's keys against the earlier adapter's language modelling) without training.
 
 ``--root`` names where the adapter the first read-back stage started from lives now, if it moved after training
-(e.g. the previously shipped adapter kept under a ``-v1`` folder when this one replaces it).
+(e.g. the previously shipped adapter kept under a ``-v1`` folder when this one replaces it). It is required when
+the recorded folder now holds a later stage's export (its ``init_adapter`` leads back into the chain): the export
+says so instead of following the loop.
 
 Never overwrites: ``--out`` must not exist. Everything is checked before anything is written.
 
@@ -82,17 +84,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def stages(adapter: Path, max_stages: int = 16) -> tuple[list[dict], Path | None]:
-    """The read-back stages from the first to ``adapter`` (each its ``readback_args.json`` plus ``folder``), and
-    the folder the first of them started from (its own training is described by its card), or None."""
-    chain, folder = [], adapter
+def stages(adapter: Path, max_stages: int = 16) -> tuple[list[dict], Path | None, bool]:
+    """The read-back stages from the first to ``adapter`` (each its ``readback_args.json`` plus ``folder``), the
+    folder the first of them started from (its own training is described by its card), or None, and whether that
+    folder has been *replaced* since: it now holds a later stage's export, whose ``init_adapter`` leads back into
+    this chain (a shipped adapter's folder after its successor was exported into it).
+
+    Raises:
+        ValueError: more than ``max_stages`` stages.
+    """
+    chain, folder, seen = [], adapter, set()
     while folder is not None and (folder / "readback_args.json").is_file():
-        if len(chain) == max_stages:
-            raise ValueError(f"{adapter}: more than {max_stages} stages of init_adapter (a cycle?)")
         stage = json.loads((folder / "readback_args.json").read_text()) | {"folder": str(folder)}
+        init = Path(stage["init_adapter"]) if stage.get("init_adapter") else None
+        if chain and init is not None and init.resolve() in seen:
+            return chain[::-1], folder, True
+        if len(chain) == max_stages:
+            raise ValueError(f"{adapter}: more than {max_stages} stages of init_adapter")
+        seen.add(folder.resolve())
         chain.append(stage)
-        folder = Path(stage["init_adapter"]) if stage.get("init_adapter") else None
-    return chain[::-1], folder
+        folder = init
+    return chain[::-1], folder, False
 
 
 MAY_DIFFER_WHEN_AVERAGING = ("ratios", "base_model_name_or_path", "revision", "inference_mode")  # config fields
@@ -223,8 +235,12 @@ def main(argv=None) -> Path:
 
     args = parse_args(argv)
     config = json.loads((args.adapter / "adapter_config.json").read_text())
-    chain, root = stages(args.adapter, args.max_stages)
+    chain, root, replaced = stages(args.adapter, args.max_stages)
     recorded = root
+    if replaced and args.root is None:
+        raise ValueError(f"{root}, where the first read-back stage ({chain[0]['folder']}) started, now holds a later "
+                         f"stage's export (its init_adapter leads back into this chain): pass --root with the folder "
+                         f"where the adapter that stage started from lives now")
     if args.root is not None:
         if root is None:
             raise ValueError(f"root={args.root}: the first read-back stage of {args.adapter} recorded no init_adapter")

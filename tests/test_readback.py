@@ -331,6 +331,38 @@ def test_export_reads_the_first_adapter_from_where_it_moved(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_sees_a_first_adapter_folder_replaced_by_a_later_stage_and_asks_for_root(tmp_path):
+    """The folder the first stage started from (the shipped adapter) now holds a later stage's export whose
+    init_adapter leads back into the chain: the chain stops there and says so; without --root the export refuses
+    before writing anything, with --root it reads the moved adapter; a plain chain is not called replaced."""
+    from recipes.export_readback import main as export_main
+    from recipes.export_readback import stages
+
+    def stage(name: str, init: str | None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (folder / f).write_text("{}")
+        (folder / "readback_args.json").write_text(json.dumps(dict(init_adapter=init)))
+        return folder
+
+    s1 = stage("s1", str(tmp_path / "shipped"))
+    shipped = stage("shipped", str(s1))  # the later export now in the folder s1 started from
+    s2 = stage("s2", str(s1))
+    s3 = stage("s3", str(s2))
+    chain, root, replaced = stages(s3)
+    assert [c["folder"] for c in chain] == [str(s1), str(s2), str(s3)] and root == shipped and replaced
+    with pytest.raises(ValueError, match="now holds a later stage's export.*--root"):
+        export_main([str(s3), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    fresh = stage("fresh", None)
+    assert stages(stage("next", str(fresh))) == ([{"init_adapter": None, "folder": str(fresh)},
+                                                   {"init_adapter": str(fresh), "folder": str(tmp_path / "next")}],
+                                                  None, False)
+    with pytest.raises(ValueError, match="more than 2 stages"):
+        stages(s3, max_stages=2)
+
+
 def test_export_card_names_composed_rows_apart_from_template_rows():
     """The card's mix column: composed retrieval rows (``composed_fraction``) are named apart from the template
     retrieval rows, which take what is left; a stage recorded before composed rows existed reads as before."""
