@@ -101,8 +101,9 @@ def test_needle_in_the_open_window_at_16k_tokens(shipped):
 @NEEDS_OFFLINE
 @pytest.mark.xfail(strict=True, reason="MEASURED: v3's memory carries about as much of a key as full attention "
                    "(memory probe 2.60 / 2.44 nats at 1K / 2K, full attention 2.53 / 2.51) but it answers few keys "
-                   "whole: 0 of 10 at 4K (half the digits in place), 1 of 10 at 8K (benchmarks/retrieval results "
-                   "long-4k-8k-v3-cand10; v2 the same counts and 0 of 5 at 32K, long-32k-v2-ship; docs/benchmarks.md). "
+                   "whole: 0 of 10 at 4K (half the digits in place), 1 of 10 at 8K, 0 of 10 at 16K (digit "
+                   "similarity 0.46) and at 32K (benchmarks/retrieval results long-4k-8k-v3-cand10, "
+                   "long-16k-32k-v3-ship; docs/benchmarks.md). "
                    "strict: passes once a better adapter ships")
 def test_needle_in_compressed_memory_at_16k_tokens(shipped):
     """The issue's test: a pass key in the middle of 16K held-out tokens, compressed 8x with its window, answered."""
