@@ -333,8 +333,9 @@ def test_export_reads_the_first_adapter_from_where_it_moved(tmp_path):
 
 def test_export_sees_a_first_adapter_folder_replaced_by_a_later_stage_and_asks_for_root(tmp_path):
     """The folder the first stage started from (the shipped adapter) now holds a later stage's export whose
-    init_adapter leads back into the chain: the chain stops there and says so; without --root the export refuses
-    before writing anything, with --root it reads the moved adapter; a plain chain is not called replaced."""
+    init_adapter leads back into the chain: the chain stops there and says so, and without --root the export refuses
+    before writing anything (the --root path itself: test_export_reads_the_first_adapter_from_where_it_moved); a
+    plain chain is not called replaced, and the stage bound still holds."""
     from recipes.export_readback import main as export_main
     from recipes.export_readback import stages
 
