@@ -1,8 +1,8 @@
 """Measurements on a causal LM in this process (full attention or a beacon adapter alike).
 
 Every function takes a model that behaves like a transformers causal LM (``model(input_ids=...,
-logits_to_keep=k, past_key_values=...)``) and plain token-id lists, and mirrors the definition the kvpress
-worker uses for the same measurement, so numbers from both sides are comparable:
+logits_to_keep=k, cache=...)``, ``past_key_values=`` before transformers 5.24) and plain token-id lists, and
+mirrors the definition the kvpress worker uses for the same measurement, so numbers from both sides are comparable:
 
 - ``tail_nll``: summed next-token NLL of the last ``tail`` tokens given everything before them (the first
   tail token is predicted from the context's last position).
@@ -20,6 +20,8 @@ import gc
 import time
 
 import torch
+
+from beacon_peft.compat import call_cache_kwarg, output_cache
 
 from . import metrics
 
@@ -129,13 +131,14 @@ def prefill_decode(model, ids: list[int], n_decode: int, device="cpu") -> dict:
         out = model(input_ids=x, logits_to_keep=1)
         sync(device)
         prefill_s = time.perf_counter() - t0
-        cache = out.past_key_values
+        cache = output_cache(out)
+        cache_name = call_cache_kwarg(model)  # cache= on transformers 5.24+, past_key_values= before
         res = dict(prefill_s=prefill_s, kv_bytes=metrics.kv_bytes(cache_tensors(cache)),
                    kv_entries=cache_entries(cache))
         token = out.logits[0, -1].argmax().view(1, 1)
         t0 = time.perf_counter()
         for _ in range(n_decode):
-            out = model(input_ids=token, past_key_values=cache, logits_to_keep=1)
+            out = model(input_ids=token, **{cache_name: cache}, logits_to_keep=1)
             token = out.logits[0, -1].argmax().view(1, 1)
         sync(device)
         decode_s = time.perf_counter() - t0

@@ -133,6 +133,25 @@ def test_kv_bytes_of_a_dynamic_cache(tiny_dir):
     assert res["prefill_s"] > 0 and res["decode_s_per_token"] > 0 and res["peak_rss_bytes"] > 0
 
 
+def test_decode_passes_the_cache_under_the_installed_name_for_a_peft_model(tiny_dir):
+    """prefill_decode hands the cache back as ``cache=`` on transformers 5.24+ (``past_key_values=`` is deprecated
+    there) and as ``past_key_values=`` before, also through a PeftModel, whose own forward takes **kwargs."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from beacon_peft.compat import cache_kwarg, call_cache_kwarg
+
+    base = _tiny(tiny_dir)
+    model = get_peft_model(base, beacon_peft.BeaconConfig(window=64, ratios=[8])).eval()
+    assert call_cache_kwarg(model) == call_cache_kwarg(base) == cache_kwarg(base)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = measure.prefill_decode(model, [3 + i % 250 for i in range(130)], n_decode=3)
+    assert res["decode_s_per_token"] > 0
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_beacon_entry_formula_by_hand():
     assert measure.beacon_entries(4096, 1024, 8) == 512  # 4 windows x 128 beacons, open window empty
     assert measure.beacon_entries(4100, 1024, 8) == 512 + 4  # + 4 raw tokens, no beacon yet
