@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=Path, default=Path("outputs/readback"))
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--logit_chunk", type=int, default=1024,
+                   help="positions whose vocabulary-sized logits exist at once in the losses "
+                   "(beacon_peft.training.readback.head_losses); smaller saves memory on long rows")
     first, _ = p.parse_known_args(argv)
     if first.config is not None:
         import yaml
@@ -102,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "8192 positions: allowed <= 8192")
     if not 64 <= args.min_tokens <= args.max_tokens - 8:
         raise ValueError(f"min_tokens={args.min_tokens}: allowed [64, max_tokens - 8 = {args.max_tokens - 8}]")
+    if args.logit_chunk < 1:
+        raise ValueError(f"logit_chunk={args.logit_chunk}: allowed >= 1")
     for name in ("answer_weight", "kl_weight", "hidden_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name}={getattr(args, name)}: a loss weight: allowed >= 0")
@@ -285,7 +290,14 @@ def save_final(model, tokenizer, args, out: Path, step: int, tokens: int) -> Pat
 def main(argv=None) -> Path:
     from peft import set_peft_model_state_dict
 
-    from beacon_peft.training.readback import MixedRows, collate_rows, hidden_distance, kl_to_teacher, masked_ce
+    from beacon_peft.training.readback import (
+        HEAD_TERMS,
+        MixedRows,
+        collate_rows,
+        decoder_and_head,
+        head_losses,
+        hidden_distance,
+    )
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -295,6 +307,8 @@ def main(argv=None) -> Path:
     device = torch.device(args.device)
     model, tokenizer = load(args)
     params = [p for p in model.parameters() if p.requires_grad]
+    decoder, head = decoder_and_head(model, torch.tensor([tokenizer.encode("A short check of the output head.")],
+                                                         device=device))
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, tokens = 0, 0
     if args.resume and (out / "checkpoint" / "state.pt").is_file():
@@ -339,21 +353,21 @@ def main(argv=None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
         teacher, teacher_hidden, layers = None, None, args.hidden_weight > 0
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=layers)
         if args.kl_weight > 0 or layers:
             with torch.no_grad(), model.disable_adapter():
-                t_out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              output_hidden_states=layers)
-                teacher, teacher_hidden = t_out.logits, t_out.hidden_states
+                t_out = decoder(**inputs)  # the full-attention base: last hidden states (B, T, H), no logits
+                teacher, teacher_hidden = t_out.last_hidden_state, t_out.hidden_states
                 del t_out
-        s_out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_hidden_states=layers)
-        logits = s_out.logits  # (B, T, V)
-        text_sum, text_n = masked_ce(logits, batch["text_labels"])
-        ans_sum, ans_n = masked_ce(logits, batch["answer_labels"])
+        s_out = decoder(**inputs)  # the compressed model's last hidden states (B, T, H)
+        terms_out = head_losses(s_out.last_hidden_state, teacher if args.kl_weight > 0 else None, head,
+                                batch["text_labels"], batch["answer_labels"], batch["attention_mask"].bool(),
+                                args.temperature, chunk=args.logit_chunk)
+        (text_sum, text_n), (ans_sum, ans_n), (kl_sum, kl_n) = (terms_out[k] for k in HEAD_TERMS)
         loss = text_sum / text_n.clamp(min=1) + args.answer_weight * ans_sum / ans_n.clamp(min=1)
         kl, hid = torch.zeros((), device=device), torch.zeros((), device=device)
         if args.kl_weight > 0:
-            kl_sum, kl_n = kl_to_teacher(logits, teacher, batch["attention_mask"].bool(), args.temperature)
             kl = kl_sum / kl_n.clamp(min=1)
             loss = loss + args.kl_weight * kl
         if layers:

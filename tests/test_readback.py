@@ -77,6 +77,97 @@ def test_masked_ce_is_shifted_cross_entropy():
     assert float(empty) == 0 and int(none) == 0
 
 
+def test_head_losses_equal_the_full_logit_losses_in_value_and_gradient():
+    torch.manual_seed(2)
+    head = torch.nn.Linear(5, 9, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 7, 5, requires_grad=True)
+    teacher = torch.randn(2, 7, 5)
+    text = torch.randint(0, 9, (2, 7))
+    text[1, 4:] = IGNORE_INDEX
+    answer = torch.full((2, 7), IGNORE_INDEX)
+    answer[0, 5:] = torch.tensor([3, 8])
+    mask = torch.rand(2, 7) > 0.3
+    got = readback.head_losses(hidden, teacher, head, text, answer, mask, temperature=2.0, chunk=3)
+    (got_text, _), (got_answer, _), (got_kl, _) = (got[k] for k in readback.HEAD_TERMS)
+    grad = torch.autograd.grad(got_text + 2 * got_answer + got_kl, hidden)[0]
+
+    logits = head(hidden)
+    want = [masked_ce(logits, text), masked_ce(logits, answer), kl_to_teacher(logits, head(teacher), mask, 2.0)]
+    for name, (w_sum, w_count) in zip(readback.HEAD_TERMS, want):
+        torch.testing.assert_close(got[name][0], w_sum)
+        assert float(got[name][1]) == float(w_count), name
+    want_grad = torch.autograd.grad(want[0][0] + 2 * want[1][0] + want[2][0], hidden)[0]
+    torch.testing.assert_close(grad, want_grad)
+    assert float(got_answer.detach()) > 0 and float(got_kl.detach()) > 0
+
+    alone = readback.head_losses(hidden, None, head, text, answer, mask)
+    assert float(alone["kl"][0]) == 0 and float(alone["kl"][1]) == 0
+    torch.testing.assert_close(alone["text"][0], want[0][0])
+    with pytest.raises(ValueError, match="chunk=0"):
+        readback.head_losses(hidden, teacher, head, text, answer, mask, chunk=0)
+    with pytest.raises(ValueError, match="differ"):
+        readback.head_losses(hidden, teacher[:, :3], head, text, answer, mask)
+
+
+def _tiny_beacon(tokenizer=None):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import beacon_peft
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    beacon = beacon_peft.BeaconConfig(window=16, ratios=[4], sink_size=1, beacon_projections=["q", "k", "v"])
+    return get_peft_model(AutoModelForCausalLM.from_config(config), beacon)
+
+
+def test_training_losses_from_the_decoder_and_head_equal_those_from_the_models_logits():
+    """train_readback calls the decoder and head_losses instead of the model's logits: same losses, same
+    gradients in the adapter, for the compressed student (three windows) and the disabled-adapter teacher."""
+    model = _tiny_beacon()
+    model.train()
+    ids = torch.randint(0, 97, (2, 50))
+    attention = torch.ones_like(ids)
+    attention[1, :6] = 0
+    labels = ids.masked_fill(attention == 0, IGNORE_INDEX)
+    answer = torch.full_like(ids, IGNORE_INDEX)
+    answer[:, 40:] = ids[:, 40:]
+    decoder, head = readback.decoder_and_head(model, ids[:1, :12])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params)
+
+    with torch.no_grad(), model.disable_adapter():
+        teacher_logits = model(input_ids=ids, attention_mask=attention).logits
+        teacher_hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    old = [masked_ce(logits, labels), masked_ce(logits, answer),
+           kl_to_teacher(logits, teacher_logits, attention.bool())]
+    old_loss = sum(s / n for s, n in old)
+    new = readback.head_losses(decoder(input_ids=ids, attention_mask=attention).last_hidden_state, teacher_hidden,
+                               head, labels, answer, attention.bool(), chunk=7)
+    new_loss = sum(s / n for s, n in new.values())
+    torch.testing.assert_close(new_loss, old_loss)
+    assert float(new["kl"][0]) > 0  # the compressed student differs from the teacher
+    for g_new, g_old in zip(grads(new_loss), grads(old_loss)):
+        torch.testing.assert_close(g_new, g_old)
+
+
+def test_decoder_and_head_refuses_a_model_whose_logits_are_not_its_head_of_the_last_hidden_state():
+    model = _tiny_beacon()
+    model.train()
+    lm = model.get_base_model()
+    handle = lm.register_forward_hook(lambda module, args, out: out.__setitem__("logits", out.logits * 2) or out)
+    with pytest.raises(ValueError, match="not its output head applied to the decoder's last hidden state"):
+        readback.decoder_and_head(model, torch.randint(0, 97, (1, 8)))
+    assert model.training  # restored after the check
+    handle.remove()
+    decoder, head = readback.decoder_and_head(model, torch.randint(0, 97, (1, 8)))
+    assert head is lm.get_output_embeddings() and decoder is lm.get_decoder()
+
+
 DOCS = ["The harbour was quiet that morning. Boats rocked on the grey water. " * 40,
         "Notes on compilers.\nA parser reads tokens. A lexer makes them. Then code is generated! " * 40]
 
