@@ -8,12 +8,18 @@ and beacons run in this process (``model.generate``), kvpress presses in their w
 question and answer not). Full attention and kvpress only run where context + question + answer fit the model's
 native positions.
 
+Full attention is deterministic and does not depend on the adapters, so a run that compares adapters may take its
+answers from an earlier result file (``--full-from RESULT.json``) made with the same model folder, hardware, dtype,
+device, threads, seed, new-token budget and torch / transformers versions, for the same cases (checked case by case;
+anything else is a ValueError before any work); cases the file lacks are run. The result says where they came from.
+
     python benchmarks/retrieval/run.py --quick      # or --full (GPU), --lengths 1024 4096 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -83,8 +89,12 @@ def run(bench: Bench, s: Settings) -> str:
     full = Method("full", "full")
     local = [full] + bench.beacon_methods(bench.ratios)
     presses = bench.press_methods(bench.ratios)
-    answers = []  # one row per (method, case)
-    todo = [(m, c) for m in local for c in cases if m.kind != "full" or fits[tuple(c["key"])]]
+    full_from = getattr(bench.args, "full_from", None)
+    reused = reused_full_answers(bench, s, full_from, cases) if full_from is not None else {}
+    answers = [_answer_from_text(bench, full, c, reused[tuple(c["key"])]) for c in cases
+               if tuple(c["key"]) in reused]  # one row per (method, case)
+    todo = [(m, c) for m in local for c in cases
+            if m.kind != "full" or (fits[tuple(c["key"])] and tuple(c["key"]) not in reused)]
     pad = bench.tokenizer.pad_token_id if bench.tokenizer.pad_token_id is not None else bench.tokenizer.eos_token_id
     for m, c in tqdm(todo, desc="retrieval", unit="case"):
         with bench.use(m) as model:
@@ -116,14 +126,59 @@ def run(bench: Bench, s: Settings) -> str:
                                                for k, v in sorted(acc["by_length"].items())],
                    digit_similarity=[dict(method=k[0], context_tokens=k[1], digit_similarity=v)
                                      for k, v in sorted(acc["digits"].items())],
-                   answers=answers)
+                   answers=answers, full_from=None if full_from is None else str(full_from))
     out = bench.write(BENCHMARK, payload, markdown)
     _plots(bench, s, methods, acc, out)
     return markdown
 
 
+def reused_full_answers(bench: Bench, s: Settings, path: Path, cases: list[dict]) -> dict[tuple, str]:
+    """Full attention's generated text for ``cases`` (by case key) from an earlier result file of this benchmark
+    (``--full-from``); cases the file lacks are absent from the result and are run.
+
+    Raises:
+        ValueError: the file is not a retrieval result, was made with another model folder, hardware, dtype,
+            device, threads, seed, ``max_new_tokens`` or torch / transformers version, or holds a case of the same
+            key with another pass key or depth (drawn differently).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--full-from {path}: not a readable result file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("answers"), list) or "settings" not in data:
+        raise ValueError(f"--full-from {path}: not a retrieval result (no answers and settings)")
+    here = bench.header()
+    fields = ("model_dir", "hardware", "dtype", "device", "threads", "seed")
+    wanted = {f: here[f] for f in fields}
+    wanted |= {f"versions.{lib}": here["versions"][lib] for lib in ("torch", "transformers")}
+    wanted["settings.max_new_tokens"] = s.max_new_tokens
+    stored = {f: data.get(f) for f in fields}
+    stored |= {f"versions.{lib}": (data.get("versions") or {}).get(lib) for lib in ("torch", "transformers")}
+    stored["settings.max_new_tokens"] = data["settings"].get("max_new_tokens")
+    differ = {f: (stored[f], wanted[f]) for f in wanted if stored[f] != wanted[f]}
+    if differ:
+        raise ValueError(f"--full-from {path}: made with other settings, its full-attention answers may differ: "
+                         + "; ".join(f"{f} {a!r} there, {b!r} here" for f, (a, b) in differ.items()))
+    rows = {tuple(a["case"]): a for a in data["answers"] if a.get("method") == "full"}
+    out = {}
+    for c in cases:
+        row = rows.get(tuple(c["key"]))
+        if row is None:
+            continue
+        depth = json.loads(json.dumps(c["depth_actual"]))  # as the file stores it
+        if row["answer"] != c["answer"] or row["depth"] != depth:
+            raise ValueError(f"--full-from {path}: case {c['key']} holds key {row['answer']!r} at depth "
+                             f"{row['depth']!r} there, {c['answer']!r} at {depth!r} here: its cases were drawn "
+                             "differently")
+        out[tuple(c["key"])] = row["generated"]
+    return out
+
+
 def _answer(bench: Bench, m: Method, case: dict, ids: list[int]) -> dict:
-    text = bench.tokenizer.decode(ids)  # special tokens kept visible (an untrained adapter often says EOS)
+    return _answer_from_text(bench, m, case, bench.tokenizer.decode(ids))  # special tokens kept visible
+
+
+def _answer_from_text(bench: Bench, m: Method, case: dict, text: str) -> dict:
     digits = digit_similarity(text, case["answer"]) if case["task"] == "passkey" else None  # pass keys: all digits
     return dict(method=m.name, compression=m.ratio, task=case["task"], context_tokens=case["length"],
                 cell=case["cell"], depth=case["depth_actual"], case=case["key"], answer=case["answer"],
@@ -155,7 +210,9 @@ def _tables(bench: Bench, s: Settings, methods: list[str], acc: dict) -> str:
     digits = report.markdown_table(["method", *head], [[m, *[acc["digits"].get((m, n)) for n in s.lengths]]
                                                         for m in methods])
     depth = ", ".join(f"{d:g}" for d in s.depths)
-    return (f"# Retrieval ({bench.args.mode})\n\n{bench.describe()}"
+    full_from = getattr(bench.args, "full_from", None)
+    reused = "" if full_from is None else f"- full attention's answers taken from `{full_from}` (`--full-from`)\n"
+    return (f"# Retrieval ({bench.args.mode})\n\n{bench.describe()}{reused}"
             f"- pass key: {len(s.depths)} depths ({depth}) x {s.cases} case(s) per length; multi-key: "
             f"{s.n_keys} keys, {s.multikey_cases} case(s) per length; greedy, {s.max_new_tokens} new tokens\n\n"
             f"## Pass-key accuracy (mean over depths; * = beyond native positions; per depth: "
@@ -184,6 +241,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                        multikey_cases=args.multikey_cases)
     if s.cases < 1:
         raise SystemExit(f"--cases {s.cases}: pass-key cases per (length, depth); allowed >= 1")
+    if args.full_from is not None and not args.full_from.is_file():
+        raise SystemExit(f"--full-from {args.full_from}: no such file (an earlier retrieval result .json)")
     if s.multikey_cases < 0:
         raise SystemExit(f"--multikey-cases {s.multikey_cases}: allowed >= 0 (0: no multi-key cases)")
     return s
@@ -193,6 +252,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="context lengths (tokens)")
     parser.add_argument("--cases", type=int, help="pass-key cases per (length, depth)")
     parser.add_argument("--multikey-cases", type=int, help="multi-key cases per length")
+    parser.add_argument("--full-from", type=Path, default=None, metavar="RESULT.json",
+                        help="take full attention's answers from this earlier retrieval result (same model, dtype, "
+                        "device, threads, seed and versions; checked) instead of running it again")
 
 
 def main(argv=None) -> int:

@@ -295,6 +295,41 @@ def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
     assert _numbers(_summary(again)) == first
 
 
+def test_retrieval_full_from_reuses_full_attention_and_refuses_other_settings(tiny_dir, tmp_path, monkeypatch):
+    """--full-from RESULT.json: full attention's answers come from the file (no generation for them), equal to
+    what the run made; another seed or threads, a tampered case, a missing file are refused before any answer."""
+    common = ["--quick", "--no-kvpress", "--model", str(tiny_dir), *FAST, "--ratios", "8", "--lengths", "512"]
+    calls = []
+    greedy = measure.greedy
+    monkeypatch.setattr(measure, "greedy", lambda *a, **k: calls.append(1) or greedy(*a, **k))
+    assert retrieval.main([*common, "--out-root", str(tmp_path / "a")]) == 0
+    made = tmp_path / "a" / "retrieval" / "results" / "quick.json"
+    first, ran = json.loads(made.read_text()), len(calls)
+    full = [a for a in first["answers"] if a["method"] == "full"]
+    assert full and first["full_from"] is None
+
+    calls.clear()
+    assert retrieval.main([*common, "--out-root", str(tmp_path / "b"), "--full-from", str(made)]) == 0
+    assert len(calls) == ran - len(full)  # only the beacon answers were generated
+    second = json.loads((tmp_path / "b" / "retrieval" / "results" / "quick.json").read_text())
+    assert second["full_from"] == str(made)
+    assert [a for a in second["answers"] if a["method"] == "full"] == full
+    assert second["accuracy"] == first["accuracy"] and second["digit_similarity"] == first["digit_similarity"]
+    assert f"taken from `{made}`" in (tmp_path / "b" / "retrieval" / "results" / "quick.md").read_text()
+
+    calls.clear()
+    with pytest.raises(ValueError, match="seed 3 there, 1 here"):
+        retrieval.main([*common, "--out-root", str(tmp_path / "c"), "--full-from", str(made), "--seed", "1"])
+    tampered = tmp_path / "tampered.json"
+    rows = [dict(a, answer="00000") if a["method"] == "full" else a for a in first["answers"]]
+    tampered.write_text(json.dumps(dict(first, answers=rows)))
+    with pytest.raises(ValueError, match="drawn differently"):
+        retrieval.main([*common, "--out-root", str(tmp_path / "c"), "--full-from", str(tampered)])
+    assert not calls  # refused before any answer was generated
+    with pytest.raises(SystemExit, match="no such file"):
+        retrieval.main([*common, "--out-root", str(tmp_path / "c"), "--full-from", str(tmp_path / "none.json")])
+
+
 def test_language_modeling_sweep_ratios_narrow_the_ratio_sweep(tiny_dir, tmp_path):
     """--sweep-ratios 8: the sweep length runs full attention and ratio 8 only (the quick mode sweeps 4, 8, 16);
     a ratio below 1 or an empty list is refused before the model loads."""
