@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from functools import partial
@@ -54,7 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--sink_size", type=int, default=1)
-    p.add_argument("--init_adapter", default=None, help="start from this adapter folder (same settings)")
+    p.add_argument("--init_adapter", default=None,
+                   help="start from this adapter folder (same settings; --beacon_projections may add projections it "
+                   "lacks, which start as copies of the base's: the model computes what the folder's adapter did)")
+    p.add_argument("--beacon_projections", nargs="+", default=["q", "k", "v"], choices=["q", "k", "v", "o"],
+                   help="attention projections with a beacon copy (BeaconConfig.beacon_projections)")
     p.add_argument("--min_tokens", type=int, default=2048)
     p.add_argument("--max_tokens", type=int, default=8192)
     p.add_argument("--batch_size", type=int, default=4)
@@ -117,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load(args):
     """Base (frozen) + beacon adapter on the device; trainable parameters in float32."""
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     import beacon_peft
@@ -133,16 +138,39 @@ def load(args):
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base.to(args.device)
     config = beacon_peft.BeaconConfig(window=args.window, ratios=list(args.ratios), ratio_mix="step-random",
-                                      sink_size=args.sink_size, beacon_projections=["q", "k", "v"])
+                                      sink_size=args.sink_size, beacon_projections=list(args.beacon_projections))
     model = get_peft_model(base, config)
     if args.init_adapter:
-        set_peft_model_state_dict(model, load_file(str(Path(args.init_adapter) / "adapter_model.safetensors")))
+        saved = load_file(str(Path(args.init_adapter) / "adapter_model.safetensors"))
+        check_init_keys(set(get_peft_model_state_dict(model)), set(saved), args.init_adapter)
+        set_peft_model_state_dict(model, saved)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     if args.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def check_init_keys(expected: set[str], given: set[str], folder) -> None:
+    """The ``--init_adapter`` folder must fill every adapter weight of the model, except the beacon copies of
+    projections the folder's adapter did not have (``beacon_o`` when q/k/v grow to q/k/v/o), which keep their
+    initialisation as copies of the base projection, so the model starts computing exactly what the folder's adapter
+    did. Anything else missing, or a weight the model lacks, is a ValueError (a silent partial load would train
+    from a different start than the one recorded)."""
+    unknown = sorted(given - expected)
+    if unknown:
+        raise ValueError(f"init_adapter={folder}: {len(unknown)} weights this model's adapter lacks, e.g. "
+                         f"{unknown[:3]} (other settings: window, sink, projections, base model?)")
+    def projection(name: str) -> str | None:  # "q" for ...self_attn.beacon_q.weight, None for anything else
+        found = re.search(r"\.beacon_([qkvo])\.", name)
+        return found.group(1) if found else None
+
+    present = {projection(name) for name in given} - {None}
+    unfilled = [name for name in sorted(expected - given) if projection(name) in present | {None}]
+    if unfilled:
+        raise ValueError(f"init_adapter={folder}: {len(unfilled)} weights missing, e.g. {unfilled[:3]}: allowed "
+                         "missing only the copies of projections the folder's adapter did not have")
 
 
 def training_documents() -> list[str]:

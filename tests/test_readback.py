@@ -342,6 +342,53 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     assert args["step"] == 3 and args["tokens"] == resumed["tokens"]
 
 
+def test_init_adapter_can_grow_beacon_o_and_starts_computing_what_the_folder_did(tmp_path, tokenizer):
+    """--beacon_projections q k v o from a q/k/v adapter: the new beacon_o copies start as the base's o_proj, so
+    the grown model's compressed logits equal the folder's adapter's; a folder missing anything else, or holding
+    weights the model lacks, is refused."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from recipes.train_readback import check_init_keys, load, main, parse_args
+
+    common = _tiny_run_args(tmp_path, tokenizer)
+    folder = main(common + ["--max_steps", "1", "--lr", "0.05"])  # a q/k/v adapter that moved off its start
+    grown, _ = load(parse_args(common + ["--init_adapter", str(folder), "--beacon_projections", "q", "k", "v", "o"]))
+    assert any(".beacon_o." in name for name, _ in grown.named_parameters())
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), folder)
+    ids = torch.randint(5, len(tokenizer), (1, 200))  # three windows of 64: two compressed
+    for model in (grown, plain):
+        model.eval()
+        model.base_model.set_compression_ratio(8)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(input_ids=ids).logits, plain(input_ids=ids).logits)
+        grown.base_model.set_compression_ratio(None)
+        for name, module in grown.named_modules():  # the grown model really reads its beacon_o copies
+            if name.endswith("beacon_o.default"):
+                module.weight.add_(0.1)
+        grown.base_model.set_compression_ratio(8)
+        assert not torch.allclose(grown(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    names = set(weights)
+    with pytest.raises(ValueError, match="weights missing"):
+        check_init_keys(names, names - {"base_model.beacon_embedding"}, folder)
+    one_k = next(n for n in names if ".beacon_k." in n)
+    with pytest.raises(ValueError, match="weights missing"):
+        check_init_keys(names, names - {one_k}, folder)
+    with pytest.raises(ValueError, match="lacks"):
+        check_init_keys(names - {one_k}, names, folder)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in folder.iterdir():
+        if f.name != "adapter_model.safetensors":
+            (partial / f.name).write_bytes(f.read_bytes())
+    save_file({k: v for k, v in weights.items() if k != one_k}, str(partial / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="weights missing"):
+        load(parse_args(common + ["--init_adapter", str(partial)]))
+
+
 def test_export_writes_a_bfloat16_adapter_with_its_history_that_loads_and_never_overwrites(tmp_path, tokenizer):
     """Two read-back stages (the second from the first), exported: weights stored in bfloat16 equal the trained
     ones rounded, the config has the new ratios, the card lists both stages and the evaluation file, PEFT loads
