@@ -93,8 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--logit_chunk", type=int, default=1024,
-                   help="positions whose vocabulary-sized logits exist at once in the losses "
-                   "(beacon_peft.training.readback.head_losses); smaller saves memory on long rows")
+                   help="positions whose vocabulary-sized logits exist at once in the losses, each chunk recomputed "
+                   "in the backward (beacon_peft.training.readback.head_losses); 0: all at once, nothing "
+                   "recomputed (faster where the full logits fit)")
     first, _ = p.parse_known_args(argv)
     if first.config is not None:
         import yaml
@@ -110,8 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "8192 positions: allowed <= 8192")
     if not 64 <= args.min_tokens <= args.max_tokens - 8:
         raise ValueError(f"min_tokens={args.min_tokens}: allowed [64, max_tokens - 8 = {args.max_tokens - 8}]")
-    if args.logit_chunk < 1:
-        raise ValueError(f"logit_chunk={args.logit_chunk}: allowed >= 1")
+    if args.logit_chunk < 0:
+        raise ValueError(f"logit_chunk={args.logit_chunk}: allowed >= 0 (0: all positions at once)")
     for name in ("answer_weight", "kl_weight", "hidden_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name}={getattr(args, name)}: a loss weight: allowed >= 0")
@@ -391,7 +392,7 @@ def main(argv=None) -> Path:
         s_out = decoder(**inputs)  # the compressed model's last hidden states (B, T, H)
         terms_out = head_losses(s_out.last_hidden_state, teacher if args.kl_weight > 0 else None, head,
                                 batch["text_labels"], batch["answer_labels"], batch["attention_mask"].bool(),
-                                args.temperature, chunk=args.logit_chunk)
+                                args.temperature, chunk=args.logit_chunk or None)
         (text_sum, text_n), (ans_sum, ans_n), (kl_sum, kl_n) = (terms_out[k] for k in HEAD_TERMS)
         loss = text_sum / text_n.clamp(min=1) + args.answer_weight * ans_sum / ans_n.clamp(min=1)
         kl, hid = torch.zeros((), device=device), torch.zeros((), device=device)

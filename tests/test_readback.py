@@ -100,11 +100,16 @@ def test_head_losses_equal_the_full_logit_losses_in_value_and_gradient():
     torch.testing.assert_close(grad, want_grad)
     assert float(got_answer.detach()) > 0 and float(got_kl.detach()) > 0
 
+    whole = readback.head_losses(hidden, teacher, head, text, answer, mask, temperature=2.0, chunk=None)
+    for name in readback.HEAD_TERMS:  # all positions at once, nothing recomputed: the same sums
+        torch.testing.assert_close(whole[name][0], got[name][0])
+        assert float(whole[name][1]) == float(got[name][1])
     alone = readback.head_losses(hidden, None, head, text, answer, mask)
     assert float(alone["kl"][0]) == 0 and float(alone["kl"][1]) == 0
     torch.testing.assert_close(alone["text"][0], want[0][0])
-    with pytest.raises(ValueError, match="chunk=0"):
-        readback.head_losses(hidden, teacher, head, text, answer, mask, chunk=0)
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match=f"chunk={bad!r}"):
+            readback.head_losses(hidden, teacher, head, text, answer, mask, chunk=bad)
     with pytest.raises(ValueError, match="differ"):
         readback.head_losses(hidden, teacher[:, :3], head, text, answer, mask)
 
@@ -288,6 +293,11 @@ def test_readback_arguments_are_checked(tmp_path):
         parse_args(["--min_tokens", "10"])
     with pytest.raises(ValueError, match="hidden_weight=-1.0: a loss weight: allowed >= 0"):
         parse_args(["--hidden_weight", "-1"])
+    with pytest.raises(ValueError, match="logit_chunk=-1: allowed >= 0"):
+        parse_args(["--logit_chunk", "-1"])
+    assert parse_args(["--logit_chunk", "0"]).logit_chunk == 0
+    with pytest.raises(SystemExit):  # argparse: not a projection
+        parse_args(["--beacon_projections", "q", "x"])
 
 
 def _tiny_run_args(tmp_path, tokenizer) -> list[str]:

@@ -126,20 +126,21 @@ def _head_chunk(head: torch.nn.Module, temperature: float, hidden: torch.Tensor,
 
 def head_losses(hidden: torch.Tensor, teacher: torch.Tensor | None, head: torch.nn.Module,
                 text_labels: torch.Tensor, answer_labels: torch.Tensor, mask: torch.Tensor,
-                temperature: float = 1.0, chunk: int = 1024) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                temperature: float = 1.0, chunk: int | None = 1024) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{term: (sum, count)}`` for the text and answer cross-entropies (as `masked_ce`) and KL(teacher ||
     student) (as `kl_to_teacher`, 0 when ``teacher`` is None) computed from the *last hidden states* through the
     output ``head``, ``chunk`` positions at a time, each chunk checkpointed: the vocabulary-sized logits of the
     student and the teacher exist for one chunk only, in the forward and again in the backward, never for the
     whole row. That is what lets a 24 GiB machine train on 8K-token rows (49,152-word vocabulary: 1.6 GB of float32
-    logits per copy at 8K).
+    logits per copy at 8K). The price is one more pass of the head over every position in the backward. ``chunk``
+    None: all positions at once, nothing recomputed (the full logits are held, as from the model's own forward).
 
     hidden (B, T, H) the compressed model's last hidden states (after the final norm); teacher (B, T, H) the
     full-attention base's, or None; text_labels / answer_labels (B, T) as for `masked_ce` (position t predicts
     label t + 1); mask (B, T) bool, the positions the KL is taken over. The gradient reaches ``hidden`` only.
     """
-    if chunk < 1:
-        raise ValueError(f"chunk={chunk}: allowed >= 1")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk={chunk!r}: allowed an int >= 1, or None (all positions at once)")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     if teacher is not None and teacher.shape != hidden.shape:
@@ -151,12 +152,15 @@ def head_losses(hidden: torch.Tensor, teacher: torch.Tensor | None, head: torch.
     kl_rows = mask.reshape(-1).bool()
     flat = hidden.reshape(-1, width)  # (B*T, H)
     flat_teacher = None if teacher is None else teacher.reshape(-1, width).detach()
-    sums = hidden.new_zeros(3, dtype=torch.float32)
-    for start in range(0, flat.shape[0], chunk):
-        part = slice(start, start + chunk)
-        sums = sums + checkpoint(_head_chunk, head, temperature, flat[part],
-                                 None if flat_teacher is None else flat_teacher[part], text_next[part],
-                                 answer_next[part], kl_rows[part], use_reentrant=False)
+    if chunk is None:
+        sums = _head_chunk(head, temperature, flat, flat_teacher, text_next, answer_next, kl_rows)
+    else:
+        sums = hidden.new_zeros(3, dtype=torch.float32)
+        for start in range(0, flat.shape[0], chunk):
+            part = slice(start, start + chunk)
+            sums = sums + checkpoint(_head_chunk, head, temperature, flat[part],
+                                     None if flat_teacher is None else flat_teacher[part], text_next[part],
+                                     answer_next[part], kl_rows[part], use_reentrant=False)
     counts = [(text_next != IGNORE_INDEX).sum(), (answer_next != IGNORE_INDEX).sum(),
               kl_rows.sum() if teacher is not None else kl_rows.new_zeros(())]
     return {name: (sums[i], counts[i].float()) for i, name in enumerate(HEAD_TERMS)}
