@@ -87,23 +87,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 def stages(adapter: Path, max_stages: int = 16) -> tuple[list[dict], Path | None, bool]:
     """The read-back stages from the first to ``adapter`` (each its ``readback_args.json`` plus ``folder``), the
     folder the first of them started from (its own training is described by its card), or None, and whether that
-    folder has been *replaced* since: it now holds a later stage's export, whose ``init_adapter`` leads back into
-    this chain (a shipped adapter's folder after its successor was exported into it).
+    folder has been *replaced* since: it now holds a later stage's export (a shipped adapter's folder after its
+    successor was exported into it). A folder is replaced when the walk reaches it again (a stage trained from the
+    shipped adapter, whose own history starts from that folder's earlier content) or when it holds a copy of the
+    ``readback_args.json`` of a stage already in the chain (the export of that stage).
 
     Raises:
         ValueError: more than ``max_stages`` stages.
     """
     chain, folder, seen = [], adapter, set()
     while folder is not None and (folder / "readback_args.json").is_file():
-        stage = json.loads((folder / "readback_args.json").read_text()) | {"folder": str(folder)}
-        init = Path(stage["init_adapter"]) if stage.get("init_adapter") else None
-        if chain and init is not None and init.resolve() in seen:
+        args = json.loads((folder / "readback_args.json").read_text())
+        exported = any(args == {k: v for k, v in stage.items() if k != "folder"} for stage in chain)
+        if chain and (folder.resolve() in seen or exported):
             return chain[::-1], folder, True
         if len(chain) == max_stages:
             raise ValueError(f"{adapter}: more than {max_stages} stages of init_adapter")
         seen.add(folder.resolve())
-        chain.append(stage)
-        folder = init
+        chain.append(args | {"folder": str(folder)})
+        folder = Path(args["init_adapter"]) if args.get("init_adapter") else None
     return chain[::-1], folder, False
 
 

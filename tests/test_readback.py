@@ -512,6 +512,28 @@ def test_export_sees_a_first_adapter_folder_replaced_by_a_later_stage_and_asks_f
         stages(s3, max_stages=2)
 
 
+def test_export_of_a_stage_trained_from_the_shipped_export_keeps_every_stage(tmp_path):
+    """A stage trained from the shipped folder (which holds an earlier stage's export, whose history starts from
+    that folder's previous content): the shipped export is a stage of the chain, every earlier stage is kept, and
+    the walk ends when it comes back to the shipped folder, replaced."""
+    from recipes.export_readback import stages
+
+    def stage(name: str, init: str, trained: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "readback_args.json").write_text(json.dumps(dict(init_adapter=init, output_dir=trained)))
+        return folder
+
+    shipped = str(tmp_path / "shipped")
+    s1 = stage("s1", shipped, "run1")  # trained from what the shipped folder held then
+    s2 = stage("s2", str(s1), "run2")
+    stage("shipped", str(s1), "run2")  # s2's export, now in the shipped folder
+    s3 = stage("s3", shipped, "run3")  # trained from the shipped export
+    chain, root, replaced = stages(s3)
+    assert [c["folder"] for c in chain] == [str(s1), shipped, str(s3)] and root == Path(shipped) and replaced
+    assert s2.is_dir()  # s2 itself is not on the walk: the shipped folder stands for it
+
+
 def test_export_card_names_composed_rows_apart_from_template_rows():
     """The card's mix column: composed retrieval rows (``composed_fraction``) are named apart from the template
     retrieval rows, which take what is left; a stage recorded before composed rows existed reads as before."""
