@@ -110,18 +110,25 @@ HEAD_TERMS = ("text", "answer", "kl")  # the terms `head_losses` returns, in ord
 def _head_chunk(head: torch.nn.Module, temperature: float, hidden: torch.Tensor, teacher: torch.Tensor | None,
                 text_next: torch.Tensor, answer_next: torch.Tensor, kl_rows: torch.Tensor) -> torch.Tensor:
     """The sums of `HEAD_TERMS` over one chunk of n flat positions: hidden / teacher (n, H), the next-token
-    labels (n,), kl_rows (n,) bool. Returns (3,) float32."""
+    labels (n,), kl_rows (n,) bool. Returns (3,) float32. One log-softmax of the student serves both
+    cross-entropies and (at temperature 1) the KL term."""
     logits = head(hidden).float()  # (n, V)
-    text = F.cross_entropy(logits, text_next, ignore_index=IGNORE_INDEX, reduction="sum")
-    answer = F.cross_entropy(logits, answer_next, ignore_index=IGNORE_INDEX, reduction="sum")
-    kl = logits.new_zeros(())
+    logp = F.log_softmax(logits, dim=-1)
+
+    def nll(labels: torch.Tensor) -> torch.Tensor:  # summed over the labelled rows
+        keep = labels != IGNORE_INDEX
+        picked = logp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)  # (n,)
+        return -(picked * keep).sum()
+
+    kl = logp.new_zeros(())
     rows = kl_rows.nonzero().squeeze(1)
     if teacher is not None and rows.numel():
         with torch.no_grad():
             t = F.log_softmax(head(teacher.index_select(0, rows)).float() / temperature, dim=-1)  # (m, V)
-        s = F.log_softmax(logits.index_select(0, rows) / temperature, dim=-1)
+        s = logp.index_select(0, rows) if temperature == 1.0 else \
+            F.log_softmax(logits.index_select(0, rows) / temperature, dim=-1)
         kl = (t.exp() * (t - s)).sum() * temperature**2
-    return torch.stack([text, answer, kl])
+    return torch.stack([nll(text_next), nll(answer_next), kl])
 
 
 def head_losses(hidden: torch.Tensor, teacher: torch.Tensor | None, head: torch.nn.Module,
