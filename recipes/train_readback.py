@@ -92,10 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=Path, default=Path("outputs/readback"))
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--logit_chunk", type=int, default=1024,
+    p.add_argument("--logit_chunk", type=int, default=0,
                    help="positions whose vocabulary-sized logits exist at once in the losses, each chunk recomputed "
-                   "in the backward (beacon_peft.training.readback.head_losses); 0: all at once, nothing "
-                   "recomputed (faster where the full logits fit)")
+                   "in the backward (beacon_peft.training.readback.head_losses), e.g. 1024 for 8K-token rows on "
+                   "24 GiB; 0 (default): all at once, nothing recomputed (faster where the full logits fit)")
     first, _ = p.parse_known_args(argv)
     if first.config is not None:
         import yaml
