@@ -47,13 +47,6 @@ def cache_kwarg(module: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def call_cache_kwarg(model: torch.nn.Module) -> str:
-    """The keyword under which a causal LM, or a PEFT model around one (whose own ``forward`` takes ``**kwargs``),
-    takes its cache on the installed transformers: ``cache`` on 5.24+, ``past_key_values`` before."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return cache_kwarg(inner)
-
-
 def model_output(last_hidden_state: torch.Tensor, cache: Any, hidden_states: tuple | None = None
                  ) -> BaseModelOutputWithPast:
     """A decoder output holding ``cache`` in the field the installed transformers reads (``cache`` or

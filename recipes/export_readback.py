@@ -13,8 +13,8 @@
 
 ``--root`` names where the adapter the first read-back stage started from lives now, if it moved after training
 (e.g. the previously shipped adapter kept under a ``-v1`` folder when this one replaces it). It is required when
-the recorded folder now holds a later stage's export (its ``init_adapter`` leads back into the chain): the export
-says so instead of following the loop.
+the recorded folder now holds a later stage's export (the walk through ``init_adapter`` reaches it again, or it holds
+a copy of a stage's ``readback_args.json``): the export says so instead of following the loop.
 
 Never overwrites: ``--out`` must not exist. Everything is checked before anything is written.
 
@@ -95,15 +95,15 @@ def stages(adapter: Path, max_stages: int = 16) -> tuple[list[dict], Path | None
     Raises:
         ValueError: more than ``max_stages`` stages.
     """
-    chain, folder, seen = [], adapter, set()
+    chain, folder, seen, recorded = [], adapter, set(), []  # recorded: each stage's readback_args.json as read
     while folder is not None and (folder / "readback_args.json").is_file():
         args = json.loads((folder / "readback_args.json").read_text())
-        exported = any(args == {k: v for k, v in stage.items() if k != "folder"} for stage in chain)
-        if chain and (folder.resolve() in seen or exported):
+        if chain and (folder.resolve() in seen or args in recorded):
             return chain[::-1], folder, True
         if len(chain) == max_stages:
             raise ValueError(f"{adapter}: more than {max_stages} stages of init_adapter")
         seen.add(folder.resolve())
+        recorded.append(args)
         chain.append(args | {"folder": str(folder)})
         folder = Path(args["init_adapter"]) if args.get("init_adapter") else None
     return chain[::-1], folder, False
@@ -241,7 +241,7 @@ def main(argv=None) -> Path:
     recorded = root
     if replaced and args.root is None:
         raise ValueError(f"{root}, where the first read-back stage ({chain[0]['folder']}) started, now holds a later "
-                         f"stage's export (its init_adapter leads back into this chain): pass --root with the folder "
+                         f"stage's export (an adapter of this chain): pass --root with the folder "
                          f"where the adapter that stage started from lives now")
     if args.root is not None:
         if root is None:

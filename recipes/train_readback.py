@@ -163,6 +163,7 @@ def check_init_keys(expected: set[str], given: set[str], folder) -> None:
     if unknown:
         raise ValueError(f"init_adapter={folder}: {len(unknown)} weights this model's adapter lacks, e.g. "
                          f"{unknown[:3]} (other settings: window, sink, projections, base model?)")
+
     def projection(name: str) -> str | None:  # "q" for ...self_attn.beacon_q.weight, None for anything else
         found = re.search(r"\.beacon_([qkvo])\.", name)
         return found.group(1) if found else None

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from beacon_peft.compat import call_cache_kwarg, output_cache
+from beacon_peft.compat import output_cache
+from beacon_peft.reuse import cache_kwargs
 
 from . import metrics
 
@@ -132,13 +133,12 @@ def prefill_decode(model, ids: list[int], n_decode: int, device="cpu") -> dict:
         sync(device)
         prefill_s = time.perf_counter() - t0
         cache = output_cache(out)
-        cache_name = call_cache_kwarg(model)  # cache= on transformers 5.24+, past_key_values= before
         res = dict(prefill_s=prefill_s, kv_bytes=metrics.kv_bytes(cache_tensors(cache)),
                    kv_entries=cache_entries(cache))
         token = out.logits[0, -1].argmax().view(1, 1)
         t0 = time.perf_counter()
         for _ in range(n_decode):
-            out = model(input_ids=token, **{cache_name: cache}, logits_to_keep=1)
+            out = model(input_ids=token, **cache_kwargs(model, cache), logits_to_keep=1)  # cache= from 5.24
             token = out.logits[0, -1].argmax().view(1, 1)
         sync(device)
         decode_s = time.perf_counter() - t0

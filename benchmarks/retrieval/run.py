@@ -147,14 +147,8 @@ def reused_full_answers(bench: Bench, s: Settings, path: Path, cases: list[dict]
         raise ValueError(f"--full-from {path}: not a readable result file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("answers"), list) or "settings" not in data:
         raise ValueError(f"--full-from {path}: not a retrieval result (no answers and settings)")
-    here = bench.header()
-    fields = ("model_dir", "hardware", "dtype", "device", "threads", "seed")
-    wanted = {f: here[f] for f in fields}
-    wanted |= {f"versions.{lib}": here["versions"][lib] for lib in ("torch", "transformers")}
-    wanted["settings.max_new_tokens"] = s.max_new_tokens
-    stored = {f: data.get(f) for f in fields}
-    stored |= {f"versions.{lib}": (data.get("versions") or {}).get(lib) for lib in ("torch", "transformers")}
-    stored["settings.max_new_tokens"] = data["settings"].get("max_new_tokens")
+    wanted = _provenance(bench.header(), s.max_new_tokens)
+    stored = _provenance(data, data["settings"].get("max_new_tokens"))
     differ = {f: (stored[f], wanted[f]) for f in wanted if stored[f] != wanted[f]}
     if differ:
         raise ValueError(f"--full-from {path}: made with other settings, its full-attention answers may differ: "
@@ -172,6 +166,14 @@ def reused_full_answers(bench: Bench, s: Settings, path: Path, cases: list[dict]
                              "differently")
         out[tuple(c["key"])] = row["generated"]
     return out
+
+
+def _provenance(header: dict, max_new_tokens) -> dict:
+    """What full attention's answers depend on, from a result header (`Bench.header`): model folder, hardware,
+    dtype, device, threads, seed, torch / transformers versions, and the new-token budget."""
+    out = {f: header.get(f) for f in ("model_dir", "hardware", "dtype", "device", "threads", "seed")}
+    out |= {f"versions.{lib}": (header.get("versions") or {}).get(lib) for lib in ("torch", "transformers")}
+    return out | {"settings.max_new_tokens": max_new_tokens}
 
 
 def _answer(bench: Bench, m: Method, case: dict, ids: list[int]) -> dict:

@@ -59,10 +59,10 @@ for arch in ARCHS:
             with torch.no_grad():
                 with model.disable_adapter():
                     t_hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                want = [masked_ce(model(input_ids=ids, attention_mask=mask).logits,
-                                  ids.masked_fill(mask == 0, IGNORE_INDEX))[0]]
+                full_logits = model(input_ids=ids, attention_mask=mask).logits
+                want = [masked_ce(full_logits, ids.masked_fill(mask == 0, IGNORE_INDEX))[0],
+                        kl_to_teacher(full_logits, teacher, mask.bool())[0]]
                 s_hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                want.append(kl_to_teacher(model(input_ids=ids, attention_mask=mask).logits, teacher, mask.bool())[0])
                 got = head_losses(s_hidden, t_hidden, head, ids.masked_fill(mask == 0, IGNORE_INDEX),
                                   torch.full_like(ids, IGNORE_INDEX), mask.bool(), chunk=64)
             model.base_model.set_compression_ratio(None)

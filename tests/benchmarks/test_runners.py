@@ -140,11 +140,12 @@ def test_decode_passes_the_cache_under_the_installed_name_for_a_peft_model(tiny_
 
     from peft import get_peft_model
 
-    from beacon_peft.compat import cache_kwarg, call_cache_kwarg
+    from beacon_peft.compat import cache_kwarg
+    from beacon_peft.reuse import cache_kwargs
 
     base = _tiny(tiny_dir)
     model = get_peft_model(base, beacon_peft.BeaconConfig(window=64, ratios=[8])).eval()
-    assert call_cache_kwarg(model) == call_cache_kwarg(base) == cache_kwarg(base)
+    assert list(cache_kwargs(model, object())) == list(cache_kwargs(base, object())) == [cache_kwarg(base)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = measure.prefill_decode(model, [3 + i % 250 for i in range(130)], n_decode=3)
