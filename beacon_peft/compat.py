@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from packaging.version import Version
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeModelOutputWithPast
 
 # Bounds the suite has passed on (kept equal to pyproject.toml's `transformers>=...,<...`; a test checks it).
 TRANSFORMERS_MIN = "5.23.0"
@@ -47,11 +47,15 @@ def cache_kwarg(module: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def model_output(last_hidden_state: torch.Tensor, cache: Any, hidden_states: tuple | None = None
-                 ) -> BaseModelOutputWithPast:
+def model_output(last_hidden_state: torch.Tensor, cache: Any, hidden_states: tuple | None = None,
+                 moe: bool = False) -> BaseModelOutputWithPast:
     """A decoder output holding ``cache`` in the field the installed transformers reads (``cache`` or
     ``past_key_values``), so the causal LM and ``generate`` carry the memory on, and ``hidden_states`` (the
-    embeddings' and every layer's output, as the base decoder gives them) when asked."""
+    embeddings' and every layer's output, as the base decoder gives them) when asked. ``moe``: a mixture-of-experts
+    decoder's output type, whose causal LM reads ``router_logits`` (None: no load-balancing term is asked)."""
+    if moe:
+        return MoeModelOutputWithPast(last_hidden_state=last_hidden_state, hidden_states=hidden_states,
+                                      router_logits=None, **{OUTPUT_CACHE_FIELD: cache})
     return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, hidden_states=hidden_states,
                                    **{OUTPUT_CACHE_FIELD: cache})
 

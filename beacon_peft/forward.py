@@ -96,6 +96,10 @@ def _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int
         raise ValueError("output_attentions=True is not supported with an active beacon adapter (a raw token attends "
                          "to the memory's beacons, not to the earlier tokens, so there is no full attention map); "
                          "output_hidden_states=True is")
+    if kwargs.get("output_router_logits"):
+        raise ValueError("output_router_logits=True is not supported with an active beacon adapter (no load-balancing "
+                         "loss is computed over compressed windows): pass output_router_logits=False (or set the "
+                         "model config's output_router_logits=False)")
     if not isinstance(kwargs.get("output_hidden_states", False), (bool, type(None))):
         raise TypeError(f"output_hidden_states must be True, False or None, got {kwargs['output_hidden_states']!r}")
     return batch, length
@@ -245,7 +249,8 @@ def beacon_decoder_forward(
         if want_hidden else None
     state.columns += length
     memory.state = state
-    output = model_output(hidden, memory if use_cache is not False else None, hidden_states=all_hidden)
+    output = model_output(hidden, memory if use_cache is not False else None, hidden_states=all_hidden,
+                          moe=hasattr(decoder.config, "output_router_logits"))
     return output, state.ratio_log[steps_before:]
 
 

@@ -55,6 +55,17 @@ def _cat_nonempty(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return full[0] if len(full) == 1 else torch.cat(parts, dim=2)
 
 
+def _heads(x: torch.Tensor, norm: Optional[nn.Module], head_dim: int) -> torch.Tensor:
+    """(B, L, H * D) projections -> (B, L, H, D), through the attention's query/key norm where it has one: per head
+    (Qwen3: the norm's weight has D entries) or over the whole projection before the split (OLMo 2: H * D)."""
+    B, L, _ = x.shape
+    weight = getattr(norm, "weight", None)
+    if norm is not None and weight is not None and weight.numel() != head_dim and weight.numel() == x.shape[-1]:
+        return norm(x).view(B, L, -1, head_dim)
+    x = x.view(B, L, -1, head_dim)
+    return norm(x) if norm is not None else x
+
+
 def _linear_copy(base: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Linear:
     """A trainable `nn.Linear` equal to ``base`` (a Linear or a bitsandbytes 4/8-bit Linear, dequantized)."""
     weight = base.weight
@@ -228,13 +239,9 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         attn = self.base_layer
         B, L, _ = x.shape
         D = attn.head_dim
-        q = self._project("q", x, ctx).view(B, L, -1, D)
-        k = self._project("k", x, ctx).view(B, L, -1, D)
+        q = _heads(self._project("q", x, ctx), getattr(attn, "q_norm", None), D)  # (B, L, Hq, D)
+        k = _heads(self._project("k", x, ctx), getattr(attn, "k_norm", None), D)  # (B, L, Hkv, D)
         v = self._project("v", x, ctx).view(B, L, -1, D).transpose(1, 2)  # (B, Hkv, L, D)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        if getattr(attn, "k_norm", None) is not None:
-            k = attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq, L, D), (B, Hkv, L, D) before RoPE
         cos, sin = position_embeddings  # (B, L, D)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -242,10 +249,11 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         mem = ctx.layers[self.layer_idx] or LayerMemory.empty_like(k, v)
         S = mem.sink_k.shape[2]
         mem_cos, mem_sin = ctx.mem_rope
+        # empty parts (no sink; no raw cache when a step starts at a window's start) cost no kernels
         mem_k = _cat_nonempty((
-            apply_rope(mem.sink_k, mem_cos[:, :S], mem_sin[:, :S]),
+            apply_rope(mem.sink_k, mem_cos[:, :S], mem_sin[:, :S]) if S else mem.sink_k,
             mem.comp_k,
-            apply_rope(mem.raw_k, mem_cos[:, S:], mem_sin[:, S:]),
+            apply_rope(mem.raw_k, mem_cos[:, S:], mem_sin[:, S:]) if mem.raw_k.shape[2] else mem.raw_k,
         ))  # (B, Hkv, S + C + R, D) after RoPE
         mem_v = _cat_nonempty((mem.sink_v, mem.comp_v, mem.raw_v))
 

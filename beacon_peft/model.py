@@ -24,6 +24,7 @@ from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward
 from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
 from .schedule import RatioPicker
+from .support import check_architecture
 
 
 class SealedContext:
@@ -68,6 +69,27 @@ def _decoder_forward(tuner: "BeaconModel", original, decoder: nn.Module, *args, 
     output, ratios = beacon_decoder_forward(active, _Sealing(original), decoder, *args, **kwargs)
     tuner._last_ratios[active.name] = ratios
     return output
+
+
+def _embed_token_id(decoder: nn.Module, config: BeaconConfig) -> int:
+    """The token whose embedding the beacon embedding starts from (``embed_init``), checked against the vocabulary."""
+    token_id = getattr(decoder.config, f"{config.embed_init}_token_id", None)
+    if isinstance(token_id, (list, tuple)):
+        token_id = token_id[0] if token_id else None
+    other = "bos" if config.embed_init == "eos" else "eos"
+    if token_id is None:
+        raise ValueError(
+            f"embed_init={config.embed_init!r} but the model config has no {config.embed_init}_token_id: "
+            f"use embed_init={other!r} or set the token id"
+        )
+    vocab = decoder.get_input_embeddings().weight.shape[0]
+    if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab:
+        raise ValueError(
+            f"embed_init={config.embed_init!r} reads {config.embed_init}_token_id={token_id!r} from the model "
+            f"config, outside the embedding's vocabulary: allowed [0, {vocab - 1}] (fix the config's token id or use "
+            f"embed_init={other!r})"
+        )
+    return token_id
 
 
 def _open_context(module, args, kwargs):
@@ -118,7 +140,9 @@ class BeaconModel(BaseTuner):
         """
         config = self.peft_config[adapter_name]
         decoder = self._decoder(model)
+        check_architecture(model, decoder)
         self._check_beacon_layers(decoder, config)
+        _embed_token_id(decoder, config)
         source = config.__dict__.pop("_beacon_source", None)  # set by BeaconConfig.from_pretrained
         if source is not None:
             check_adapter_weights(source, model, decoder, config, adapter_name, self._remove_adapter_name_from_key)
@@ -198,14 +222,7 @@ class BeaconModel(BaseTuner):
         if "beacon_embedding" not in self._modules:
             self.beacon_embedding = nn.ParameterDict()
         embed = decoder.get_input_embeddings()
-        token_id = getattr(decoder.config, f"{config.embed_init}_token_id", None)
-        if isinstance(token_id, (list, tuple)):
-            token_id = token_id[0]
-        if token_id is None:
-            raise ValueError(
-                f"embed_init={config.embed_init!r} but the model config has no {config.embed_init}_token_id: "
-                f"use embed_init={'bos' if config.embed_init == 'eos' else 'eos'!r} or set the token id"
-            )
+        token_id = _embed_token_id(decoder, config)
         weight = embed.weight[token_id : token_id + 1].detach().clone()  # (1, H)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.beacon_embedding[adapter_name] = nn.Parameter(weight.to(dtype), requires_grad=True)
