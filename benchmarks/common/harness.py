@@ -61,6 +61,37 @@ def with_overrides(settings, **values):
     return replace(settings, **{k: v for k, v in values.items() if v is not None})
 
 
+def provenance(header: dict, **settings) -> dict:
+    """What full attention's figures depend on, from a result header (`Bench.header`): model folder, hardware,
+    dtype, device, threads, seed, torch / transformers versions, and the benchmark's own ``settings`` given by
+    keyword (stored as ``settings.<name>``). Two results whose provenance is equal computed full attention alike."""
+    out = {f: header.get(f) for f in ("model_dir", "hardware", "dtype", "device", "threads", "seed")}
+    out |= {f"versions.{lib}": (header.get("versions") or {}).get(lib) for lib in ("torch", "transformers")}
+    return out | {f"settings.{name}": value for name, value in settings.items()}
+
+
+def earlier_result(path: Path, benchmark: str, wanted: dict, stored_settings) -> dict:
+    """An earlier result file of ``benchmark`` for ``--full-from``, checked: its provenance (`provenance` of its
+    header and of ``stored_settings(its settings)``) must equal ``wanted``.
+
+    Raises:
+        ValueError: unreadable, not such a result, or made with other settings (each difference named).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--full-from {path}: not a readable result file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) or data.get("benchmark", benchmark) \
+            != benchmark:
+        raise ValueError(f"--full-from {path}: not a {benchmark} result")
+    stored = provenance(data, **stored_settings(data["settings"]))
+    differ = {f: (stored.get(f), wanted[f]) for f in wanted if stored.get(f) != wanted[f]}
+    if differ:
+        raise ValueError(f"--full-from {path}: made with other settings, its full-attention figures may differ: "
+                         + "; ".join(f"{f} {a!r} there, {b!r} here" for f, (a, b) in differ.items()))
+    return data
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",

@@ -21,6 +21,7 @@ sequence fits the native positions; the kvpress presses are not probed (their wo
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -32,7 +33,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
+from benchmarks.common.harness import (  # noqa: E402
+    Bench,
+    Method,
+    earlier_result,
+    provenance,
+    runner_main,
+    with_overrides,
+)
 from benchmarks.common.needles import (  # noqa: E402
     INTRO,
     PASSKEY_NEEDLE,
@@ -96,8 +104,13 @@ def run(bench: Bench, s: Settings) -> str:
     pairs, texts = make_cases(bench, s)
     full = Method("full", "full")
     methods = [full] + bench.beacon_methods(bench.ratios)
+    full_from = getattr(bench.args, "full_from", None)
+    reused = reused_full_rows(bench, s, full_from, pairs) if full_from is not None else None
     rows = []  # one per (method, case)
     for m in methods:
+        if m.kind == "full" and reused is not None:
+            rows.extend(reused)
+            continue
         config = bench.model.peft_config.get(m.adapter) if m.adapter else None
         for p in tqdm(pairs, desc=f"memory probe {m.name}", unit="case"):
             answer = p["answer_ids"]
@@ -134,13 +147,37 @@ def run(bench: Bench, s: Settings) -> str:
     markdown = _tables(bench, s, names, table)
     out = bench.write(BENCHMARK, dict(settings=vars(s), summary=[dict(method=k[0], context_tokens=k[1], **v)
                                                                   for k, v in sorted(table.items())],
-                                      rows=rows), markdown)
+                                      rows=rows, full_from=None if full_from is None else str(full_from)), markdown)
     for metric, label in (("key_information", "key information (nats/token)"),
                           ("context_gain", "context gain (nats/token)")):
         report.line_plot(out / f"{bench.stem}_{metric}.png",
                          {n: (s.lengths, [table.get((n, x), {}).get(metric) for x in s.lengths]) for n in names},
                          xlabel="context tokens", ylabel=label, title=f"{bench.model_name}: {label}")
     return markdown
+
+
+def reused_full_rows(bench: Bench, s: Settings, path: Path, pairs: list[dict]) -> list[dict]:
+    """Full attention's rows (key and text) from an earlier memory-probe result (``--full-from``), instead of
+    scoring them again.
+
+    Raises:
+        ValueError: the file is not a memory-probe result, or was made with another model folder, hardware, dtype,
+            device, threads, seed, torch / transformers version or other settings (lengths, cases, depths, tail,
+            phrasing: they decide the haystack and the pairs), or its pairs hold other keys or depths (drawn
+            differently).
+    """
+    settings = json.loads(json.dumps(vars(s)))  # as the file stores them (tuples as lists)
+    data = earlier_result(path, BENCHMARK, provenance(bench.header(), **settings), lambda stored: stored)
+    if not isinstance(data.get("rows"), list):
+        raise ValueError(f"--full-from {path}: not a memory-probe result (no rows)")
+    full = [r for r in data["rows"] if r.get("method") == "full"]
+    stored = [(r["context_tokens"], r["answer"], r["depth"]) for r in full if r.get("kind") == "key"]
+    here = [(p["length"], p["own"]["answer"], json.loads(json.dumps(p["depth"]))) for p in pairs
+            if bench.fits(len(p["own"]["context_ids"]) + len(p["own"]["question_ids"]) + len(p["answer_ids"]))]
+    if stored != here:
+        raise ValueError(f"--full-from {path}: its full-attention pairs (length, key, depth) are {stored[:3]}..., "
+                         f"here {here[:3]}...: its cases were drawn differently")
+    return full
 
 
 def summarize(rows: list[dict]) -> dict[tuple[str, int], dict]:
@@ -173,6 +210,9 @@ def _tables(bench: Bench, s: Settings, names: list[str], table: dict) -> str:
     phrasing = "" if (s.needle, s.question, s.intro) == (PASSKEY_NEEDLE, PASSKEY_QUESTION, INTRO) else (
         f"- phrasing (not the pass-key benchmark's): needle {s.needle!r}, question {s.question!r}, "
         f"intro {s.intro!r}\n")
+    full_from = getattr(bench.args, "full_from", None)
+    if full_from is not None:
+        phrasing += f"- full attention's rows taken from `{full_from}` (`--full-from`)\n"
     return (f"# Memory probe ({bench.args.mode})\n\n{bench.describe()}"
             f"- {s.cases} pass-key pairs per length, needles at depths {lo:g}..{hi:g}; context gain on the last "
             f"{s.tail} tokens (half the length if shorter) of {s.cases} held-out stretches\n{phrasing}\n"
@@ -186,6 +226,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases, tail=args.tail,
                        needle=args.needle, question=args.question, intro=args.intro)
     check_phrasing(s.needle, s.question)
+    if args.full_from is not None and not args.full_from.is_file():
+        raise SystemExit(f"--full-from {args.full_from}: no such file (an earlier memory-probe result .json)")
     return s
 
 
@@ -197,6 +239,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "benchmark's); phrase it unlike training to check that the memory generalises")
     parser.add_argument("--question", help="the question after the context (its answer is the key)")
     parser.add_argument("--intro", help="text before the filler ('' for none; default: the pass-key intro)")
+    parser.add_argument("--full-from", type=Path, default=None, metavar="RESULT.json",
+                        help="take full attention's rows from this earlier memory-probe result (same model, dtype, "
+                        "device, threads, seed, versions and settings; checked) instead of scoring them again")
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
+from benchmarks.common.harness import (  # noqa: E402
+    Bench,
+    Method,
+    earlier_result,
+    provenance,
+    runner_main,
+    with_overrides,
+)
 from benchmarks.common.needles import (  # noqa: E402
     digit_similarity,
     make_multikey_case,
@@ -141,18 +148,10 @@ def reused_full_answers(bench: Bench, s: Settings, path: Path, cases: list[dict]
             device, threads, seed, ``max_new_tokens`` or torch / transformers version, or holds a case of the same
             key with another pass key or depth (drawn differently).
     """
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--full-from {path}: not a readable result file ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("answers"), list) or "settings" not in data:
-        raise ValueError(f"--full-from {path}: not a retrieval result (no answers and settings)")
-    wanted = _provenance(bench.header(), s.max_new_tokens)
-    stored = _provenance(data, data["settings"].get("max_new_tokens"))
-    differ = {f: (stored[f], wanted[f]) for f in wanted if stored[f] != wanted[f]}
-    if differ:
-        raise ValueError(f"--full-from {path}: made with other settings, its full-attention answers may differ: "
-                         + "; ".join(f"{f} {a!r} there, {b!r} here" for f, (a, b) in differ.items()))
+    wanted = provenance(bench.header(), max_new_tokens=s.max_new_tokens)
+    data = earlier_result(path, BENCHMARK, wanted, lambda st: dict(max_new_tokens=st.get("max_new_tokens")))
+    if not isinstance(data.get("answers"), list):
+        raise ValueError(f"--full-from {path}: not a retrieval result (no answers)")
     rows = {tuple(a["case"]): a for a in data["answers"] if a.get("method") == "full"}
     out = {}
     for c in cases:
@@ -166,14 +165,6 @@ def reused_full_answers(bench: Bench, s: Settings, path: Path, cases: list[dict]
                              "differently")
         out[tuple(c["key"])] = row["generated"]
     return out
-
-
-def _provenance(header: dict, max_new_tokens) -> dict:
-    """What full attention's answers depend on, from a result header (`Bench.header`): model folder, hardware,
-    dtype, device, threads, seed, torch / transformers versions, and the new-token budget."""
-    out = {f: header.get(f) for f in ("model_dir", "hardware", "dtype", "device", "threads", "seed")}
-    out |= {f"versions.{lib}": (header.get("versions") or {}).get(lib) for lib in ("torch", "transformers")}
-    return out | {"settings.max_new_tokens": max_new_tokens}
 
 
 def _answer(bench: Bench, m: Method, case: dict, ids: list[int]) -> dict:

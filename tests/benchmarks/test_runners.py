@@ -331,6 +331,45 @@ def test_retrieval_full_from_reuses_full_attention_and_refuses_other_settings(ti
         retrieval.main([*common, "--out-root", str(tmp_path / "c"), "--full-from", str(tmp_path / "none.json")])
 
 
+def test_memory_probe_full_from_reuses_full_attention_and_refuses_other_settings(tiny_dir, tmp_path, monkeypatch):
+    """--full-from RESULT.json: full attention's rows come from the file (none scored again) and the table is the
+    one a full run makes; another seed, other settings, a tampered pair and a missing file are refused before any
+    scoring."""
+    common = ["--quick", "--no-kvpress", "--model", str(tiny_dir), *FAST, "--ratios", "8", "--lengths", "512",
+              "--cases", "2", "--tail", "32"]
+    calls = []
+    tail_nll = measure.tail_nll
+    monkeypatch.setattr(measure, "tail_nll", lambda *a, **k: calls.append(1) or tail_nll(*a, **k))
+    assert memory_probe.main([*common, "--out-root", str(tmp_path / "a")]) == 0
+    made = tmp_path / "a" / "memory_probe" / "results" / "quick.json"
+    first, ran = json.loads(made.read_text()), len(calls)
+    full = [r for r in first["rows"] if r["method"] == "full"]
+    assert full and first["full_from"] is None
+
+    calls.clear()
+    assert memory_probe.main([*common, "--out-root", str(tmp_path / "b"), "--full-from", str(made)]) == 0
+    n_full = 2 * len(full)  # two scorings per row: own and other key, or with and without the context
+    assert len(calls) == ran - n_full
+    second = json.loads((tmp_path / "b" / "memory_probe" / "results" / "quick.json").read_text())
+    assert [r for r in second["rows"] if r["method"] == "full"] == full
+    assert second["summary"] == first["summary"] and second["full_from"] == str(made)
+    assert f"taken from `{made}`" in (tmp_path / "b" / "memory_probe" / "results" / "quick.md").read_text()
+
+    calls.clear()
+    with pytest.raises(ValueError, match="seed 3 there, 1 here"):
+        memory_probe.main([*common, "--out-root", str(tmp_path / "c"), "--full-from", str(made), "--seed", "1"])
+    with pytest.raises(ValueError, match="settings.tail 32 there, 16 here"):
+        memory_probe.main([*common, "--out-root", str(tmp_path / "c"), "--full-from", str(made), "--tail", "16"])
+    tampered = tmp_path / "tampered.json"
+    rows = [dict(r, answer="00000") if r["method"] == "full" and r["kind"] == "key" else r for r in first["rows"]]
+    tampered.write_text(json.dumps(dict(first, rows=rows)))
+    with pytest.raises(ValueError, match="drawn differently"):
+        memory_probe.main([*common, "--out-root", str(tmp_path / "c"), "--full-from", str(tampered)])
+    assert not calls  # refused before anything was scored
+    with pytest.raises(SystemExit, match="no such file"):
+        memory_probe.main([*common, "--out-root", str(tmp_path / "c"), "--full-from", str(tmp_path / "none.json")])
+
+
 def test_language_modeling_sweep_ratios_narrow_the_ratio_sweep(tiny_dir, tmp_path):
     """--sweep-ratios 8: the sweep length runs full attention and ratio 8 only (the quick mode sweeps 4, 8, 16);
     a ratio below 1 or an empty list is refused before the model loads."""
