@@ -16,13 +16,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, D) with ``cos``/``sin`` (B, T, Dr), Dr <= D (partial rotary keeps the tail)."""
+    """Rotate ``x`` (B, H, T, D) with ``cos``/``sin`` (B, T, Dr), Dr <= D (partial rotary keeps the tail).
+
+    The result has ``x``'s dtype: a rotary embedding that hands out float32 tables for a half-precision model
+    (OLMo's) rotates in float32 and casts back, as the model's own ``apply_rotary_pos_emb`` does."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, Dr)
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return (x * cos) + (rotate_half(x) * sin)
+        return ((x * cos) + (rotate_half(x) * sin)).to(x.dtype)
     head, tail = x[..., :rot], x[..., rot:]
-    return torch.cat(((head * cos) + (rotate_half(head) * sin), tail), dim=-1)
+    return torch.cat((((head * cos) + (rotate_half(head) * sin)).to(x.dtype), tail), dim=-1)
 
 
 def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

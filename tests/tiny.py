@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 COMMON = dict(
     vocab_size=128,
@@ -42,6 +42,19 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn: str = "eager", **overri
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
     return model.eval()
+
+
+# Further Llama-family decoders the beacon loop serves (tests/test_architectures.py; the GPU smoke check)
+MORE_ARCHS = ("gemma", "olmo", "olmo2", "granite", "mixtral", "qwen3_moe", "starcoder2")
+
+
+def tiny_auto(model_type: str, attn: str = "eager", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random model of any transformers ``model_type`` (COMMON's sizes; ``overrides`` go to the config's
+    constructor, so fields derived from others, such as per-layer lists, follow them)."""
+    config = AutoConfig.for_model(model_type, **{**COMMON, **overrides})
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def perturb_beacons(peft_model, std: float = 0.05, seed: int = 1) -> None:

@@ -1,4 +1,5 @@
-"""GPU smoke check (run on a lent CUDA machine): every tiny architecture, bf16 base + fp32 adapter, sdpa and eager.
+"""GPU smoke check (run on a lent CUDA machine): every tiny architecture (tiny.ARCHS and tiny.MORE_ARCHS), bf16
+base + fp32 adapter, sdpa and eager.
 
 Checks on the device what the CPU suite checks on the CPU, in seconds: compression off equals the base model;
 a training step (CE + KL to the full-attention teacher) gives finite gradients in adapter parameters only, and the
@@ -12,10 +13,11 @@ Prints one line per check and exits non-zero on the first failure.
 
 import sys
 import time
+from functools import partial
 
 import torch
 from peft import get_peft_model
-from tiny import ARCHS, random_ids, tiny_model
+from tiny import ARCHS, MORE_ARCHS, random_ids, tiny_auto, tiny_model
 
 import beacon_peft
 from beacon_peft.labels import IGNORE_INDEX
@@ -25,17 +27,18 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 print("device", device, torch.cuda.get_device_name(0) if device == "cuda" else "", "torch", torch.__version__,
       flush=True)
 failures = 0
-for arch in ARCHS:
+for arch in (*ARCHS, *MORE_ARCHS):
     for attn in ("sdpa", "eager"):
+        build = partial(tiny_model, arch) if arch in ARCHS else partial(tiny_auto, arch)
         t0 = time.time()
         try:
-            base = tiny_model(arch, attn=attn).to(device)
+            base = build(attn=attn).to(device)
             ids = random_ids(2, 150).to(device)
             with torch.no_grad():
                 ref = base(input_ids=ids).logits.float()  # fp32 reference
                 base.to(torch.bfloat16)
                 noise = (base(input_ids=ids).logits.float() - ref).abs().max()  # what bf16 alone costs
-            off = get_peft_model(tiny_model(arch, attn=attn).to(device, torch.bfloat16),
+            off = get_peft_model(build(attn=attn).to(device, torch.bfloat16),
                                  beacon_peft.BeaconConfig(window=32, ratios=[0]))
             with torch.no_grad():
                 got = off(input_ids=ids).logits.float()
