@@ -39,20 +39,18 @@ def check_architecture(model: nn.Module, decoder: nn.Module) -> None:
     """Refuse (TypeError) a decoder the beacon loop would run wrongly; see the module docstring."""
     name = type(model).__name__
     _check_rotary_call(name, decoder.rotary_emb)
+    attentions = [(layer, attn_name, attn) for layer in decoder.layers for attn_name, attn in layer.named_children()
+                  if all(hasattr(attn, part) for part in ATTENTION_PARTS)]
     parsed = set()  # the source checks run once per class (a 7B model has 32-80 alike layers)
-    for layer in decoder.layers:
-        for attn_name, attn in layer.named_children():
-            if all(hasattr(attn, part) for part in ATTENTION_PARTS):
-                _check_children(name, attn)
-                _check_softcap(name, attn, decoder.config)
-                if (type(layer), attn_name, type(attn)) not in parsed:
-                    _check_rope_always(name, attn)
-                    _check_passes_kwargs(name, layer, attn_name)
-                    parsed.add((type(layer), attn_name, type(attn)))
-    first = next((a for layer in decoder.layers for a in layer.children()
-                  if all(hasattr(a, part) for part in ATTENTION_PARTS)), None)
-    if first is not None:
-        _check_rope_convention(name, decoder.rotary_emb, first)
+    for layer, attn_name, attn in attentions:
+        _check_children(name, attn)
+        _check_softcap(name, attn, decoder.config)
+        if (type(layer), attn_name, type(attn)) not in parsed:
+            _check_rope_always(name, attn)
+            _check_passes_kwargs(name, layer, attn_name)
+            parsed.add((type(layer), attn_name, type(attn)))
+    if attentions:
+        _check_rope_convention(name, decoder.rotary_emb, attentions[0][2])
 
 
 def _check_rotary_call(name: str, rotary: nn.Module) -> None:

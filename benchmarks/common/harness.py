@@ -70,9 +70,9 @@ def provenance(header: dict, **settings) -> dict:
     return out | {f"settings.{name}": value for name, value in settings.items()}
 
 
-def earlier_result(path: Path, benchmark: str, wanted: dict, stored_settings) -> dict:
-    """An earlier result file of ``benchmark`` for ``--full-from``, checked: its provenance (`provenance` of its
-    header and of ``stored_settings(its settings)``) must equal ``wanted``.
+def earlier_result(path: Path, benchmark: str, header: dict, settings: dict, holds: str) -> dict:
+    """An earlier result file of ``benchmark`` for ``--full-from``, checked: it holds the list ``holds`` and its
+    `provenance` (header fields and the named ``settings``) equals this run's (``header``, ``settings``).
 
     Raises:
         ValueError: unreadable, not such a result, or made with other settings (each difference named).
@@ -81,11 +81,11 @@ def earlier_result(path: Path, benchmark: str, wanted: dict, stored_settings) ->
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"--full-from {path}: not a readable result file ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) or data.get("benchmark", benchmark) \
-            != benchmark:
-        raise ValueError(f"--full-from {path}: not a {benchmark} result")
-    stored = provenance(data, **stored_settings(data["settings"]))
-    differ = {f: (stored.get(f), wanted[f]) for f in wanted if stored.get(f) != wanted[f]}
+    if not (isinstance(data, dict) and isinstance(data.get("settings"), dict) and isinstance(data.get(holds), list)):
+        raise ValueError(f"--full-from {path}: not a {benchmark} result (no {holds} and settings)")
+    wanted = provenance(header, **settings)
+    stored = provenance(data, **{name: data["settings"].get(name) for name in settings})
+    differ = {f: (stored[f], wanted[f]) for f in wanted if stored[f] != wanted[f]}
     if differ:
         raise ValueError(f"--full-from {path}: made with other settings, its full-attention figures may differ: "
                          + "; ".join(f"{f} {a!r} there, {b!r} here" for f, (a, b) in differ.items()))

@@ -37,7 +37,6 @@ from benchmarks.common.harness import (  # noqa: E402
     Bench,
     Method,
     earlier_result,
-    provenance,
     runner_main,
     with_overrides,
 )
@@ -167,9 +166,7 @@ def reused_full_rows(bench: Bench, s: Settings, path: Path, pairs: list[dict]) -
             differently).
     """
     settings = json.loads(json.dumps(vars(s)))  # as the file stores them (tuples as lists)
-    data = earlier_result(path, BENCHMARK, provenance(bench.header(), **settings), lambda stored: stored)
-    if not isinstance(data.get("rows"), list):
-        raise ValueError(f"--full-from {path}: not a memory-probe result (no rows)")
+    data = earlier_result(path, BENCHMARK, bench.header(), settings, holds="rows")
     full = [r for r in data["rows"] if r.get("method") == "full"]
     stored = [(r["context_tokens"], r["answer"], r["depth"]) for r in full if r.get("kind") == "key"]
     here = [(p["length"], p["own"]["answer"], json.loads(json.dumps(p["depth"]))) for p in pairs

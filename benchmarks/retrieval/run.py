@@ -35,7 +35,6 @@ from benchmarks.common.harness import (  # noqa: E402
     Bench,
     Method,
     earlier_result,
-    provenance,
     runner_main,
     with_overrides,
 )
@@ -148,10 +147,7 @@ def reused_full_answers(bench: Bench, s: Settings, path: Path, cases: list[dict]
             device, threads, seed, ``max_new_tokens`` or torch / transformers version, or holds a case of the same
             key with another pass key or depth (drawn differently).
     """
-    wanted = provenance(bench.header(), max_new_tokens=s.max_new_tokens)
-    data = earlier_result(path, BENCHMARK, wanted, lambda st: dict(max_new_tokens=st.get("max_new_tokens")))
-    if not isinstance(data.get("answers"), list):
-        raise ValueError(f"--full-from {path}: not a retrieval result (no answers)")
+    data = earlier_result(path, BENCHMARK, bench.header(), dict(max_new_tokens=s.max_new_tokens), holds="answers")
     rows = {tuple(a["case"]): a for a in data["answers"] if a.get("method") == "full"}
     out = {}
     for c in cases:

@@ -10,6 +10,7 @@ markdown table with beacon / full ratios; with ``--out FILE`` also writes the ro
 """
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -51,10 +52,7 @@ for n in args.lengths:
     prefill_decode(model, ids[: min(n, 2048)], 2, device=dev)  # warm-up (kernels, allocator)
     for _ in range(args.repeats):
         for method in ("full", "beacon"):
-            if method == "full":
-                with model.disable_adapter():
-                    r = prefill_decode(model, ids, args.n_decode, device=dev)
-            else:
+            with model.disable_adapter() if method == "full" else contextlib.nullcontext():
                 r = prefill_decode(model, ids, args.n_decode, device=dev)
             r.setdefault("peak_gpu_bytes", 0)  # on CUDA only
             kept = best.setdefault(method, r)

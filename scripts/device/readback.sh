@@ -22,7 +22,7 @@ case "${1:-}" in
   *) echo "usage: readback.sh stage|train"; exit 2 ;;
 esac
 cat /tmp/llm.tar.xz.part1 .gpu/b/llm.tar.xz.part2 | xz -d | tar -x -C /tmp/site || exit 1
-tar -xJf .gpu/b/adapter.tar.xz -C adapters 2>/dev/null || { mkdir -p adapters && tar -xJf .gpu/b/adapter.tar.xz -C adapters; } || exit 1
+mkdir -p adapters && tar -xJf .gpu/b/adapter.tar.xz -C adapters || exit 1  # the slim tree has no adapters/
 python3 recipes/train_readback.py --config "$CONFIG" --output_dir /tmp/rb --max_minutes "$MINUTES" ${EXTRA:-} 2>&1 \
   | grep -v -i warn | tee "$OUT/train.log"
 python3 - <<'PY'

@@ -296,13 +296,18 @@ def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
     assert _numbers(_summary(again)) == first
 
 
+def _count_calls(monkeypatch, name: str) -> list:
+    """Patch ``measure.<name>`` to append to the returned list on every call (then do its work)."""
+    calls, fn = [], getattr(measure, name)
+    monkeypatch.setattr(measure, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
+    return calls
+
+
 def test_retrieval_full_from_reuses_full_attention_and_refuses_other_settings(tiny_dir, tmp_path, monkeypatch):
     """--full-from RESULT.json: full attention's answers come from the file (no generation for them), equal to
     what the run made; another seed or threads, a tampered case, a missing file are refused before any answer."""
     common = ["--quick", "--no-kvpress", "--model", str(tiny_dir), *FAST, "--ratios", "8", "--lengths", "512"]
-    calls = []
-    greedy = measure.greedy
-    monkeypatch.setattr(measure, "greedy", lambda *a, **k: calls.append(1) or greedy(*a, **k))
+    calls = _count_calls(monkeypatch, "greedy")  # answers generated
     assert retrieval.main([*common, "--out-root", str(tmp_path / "a")]) == 0
     made = tmp_path / "a" / "retrieval" / "results" / "quick.json"
     first, ran = json.loads(made.read_text()), len(calls)
@@ -337,9 +342,7 @@ def test_memory_probe_full_from_reuses_full_attention_and_refuses_other_settings
     scoring."""
     common = ["--quick", "--no-kvpress", "--model", str(tiny_dir), *FAST, "--ratios", "8", "--lengths", "512",
               "--cases", "2", "--tail", "32"]
-    calls = []
-    tail_nll = measure.tail_nll
-    monkeypatch.setattr(measure, "tail_nll", lambda *a, **k: calls.append(1) or tail_nll(*a, **k))
+    calls = _count_calls(monkeypatch, "tail_nll")  # NLLs scored
     assert memory_probe.main([*common, "--out-root", str(tmp_path / "a")]) == 0
     made = tmp_path / "a" / "memory_probe" / "results" / "quick.json"
     first, ran = json.loads(made.read_text()), len(calls)
