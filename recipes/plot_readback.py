@@ -1,4 +1,5 @@
-"""The read-back stage's training curve: key information and context gain (held-out probe, ratio 8) against
+"""The read-back stage's training curve: key information and context gain (held-out probe, at the run's
+``--probe_ratio``, 8 unless set) against
 training tokens, beside the loss terms, as a PNG and a markdown table.
 
     python recipes/plot_readback.py outputs/readback-cpu --out benchmarks/results/readback --name cpu
@@ -30,6 +31,12 @@ def load_run(run: Path) -> tuple[list[dict], list[dict]]:
     return json.loads(curve_path.read_text()), [by_step[k] for k in sorted(by_step)]
 
 
+def probe_ratio(curve: list[dict]) -> str:
+    """The compression ratio(s) the curve's probes ran at: each point records its ``ratio`` (curves written before
+    ``--probe_ratio`` existed probed at 8)."""
+    return "/".join(str(r) for r in sorted({p.get("ratio", 8) for p in curve}))
+
+
 def loss_terms(log: list[dict]) -> dict[str, str]:
     """The logged loss terms to show, by key: always the three CE/KL terms, the hidden-state distance when the run
     trained with it (``--hidden_weight`` > 0)."""
@@ -44,8 +51,9 @@ def table(curve: list[dict], log: list[dict]) -> str:
     only for runs that used it)."""
     terms = loss_terms(log)
     unseen = any("key_information_unseen" in p for p in curve)  # runs with composed phrasings also probe unseen ones
-    lines = ["| step | tokens | key information (nats) | " + ("unseen phrasings (nats) | " if unseen else "")
-             + "context gain (nats) | " + " | ".join(terms.values()) + " |",
+    at = f"nats, ratio {probe_ratio(curve)}"
+    lines = [f"| step | tokens | key information ({at}) | " + (f"unseen phrasings ({at}) | " if unseen else "")
+             + f"context gain ({at}) | " + " | ".join(terms.values()) + " |",
              "|---|---|---|---|" + ("---|" if unseen else "") + "---|" * len(terms)]
     for point in curve:
         logged = [r for r in log if r["step"] <= point["step"]]
@@ -76,7 +84,8 @@ def plot(curve: list[dict], log: list[dict], path: Path, title: str) -> None:
     if gains:
         left.plot(*zip(*gains), marker="s", label="context gain")
     left.axhline(0, color="grey", lw=0.5)
-    left.set(xlabel="training tokens (thousands)", ylabel="nats per token", title="held-out memory probe, ratio 8")
+    left.set(xlabel="training tokens (thousands)", ylabel="nats per token",
+             title=f"held-out memory probe, ratio {probe_ratio(curve)}")
     left.legend()
     for key, label in loss_terms(log).items():
         points = [(r["tokens"] / 1e3, r[key]) for r in log if key in r]

@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_minutes", type=float, default=60.0)
     p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--probe_cases", type=int, default=12)
+    p.add_argument("--probe_ratio", type=int, default=8,
+                   help="compression ratio of the curve's probes (key information, context gain)")
     p.add_argument("--save_minutes", type=float, default=5.0)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--workers", type=int, default=4)
@@ -111,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "8192 positions: allowed <= 8192")
     if not 64 <= args.min_tokens <= args.max_tokens - 8:
         raise ValueError(f"min_tokens={args.min_tokens}: allowed [64, max_tokens - 8 = {args.max_tokens - 8}]")
+    if args.probe_ratio not in args.ratios:
+        raise ValueError(f"probe_ratio={args.probe_ratio}: the probes run at a ratio the adapter trains: allowed "
+                         f"one of ratios {args.ratios}")
     if args.logit_chunk < 0:
         raise ValueError(f"logit_chunk={args.logit_chunk}: allowed >= 0 (0: all positions at once)")
     for name in ("answer_weight", "kl_weight", "hidden_weight"):
@@ -269,13 +274,14 @@ def context_gain(model, stretches: list[list[int]], device, ratio: int = 8, tail
 
 
 def evaluate(model, probe: list[dict], texts: list[list[int]], device, step: int, tokens: int,
-             unseen: list[dict] | None = None) -> dict:
-    """One point of the training curve: key information and context gain at ratio 8, held-out texts; with
-    ``unseen``, also the key information of held-out composed phrasings (``key_information_unseen``)."""
-    point = dict(step=step, tokens=tokens, key_information=key_information(model, probe, device),
-                 context_gain=context_gain(model, texts, device))
+             unseen: list[dict] | None = None, ratio: int = 8) -> dict:
+    """One point of the training curve: key information and context gain at compression ``ratio`` (recorded in
+    the point), held-out texts; with ``unseen``, also the key information of held-out composed phrasings
+    (``key_information_unseen``)."""
+    point = dict(step=step, tokens=tokens, ratio=ratio, key_information=key_information(model, probe, device, ratio),
+                 context_gain=context_gain(model, texts, device, ratio))
     if unseen:
-        point["key_information_unseen"] = key_information(model, unseen, device)
+        point["key_information_unseen"] = key_information(model, unseen, device, ratio)
     extra = f", unseen phrasings {point['key_information_unseen']:.3f}" if unseen else ""
     print(f"step {step}: key information {point['key_information']:.3f}, context gain {point['context_gain']:.3f}"
           + extra, flush=True)
@@ -370,7 +376,8 @@ def main(argv=None) -> Path:
         print(f"dropping curve points {lost}: they come after the checkpoint's step {step}", flush=True)
         curve = [c for c in curve if c["step"] <= step]
     if not curve or curve[-1]["step"] != step or "context_gain" not in curve[-1]:
-        curve = [c for c in curve if c["step"] != step] + [evaluate(model, probe, texts, device, step, tokens, unseen)]
+        first = evaluate(model, probe, texts, device, step, tokens, unseen, args.probe_ratio)
+        curve = [c for c in curve if c["step"] != step] + [first]
         curve_path.write_text(json.dumps(curve, indent=1))
     model.train()
     start, last_save, window_tokens, window_start = time.time(), time.time(), 0, time.time()
@@ -429,13 +436,13 @@ def main(argv=None) -> Path:
             sums = dict.fromkeys(terms, 0.0) | {"n": 0}
             window_tokens, window_start = 0, time.time()
         if step % args.eval_every == 0:
-            curve.append(evaluate(model, probe, texts, device, step, tokens, unseen))
+            curve.append(evaluate(model, probe, texts, device, step, tokens, unseen, args.probe_ratio))
             curve_path.write_text(json.dumps(curve, indent=1))
         if (time.time() - last_save) / 60 >= args.save_minutes:
             save_checkpoint(model, optimizer, step, tokens, out, tokenizer, args)
             last_save = time.time()
     if curve[-1]["step"] != step:
-        curve.append(evaluate(model, probe, texts, device, step, tokens, unseen))
+        curve.append(evaluate(model, probe, texts, device, step, tokens, unseen, args.probe_ratio))
         curve_path.write_text(json.dumps(curve, indent=1))
     save_checkpoint(model, optimizer, step, tokens, out, tokenizer, args)
     final = save_final(model, tokenizer, args, out, step, tokens)

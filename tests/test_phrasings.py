@@ -155,5 +155,6 @@ def test_the_curve_table_shows_the_unseen_phrasings_column_when_the_run_probed_t
     (run / "train_log.jsonl").write_text(json.dumps(dict(step=50, tokens=6000, text=3.1, answer=1.2, kl=0.2)) + "\n")
     assert plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "u"]) == 0
     table = (tmp_path / "out" / "u_curve.md").read_text().splitlines()
-    assert table[0].startswith("| step | tokens | key information (nats) | unseen phrasings (nats) | context gain")
+    assert table[0].startswith("| step | tokens | key information (nats, ratio 8) | unseen phrasings (nats, ratio 8) | "
+                               "context gain")
     assert table[3] == "| 50 | 6,000 | 2.000 | 1.600 | 0.950 | 3.10 | 1.20 | 0.20 |"

@@ -277,7 +277,7 @@ def test_readback_configs_parse(path):
     from recipes.train_readback import parse_args
 
     args = parse_args(["--config", str(path)])
-    assert args.max_tokens <= 8192 and 8 in args.ratios
+    assert args.max_tokens <= 8192 and args.probe_ratio in args.ratios
 
 
 def test_readback_arguments_are_checked(tmp_path):
@@ -296,6 +296,9 @@ def test_readback_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="logit_chunk=-1: allowed >= 0"):
         parse_args(["--logit_chunk", "-1"])
     assert parse_args(["--logit_chunk", "0"]).logit_chunk == 0
+    with pytest.raises(ValueError, match=r"probe_ratio=2: .*allowed one of ratios \[4, 8\]"):
+        parse_args(["--ratios", "4", "8", "--probe_ratio", "2"])
+    assert parse_args(["--ratios", "2", "--probe_ratio", "2"]).probe_ratio == 2
     with pytest.raises(SystemExit):  # argparse: not a projection
         parse_args(["--beacon_projections", "q", "x"])
 
@@ -313,7 +316,7 @@ def _tiny_run_args(tmp_path, tokenizer) -> list[str]:
     return ["--model", str(tmp_path / "model"), "--device", "cpu", "--dtype", "float32", "--window", "64",
             "--ratios", "4", "8", "--min_tokens", "150", "--max_tokens", "300", "--batch_size", "2",
             "--probe_cases", "2", "--eval_every", "2", "--workers", "0", "--output_dir", str(tmp_path / "run"),
-            "--hidden_weight", "1.0", "--log_every", "1"]
+            "--hidden_weight", "1.0", "--log_every", "1", "--probe_ratio", "4"]
 
 
 def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
@@ -340,7 +343,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     resumed = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert resumed["step"] == 3 and resumed["tokens"] > state["tokens"]
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
-    assert [c["step"] for c in curve] == [0, 2, 3]
+    assert [c["step"] for c in curve] == [0, 2, 3] and all(c["ratio"] == 4 for c in curve)  # --probe_ratio
     assert all(math.isfinite(c["key_information"]) and math.isfinite(c["context_gain"]) for c in curve)
     weights = load_file(str(final / "adapter_model.safetensors"))
     assert weights and all(k.startswith("base_model.") or "beacon" in k for k in weights)
@@ -599,6 +602,7 @@ def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):
     # step 10 logged twice (a resume from an older checkpoint): the later record is the one shown
     assert plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "t"]) == 0
     table = (tmp_path / "out" / "t_curve.md").read_text().splitlines()
+    assert table[0].startswith("| step | tokens | key information (nats, ratio 8) | context gain (nats, ratio 8) |")
     assert table[2].startswith("| 0 | 0 | 0.010 | 0.200 |")
     assert table[3] == "| 10 | 5,000 | 0.500 | 0.250 | 3.10 | 1.20 | 0.20 |"
     assert (tmp_path / "out" / "t_curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -612,6 +616,10 @@ def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):
     assert table[3] == "| 10 | 5,000 | 0.500 | 0.250 | 3.10 | 1.20 | 0.20 | 0.071 |"
     with pytest.raises(ValueError, match="no curve.json"):
         plot_main([str(tmp_path), "--out", str(tmp_path / "out"), "--name", "u"])
+    point = dict(step=0, tokens=0, ratio=2, key_information=0.1, context_gain=0.2)
+    (run / "curve.json").write_text(json.dumps([point]))
+    assert plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "r2"]) == 0  # a --probe_ratio 2 run
+    assert "key information (nats, ratio 2)" in (tmp_path / "out" / "r2_curve.md").read_text()
 
 
 def test_readback_evaluation_scores_compressed_needles_apart_and_never_overwrites(tmp_path):
