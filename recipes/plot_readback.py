@@ -1,6 +1,5 @@
 """The read-back stage's training curve: key information and context gain (held-out probe, at the run's
-``--probe_ratio``, 8 unless set) against
-training tokens, beside the loss terms, as a PNG and a markdown table.
+``--probe_ratio``, 8 unless set) against training tokens, beside the loss terms, as a PNG and a markdown table.
 
     python recipes/plot_readback.py outputs/readback-cpu --out benchmarks/results/readback --name cpu
 

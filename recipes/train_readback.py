@@ -369,6 +369,7 @@ def main(argv=None) -> Path:
     probe = make_probe(tokenizer, hay, args.probe_cases, args.window)
     unseen = make_probe(tokenizer, hay, args.probe_cases, args.window, unseen=True) if args.composed_fraction else None
     texts = make_text_probe(hay, args.probe_cases // 2 or 1, length=4 * args.window)
+    point = partial(evaluate, model, probe, texts, device, unseen=unseen, ratio=args.probe_ratio)  # (step, tokens)
     curve_path, log_path = out / "curve.json", out / "train_log.jsonl"
     curve = json.loads(curve_path.read_text()) if args.resume and curve_path.is_file() else []
     lost = [c["step"] for c in curve if c["step"] > step]
@@ -376,8 +377,7 @@ def main(argv=None) -> Path:
         print(f"dropping curve points {lost}: they come after the checkpoint's step {step}", flush=True)
         curve = [c for c in curve if c["step"] <= step]
     if not curve or curve[-1]["step"] != step or "context_gain" not in curve[-1]:
-        first = evaluate(model, probe, texts, device, step, tokens, unseen, args.probe_ratio)
-        curve = [c for c in curve if c["step"] != step] + [first]
+        curve = [c for c in curve if c["step"] != step] + [point(step, tokens)]
         curve_path.write_text(json.dumps(curve, indent=1))
     model.train()
     start, last_save, window_tokens, window_start = time.time(), time.time(), 0, time.time()
@@ -436,13 +436,13 @@ def main(argv=None) -> Path:
             sums = dict.fromkeys(terms, 0.0) | {"n": 0}
             window_tokens, window_start = 0, time.time()
         if step % args.eval_every == 0:
-            curve.append(evaluate(model, probe, texts, device, step, tokens, unseen, args.probe_ratio))
+            curve.append(point(step, tokens))
             curve_path.write_text(json.dumps(curve, indent=1))
         if (time.time() - last_save) / 60 >= args.save_minutes:
             save_checkpoint(model, optimizer, step, tokens, out, tokenizer, args)
             last_save = time.time()
     if curve[-1]["step"] != step:
-        curve.append(evaluate(model, probe, texts, device, step, tokens, unseen, args.probe_ratio))
+        curve.append(point(step, tokens))
         curve_path.write_text(json.dumps(curve, indent=1))
     save_checkpoint(model, optimizer, step, tokens, out, tokenizer, args)
     final = save_final(model, tokenizer, args, out, step, tokens)
