@@ -63,15 +63,15 @@ def main(argv=None) -> dict:
     if args.out is not None and args.out.exists():
         raise SystemExit(f"--out {args.out} exists: refusing to overwrite it (pass another path)")
 
-    from peft import PeftModel
-
     import beacon_peft  # noqa: F401  (registers BEACON)
     from beacon_peft.offline.corpora import essay_split, haystack_ids
     from beacon_peft.offline.weights import load_smollm2
+    from beacon_peft.training.modeling import load_trained
     from beacon_peft.training.synthetic import TEMPLATES, retrieval_examples
 
     base, tok = load_smollm2(dtype=resolve_dtype(args.dtype, args.device))
-    model = PeftModel.from_pretrained(base.to(args.device), args.adapter).eval()
+    # with the folder's base LoRA (if any) unmerged: full attention (the adapter disabled) stays the plain base
+    model = load_trained(args.adapter, base_model=base.to(args.device), merge_lora=False).eval()
     model.base_model.set_compression_ratio(args.ratio)
     config = model.peft_config[model.active_adapter]
     meta_path = Path(args.adapter) / "readback_args.json"

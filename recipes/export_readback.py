@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 
 from beacon_peft.atomic import write_dir  # noqa: E402
 from beacon_peft.config import BeaconConfig  # noqa: E402
+from beacon_peft.training.modeling import LORA_DIR  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS = "adapter_model.safetensors"
@@ -232,6 +233,23 @@ def card(config: dict, chain: list[dict], root: Path | None, evaluation: list[Pa
     return "\n".join(lines)
 
 
+def base_lora(args, dtype: torch.dtype) -> tuple[dict, dict] | None:
+    """The run's base LoRA (``base_lora/``: its config, its weights cast to ``dtype``), or None without one. An
+    average with another adapter is refused when either holds one (ValueError): averaging only the beacons would
+    pair them with a LoRA they were not trained with."""
+    from safetensors.torch import load_file
+
+    folder = args.adapter / LORA_DIR
+    if args.average_with is not None and (folder.is_dir() or (args.average_with / LORA_DIR).is_dir()):
+        raise ValueError(f"--average_with {args.average_with}: {args.adapter} or it holds a base LoRA ({LORA_DIR}/); "
+                         "allowed only between adapters without one")
+    if not folder.is_dir():
+        return None
+    weights = load_file(str(folder / WEIGHTS))
+    return (json.loads((folder / "adapter_config.json").read_text()),
+            {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()})
+
+
 def main(argv=None) -> Path:
     from safetensors.torch import load_file, save_file
 
@@ -254,6 +272,7 @@ def main(argv=None) -> Path:
                           args.average_weight)
     dtype = DTYPES[args.dtype]
     stored = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    lora = base_lora(args, dtype)
     config["ratios"] = list(args.ratios)
     fields = {f.name for f in dataclasses.fields(BeaconConfig)}
     BeaconConfig(**{k: v for k, v in config.items() if k in fields})  # the ratios checked against the window
@@ -261,6 +280,15 @@ def main(argv=None) -> Path:
     n_bytes = sum(v.numel() * v.element_size() for v in stored.values())
     averaged = None if args.average_with is None else (args.average_with, args.average_weight)
     text = card(config, chain, root, args.evaluation, args.dtype, n_params, n_bytes, averaged, recorded)
+    if lora is not None:
+        lora_config, lora_weights = lora
+        text += (f"\n## Base LoRA\n\nThis adapter also holds a LoRA of the base model in `{LORA_DIR}/` (rank "
+                 f"{lora_config['r']}, on {', '.join(sorted(lora_config['target_modules']))}; "
+                 f"{sum(v.numel() for v in lora_weights.values()):,} parameters in {args.dtype}), trained with the "
+                 "beacons: the raw tokens that read the compressed memory go through it. Load both with\n\n"
+                 "```python\nfrom beacon_peft.training import load_trained\n"
+                 "model = load_trained(\"path/to/this/folder\")  # base + LoRA (merged) + beacon adapter\n```\n\n"
+                 "`PeftModel.from_pretrained` alone would load the beacons without the LoRA.\n")
 
     def write(tmp: Path) -> None:
         save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -272,10 +300,17 @@ def main(argv=None) -> Path:
             if (args.adapter / name).is_file():
                 shutil.copy2(args.adapter / name, tmp / name)
         (tmp / "README.md").write_text(text, encoding="utf-8")
+        if lora is not None:
+            (tmp / LORA_DIR).mkdir()
+            (tmp / LORA_DIR / "adapter_config.json").write_text(json.dumps(lora[0], indent=2, sort_keys=True) + "\n")
+            save_file(lora[1], str(tmp / LORA_DIR / WEIGHTS), metadata={"format": "pt"})
+            back = load_file(str(tmp / LORA_DIR / WEIGHTS))
+            if any(not torch.equal(back[k], lora[1][k]) for k in lora[1]):
+                raise RuntimeError("the stored base LoRA weights do not read back equal")
 
     out = write_dir(args.out, write)
     print(f"wrote {out}: {n_params:,} parameters in {args.dtype} ({n_bytes / 2**20:.1f} MiB), "
-          f"{len(chain)} read-back stage(s)", flush=True)
+          f"{len(chain)} read-back stage(s)" + ("" if lora is None else f", a base LoRA in {LORA_DIR}/"), flush=True)
     return out
 
 

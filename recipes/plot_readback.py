@@ -50,10 +50,12 @@ def table(curve: list[dict], log: list[dict]) -> str:
     only for runs that used it)."""
     terms = loss_terms(log)
     unseen = any("key_information_unseen" in p for p in curve)  # runs with composed phrasings also probe unseen ones
+    exact = any("key_exact" in p for p in curve)  # curves since recipe 15 also score exact read-back
     at = f"nats, ratio {probe_ratio(curve)}"
     lines = [f"| step | tokens | key information ({at}) | " + (f"unseen phrasings ({at}) | " if unseen else "")
+             + ("key tokens right | keys exact | " if exact else "")
              + f"context gain ({at}) | " + " | ".join(terms.values()) + " |",
-             "|---|---|---|---|" + ("---|" if unseen else "") + "---|" * len(terms)]
+             "|---|---|---|---|" + ("---|" if unseen else "") + ("---|---|" if exact else "") + "---|" * len(terms)]
     for point in curve:
         logged = [r for r in log if r["step"] <= point["step"]]
         last = logged[-1] if logged and point["step"] else {}
@@ -61,6 +63,8 @@ def table(curve: list[dict], log: list[dict]) -> str:
         cells = [str(point["step"]), f"{point['tokens']:,}", f"{point['key_information']:.3f}"]
         if unseen:
             cells.append(f"{point['key_information_unseen']:.3f}" if "key_information_unseen" in point else "")
+        if exact:
+            cells += [f"{point[k]:.0%}" if k in point else "" for k in ("key_token_accuracy", "key_exact")]
         cells.append("" if gain is None else f"{gain:.3f}")
         cells += [f"{last[k]:.{3 if k == 'hidden' else 2}f}" if k in last else "" for k in terms]
         lines.append("| " + " | ".join(cells) + " |")
@@ -85,7 +89,15 @@ def plot(curve: list[dict], log: list[dict], path: Path, title: str) -> None:
     left.axhline(0, color="grey", lw=0.5)
     left.set(xlabel="training tokens (thousands)", ylabel="nats per token",
              title=f"held-out memory probe, ratio {probe_ratio(curve)}")
-    left.legend()
+    left.legend(loc="upper left")
+    shares = [(p["tokens"] / 1e3, p["key_token_accuracy"], p["key_exact"]) for p in curve if "key_exact" in p]
+    if shares:  # exact read-back, a share of key tokens / of whole keys, on its own axis
+        share = left.twinx()
+        x, right_tokens, exact_keys = zip(*shares)
+        share.plot(x, right_tokens, ls="--", marker=".", color="tab:red", label="key tokens right")
+        share.plot(x, exact_keys, ls=":", marker="x", color="tab:purple", label="keys exact")
+        share.set(ylim=(0, 1.02), ylabel="share read back exactly")
+        share.legend(loc="lower right")
     for key, label in loss_terms(log).items():
         points = [(r["tokens"] / 1e3, r[key]) for r in log if key in r]
         if points:

@@ -60,6 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "lacks, which start as copies of the base's: the model computes what the folder's adapter did)")
     p.add_argument("--beacon_projections", nargs="+", default=["q", "k", "v"], choices=["q", "k", "v", "o"],
                    help="attention projections with a beacon copy (BeaconConfig.beacon_projections)")
+    p.add_argument("--base_lora_r", type=int, default=0,
+                   help="rank of a LoRA on the frozen base's own projections (the raw-token path, the readers of the "
+                   "compressed memory), trained with the beacon adapter and saved beside it in base_lora/ "
+                   "(beacon_peft.training.load_trained); 0 (default): beacon parameters only")
+    p.add_argument("--base_lora_alpha", type=int, default=32)
+    p.add_argument("--base_lora_targets", nargs="+", default=["q_proj", "v_proj"],
+                   help="base projections the LoRA adapts (module names inside each attention block)")
     p.add_argument("--min_tokens", type=int, default=2048)
     p.add_argument("--max_tokens", type=int, default=8192)
     p.add_argument("--batch_size", type=int, default=4)
@@ -116,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.probe_ratio not in args.ratios:
         raise ValueError(f"probe_ratio={args.probe_ratio}: the probes run at a ratio the adapter trains: allowed "
                          f"one of ratios {args.ratios}")
+    if args.base_lora_r < 0 or args.base_lora_alpha <= 0:
+        raise ValueError(f"base_lora_r={args.base_lora_r}, base_lora_alpha={args.base_lora_alpha}: allowed "
+                         "base_lora_r >= 0 (0: no LoRA) and base_lora_alpha > 0")
     if args.logit_chunk < 0:
         raise ValueError(f"logit_chunk={args.logit_chunk}: allowed >= 0 (0: all positions at once)")
     for name in ("answer_weight", "kl_weight", "hidden_weight"):
@@ -143,6 +153,12 @@ def load(args):
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base.to(args.device)
+    if args.base_lora_r:  # before the beacon wrapper: raw tokens go through base + LoRA, beacons through their own
+        from peft import inject_adapter_in_model
+
+        from beacon_peft.training.modeling import LORA_DIR
+
+        base = inject_adapter_in_model(base_lora_config(args), base, adapter_name=LORA_DIR)
     config = beacon_peft.BeaconConfig(window=args.window, ratios=list(args.ratios), ratio_mix="step-random",
                                       sink_size=args.sink_size, beacon_projections=list(args.beacon_projections))
     model = get_peft_model(base, config)
@@ -150,12 +166,41 @@ def load(args):
         saved = load_file(str(Path(args.init_adapter) / "adapter_model.safetensors"))
         check_init_keys(set(get_peft_model_state_dict(model)), set(saved), args.init_adapter)
         set_peft_model_state_dict(model, saved)
+    load_init_lora(model, args)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     if args.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def base_lora_config(args, base_name: str | None = None):
+    """The base LoRA's PEFT config (no dropout: the curve and the resume test compare exact numbers)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.base_lora_r, lora_alpha=args.base_lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(args.base_lora_targets), task_type="CAUSAL_LM",
+                      base_model_name_or_path=base_name)
+
+
+def load_init_lora(model, args) -> None:
+    """Make the base LoRA (if any) trainable again after ``get_peft_model`` froze it, and fill it from
+    ``--init_adapter``'s ``base_lora/`` when that folder has one (a LoRA starts at zero otherwise: B = 0, so the
+    model computes what the beacon adapter alone did). A folder with a base LoRA and a run without one is a
+    ValueError: the run would silently drop half of what the folder's model computes."""
+    from beacon_peft.training.modeling import LORA_DIR, load_lora_state_dict, lora_layers
+
+    folder = Path(args.init_adapter) / LORA_DIR if args.init_adapter else None
+    if folder is not None and folder.is_dir() and not args.base_lora_r:
+        raise ValueError(f"init_adapter={args.init_adapter} holds a base LoRA ({folder}): allowed only with "
+                         "--base_lora_r > 0 and the same LoRA settings")
+    for _, layer in lora_layers(model):
+        layer.set_adapter(LORA_DIR)  # requires_grad on its parameters again
+    if folder is not None and folder.is_dir():
+        from safetensors.torch import load_file
+
+        load_lora_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
 
 
 def check_init_keys(expected: set[str], given: set[str], folder) -> None:
@@ -227,24 +272,39 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
 
 
 @torch.no_grad()
-def key_information(model, probe: list[dict], device, ratio: int = 8) -> float:
-    """Mean over the probe of NLL(key | other context) - NLL(key | own context), nats per key token."""
+def key_readback(model, probe: list[dict], device, ratio: int = 8) -> dict[str, float]:
+    """What the memory gives back of each probe key, at compression ``ratio``:
+
+    - ``information``: mean NLL(key | other context) - NLL(key | own context), nats per key token;
+    - ``token_accuracy``: share of key tokens that are the argmax after their own context and the key's earlier
+      tokens (teacher forcing);
+    - ``exact``: share of keys whose every token is that argmax, i.e. the keys greedy decoding writes exactly.
+    """
     model.eval()
     model.base_model.set_compression_ratio(ratio)
-    gaps = []
+    gaps, hits, exact, n_tokens = [], 0, 0, 0
     try:
         for case in probe:
             nll = {}
+            target = torch.tensor(case["answer"], device=device)
             for side in ("own", "other"):
                 ids = torch.tensor([case[side] + case["answer"]], device=device)
                 logits = model(input_ids=ids, logits_to_keep=len(case["answer"]) + 1).logits[0, :-1].float()
-                target = torch.tensor(case["answer"], device=device)
                 nll[side] = float(torch.nn.functional.cross_entropy(logits, target))
+                if side == "own":
+                    right = logits.argmax(-1) == target  # (answer tokens,)
+                    hits, exact, n_tokens = hits + int(right.sum()), exact + int(right.all()), n_tokens + len(right)
             gaps.append(nll["other"] - nll["own"])
     finally:
         model.base_model.set_compression_ratio(None)
         model.train()
-    return sum(gaps) / max(1, len(gaps))
+    return dict(information=sum(gaps) / max(1, len(gaps)), token_accuracy=hits / max(1, n_tokens),
+                exact=exact / max(1, len(probe)))
+
+
+def key_information(model, probe: list[dict], device, ratio: int = 8) -> float:
+    """Mean over the probe of NLL(key | other context) - NLL(key | own context), nats per key token."""
+    return key_readback(model, probe, device, ratio)["information"]
 
 
 def make_text_probe(hay: list[int], n: int, length: int = 2048, seed: int = 4321) -> list[list[int]]:
@@ -275,16 +335,19 @@ def context_gain(model, stretches: list[list[int]], device, ratio: int = 8, tail
 
 def evaluate(model, probe: list[dict], texts: list[list[int]], device, step: int, tokens: int,
              unseen: list[dict] | None = None, ratio: int = 8) -> dict:
-    """One point of the training curve: key information and context gain at compression ``ratio`` (recorded in
-    the point), held-out texts; with ``unseen``, also the key information of held-out composed phrasings
-    (``key_information_unseen``)."""
-    point = dict(step=step, tokens=tokens, ratio=ratio, key_information=key_information(model, probe, device, ratio),
+    """One point of the training curve at compression ``ratio`` (recorded in the point), held-out texts: key
+    information, the share of key tokens and of whole keys read back exactly (`key_readback`), context gain;
+    with ``unseen``, also the key information of held-out composed phrasings (``key_information_unseen``)."""
+    keys = key_readback(model, probe, device, ratio)
+    point = dict(step=step, tokens=tokens, ratio=ratio, key_information=keys["information"],
+                 key_token_accuracy=keys["token_accuracy"], key_exact=keys["exact"],
                  context_gain=context_gain(model, texts, device, ratio))
     if unseen:
         point["key_information_unseen"] = key_information(model, unseen, device, ratio)
     extra = f", unseen phrasings {point['key_information_unseen']:.3f}" if unseen else ""
-    print(f"step {step}: key information {point['key_information']:.3f}, context gain {point['context_gain']:.3f}"
-          + extra, flush=True)
+    print(f"step {step}: key information {point['key_information']:.3f} (tokens right "
+          f"{point['key_token_accuracy']:.0%}, keys exact {point['key_exact']:.0%}), context gain "
+          f"{point['context_gain']:.3f}" + extra, flush=True)
     return point
 
 
@@ -293,6 +356,15 @@ def _write_adapter(model, tokenizer, args, folder: Path, step: int, tokens: int)
     ``step`` and ``tokens`` it reached) into ``folder``."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if args.base_lora_r:  # a standard PEFT LoRA folder of the base, where `load_trained` looks for it
+        from safetensors.torch import save_file
+
+        from beacon_peft.training.modeling import LORA_DIR, lora_state_dict
+
+        base_lora_config(args, model.peft_config["default"].base_model_name_or_path).save_pretrained(
+            str(folder / LORA_DIR))
+        save_file(lora_state_dict(model), str(folder / LORA_DIR / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
     record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (folder / "readback_args.json").write_text(json.dumps(record | {"step": step, "tokens": tokens}, indent=1))
 
@@ -304,8 +376,11 @@ def save_checkpoint(model, optimizer, step: int, tokens: int, out: Path, tokeniz
     can be evaluated or exported (`recipes/export_readback.py RUN/checkpoint/adapter`) without resuming it."""
     from peft import get_peft_model_state_dict
 
-    state = {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(), "step": step,
-             "tokens": tokens, "rng": random.getstate(), "torch_rng": torch.get_rng_state()}
+    from beacon_peft.training.modeling import lora_state_dict
+
+    state = {"adapter": get_peft_model_state_dict(model), "base_lora": lora_state_dict(model),
+             "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens, "rng": random.getstate(),
+             "torch_rng": torch.get_rng_state()}
 
     def write(tmp: Path) -> None:
         torch.save(state, tmp / "state.pt")
@@ -350,6 +425,10 @@ def main(argv=None) -> Path:
     if args.resume and (out / "checkpoint" / "state.pt").is_file():
         state = torch.load(out / "checkpoint" / "state.pt", map_location=device, weights_only=False)
         set_peft_model_state_dict(model, state["adapter"])
+        if state.get("base_lora") or args.base_lora_r:  # a mismatch (LoRA in one, not the other) is a ValueError
+            from beacon_peft.training.modeling import load_lora_state_dict
+
+            load_lora_state_dict(model, state.get("base_lora", {}))
         optimizer.load_state_dict(state["optimizer"])
         step, tokens = state["step"], state["tokens"]
         random.setstate(state["rng"])

@@ -402,6 +402,72 @@ def test_init_adapter_can_grow_beacon_o_and_starts_computing_what_the_folder_did
         load(parse_args(common + ["--init_adapter", str(partial)]))
 
 
+def test_a_base_lora_trains_with_the_beacons_leaves_the_teacher_the_base_and_round_trips(tmp_path, tokenizer):
+    """--base_lora_r: a LoRA on the raw-token path trains beside the beacon adapter (nothing else does); the
+    teacher (adapter disabled) is still exactly the base; checkpoint, resume and the saved folder carry the LoRA,
+    and `load_trained` of the folder computes what the training process does; mismatches are refused."""
+    from transformers import AutoModelForCausalLM
+
+    from beacon_peft.training import load_trained
+    from recipes.train_readback import load, main, parse_args
+
+    common = _tiny_run_args(tmp_path, tokenizer) + ["--base_lora_r", "4", "--base_lora_targets", "q_proj", "v_proj"]
+    folder = main(common + ["--max_steps", "2", "--lr", "0.05"])
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    lora_b = [k for k in state["base_lora"] if "lora_B" in k]
+    assert len(lora_b) == 2 * 2 and all(state["base_lora"][k].abs().sum() > 0 for k in lora_b)  # 2 layers x q, v
+    assert not any("lora" in k for k in state["adapter"])  # the beacon adapter's weights stay apart
+    curve = json.loads((tmp_path / "run" / "curve.json").read_text())
+    assert all(0 <= c["key_token_accuracy"] <= 1 and c["key_exact"] in (0, 0.5, 1) for c in curve)
+
+    trained, _ = load(parse_args(common + ["--init_adapter", str(folder)]))
+    grads = {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert grads and all("beacon" in n or ".lora_A.base_lora" in n or ".lora_B.base_lora" in n for n in grads)
+    assert any("lora_B" in n for n in grads) and any("beacon" in n for n in grads)
+    reloaded = load_trained(folder, base_model=AutoModelForCausalLM.from_pretrained(tmp_path / "model"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    ids = torch.randint(5, len(tokenizer), (1, 200))  # three windows of 64: two compressed
+    for model in (trained, reloaded):
+        model.eval()
+        model.base_model.set_compression_ratio(8)
+    with torch.no_grad():
+        compressed = trained(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, compressed, rtol=1e-4, atol=1e-4)
+        with trained.disable_adapter():  # the teacher: no beacons and no LoRA
+            torch.testing.assert_close(trained(input_ids=ids).logits, base(input_ids=ids).logits)
+
+    resumed = main(common + ["--max_steps", "3", "--resume"])
+    after = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    assert after["step"] == 3 and json.loads((resumed / "readback_args.json").read_text())["step"] == 3
+    assert any(not torch.equal(state["base_lora"][k], after["base_lora"][k]) for k in lora_b)
+    plain = _tiny_run_args(tmp_path, tokenizer)
+    with pytest.raises(ValueError, match="base LoRA"):  # a folder with a LoRA, a run without one
+        load(parse_args(plain + ["--init_adapter", str(folder)]))
+    with pytest.raises(ValueError, match="base LoRA weights do not match"):  # resuming the LoRA run without it
+        main(plain + ["--max_steps", "4", "--resume"])
+    with pytest.raises(ValueError, match="base_lora_r=-1"):
+        parse_args(plain + ["--base_lora_r", "-1"])
+
+    from safetensors.torch import load_file
+
+    from recipes.export_readback import main as export_main
+
+    exported = export_main([str(resumed), "--out", str(tmp_path / "export"), "--ratios", "4", "8"])
+    stored, trained_lora = load_file(str(exported / "base_lora" / "adapter_model.safetensors")), after["base_lora"]
+    assert stored.keys() == trained_lora.keys()
+    assert all(stored[k].dtype == torch.bfloat16 and torch.equal(stored[k], trained_lora[k].bfloat16()) for k in stored)
+    card = (exported / "README.md").read_text()
+    assert "## Base LoRA" in card and "load_trained" in card
+    loaded = load_trained(exported, base_model=AutoModelForCausalLM.from_pretrained(tmp_path / "model"))
+    merged = [v for k, v in loaded.get_base_model().state_dict().items() if k.endswith("q_proj.weight")]
+    plain_q = [v for k, v in base.state_dict().items() if k.endswith("q_proj.weight")]
+    assert len(merged) == len(plain_q) == 2 and all(not torch.equal(a, b) for a, b in zip(merged, plain_q))
+    with pytest.raises(ValueError, match="holds a base LoRA"):  # averaging the beacons alone is refused
+        export_main([str(resumed), "--out", str(tmp_path / "avg"), "--average_with", str(exported),
+                     "--average_weight", "0.5"])
+    assert not (tmp_path / "avg").exists()
+
+
 def test_export_writes_a_bfloat16_adapter_with_its_history_that_loads_and_never_overwrites(tmp_path, tokenizer):
     """Two read-back stages (the second from the first), exported: weights stored in bfloat16 equal the trained
     ones rounded, the config has the new ratios, the card lists both stages and the evaluation file, PEFT loads
@@ -620,6 +686,12 @@ def test_the_curve_plot_writes_a_png_and_table_and_never_overwrites(tmp_path):
     (run / "curve.json").write_text(json.dumps([point]))
     assert plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "r2"]) == 0  # a --probe_ratio 2 run
     assert "key information (nats, ratio 2)" in (tmp_path / "out" / "r2_curve.md").read_text()
+    exact = dict(step=0, tokens=0, key_information=3.04, key_token_accuracy=0.75, key_exact=0.0, context_gain=0.68)
+    (run / "curve.json").write_text(json.dumps([exact]))  # a curve scoring exact read-back (recipe 15 on)
+    assert plot_main([str(run), "--out", str(tmp_path / "out"), "--name", "x"]) == 0
+    table = (tmp_path / "out" / "x_curve.md").read_text().splitlines()
+    assert "| key tokens right | keys exact | context gain" in table[0]
+    assert table[2].startswith("| 0 | 0 | 3.040 | 75% | 0% | 0.680 |")
 
 
 def test_readback_evaluation_scores_compressed_needles_apart_and_never_overwrites(tmp_path):

@@ -212,8 +212,26 @@ def save_lora(model: nn.Module, folder: Path, model_args: ModelArguments, base_n
     save_file(lora_state_dict(model), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def load_trained(adapter_dir: str, base_model=None, merge_lora: bool = True, **load_kwargs):
-    """Load a trained adapter folder for inference: base (+ its LoRA, merged by default) + beacon adapter."""
+def with_base_lora(base_model, adapter_dir, merge: bool = False):
+    """``base_model`` with the LoRA of the base an adapter folder holds in ``base_lora/`` (none: unchanged).
+
+    Unmerged (default), the LoRA layers stay in the base, so disabling the beacon adapter loaded over it
+    (``with model.disable_adapter():``) disables them too and gives the plain base (full attention); merged, the
+    base's weights change for good.
+    """
+    from peft import PeftModel
+
+    lora = Path(adapter_dir) / LORA_DIR
+    if not lora.is_dir():
+        return base_model
+    wrapped = PeftModel.from_pretrained(base_model, str(lora), adapter_name=LORA_DIR)
+    return wrapped.merge_and_unload() if merge else wrapped.base_model.model
+
+
+def load_trained(adapter_dir: str, base_model=None, merge_lora: bool = True, adapter_name: str = "default",
+                 **load_kwargs):
+    """Load a trained adapter folder for inference: base (+ its LoRA, merged by default; `with_base_lora`) + beacon
+    adapter (named ``adapter_name``)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -221,8 +239,5 @@ def load_trained(adapter_dir: str, base_model=None, merge_lora: bool = True, **l
     if base_model is None:
         name = BeaconConfig.from_pretrained(adapter_dir).base_model_name_or_path
         base_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **load_kwargs)
-    lora = Path(adapter_dir) / LORA_DIR
-    if lora.is_dir():
-        base_model = PeftModel.from_pretrained(base_model, str(lora))
-        base_model = base_model.merge_and_unload() if merge_lora else base_model.base_model.model
-    return PeftModel.from_pretrained(base_model, adapter_dir)
+    base_model = with_base_lora(base_model, adapter_dir, merge=merge_lora)
+    return PeftModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name)

@@ -27,7 +27,9 @@ from . import metrics
 
 BENCH_ROOT = Path(__file__).resolve().parents[1]
 PRESSES = ("snapkv", "streamingllm", "knorm", "expected_attention")
+from beacon_peft.config import BeaconConfig  # noqa: E402
 from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
+from beacon_peft.training.modeling import LORA_DIR, load_trained  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -155,12 +157,24 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def check_base_lora(adapters: list[tuple[str, Path]], with_untrained: bool) -> None:
+    """An adapter folder holding a LoRA of the base (``base_lora/``, `recipes/train_readback.py --base_lora_r`) is
+    measured with that LoRA under its beacons; the LoRA changes the raw-token path every beacon adapter of the run
+    would share, so such an adapter must be the only one, without ``--with-untrained`` (SystemExit otherwise).
+    Full attention stays the plain base: disabling the adapter disables the LoRA too."""
+    carrying = [label for label, path in adapters if (path / LORA_DIR).is_dir()]
+    if carrying and (len(adapters) > 1 or with_untrained):
+        raise SystemExit(f"--adapter {carrying[0]} holds a base LoRA ({LORA_DIR}/): it must be the only adapter of "
+                         f"a run and without --with-untrained (given: {[label for label, _ in adapters]}"
+                         f"{', --with-untrained' if with_untrained else ''})")
+
+
 class Bench:
     """The loaded model (one PEFT model holding every beacon adapter), tokenizer, options and the records of
     one run. ``extra_ratios`` are ratios some benchmark sweeps besides ``--ratios``."""
 
     def __init__(self, args: argparse.Namespace, extra_ratios: tuple[int, ...] = ()):
-        from peft import PeftModel, get_peft_model
+        from peft import get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -188,7 +202,9 @@ class Bench:
         self.adapters = parse_adapters(args.adapter)
         if self.adapters:
             (label, path), rest = self.adapters[0], self.adapters[1:]
-            model = PeftModel.from_pretrained(base, path, adapter_name=label)
+            check_base_lora(self.adapters, args.with_untrained)
+            # an adapter's base LoRA, unmerged: disabling the adapter (full attention) disables it too
+            model = load_trained(path, base_model=base, merge_lora=False, adapter_name=label)
             for label, path in rest:
                 model.load_adapter(path, adapter_name=label)
             if args.with_untrained:  # same window / ratios / sink, beacon weights fresh
@@ -209,6 +225,8 @@ class Bench:
         """One method per (adapter, ratio) the adapter supports."""
         out = []
         for name, config in self.model.peft_config.items():
+            if not isinstance(config, BeaconConfig):
+                continue  # an adapter's base LoRA (check_base_lora): it runs under that adapter's beacons
             label = "beacon-untrained" if name == "untrained" else name
             supported = [r for r in ratios if r in config.ratios]
             if len(supported) < len(ratios):
@@ -290,7 +308,9 @@ class Bench:
         if not self.adapters:
             return (f"a fresh UNTRAINED adapter (beacon projections = copies of the base ones), window "
                     f"{cfgs['untrained'].window}")
-        text = ", ".join(f"`{label}` = `{path}` (window {cfgs[label].window}, ratios {cfgs[label].ratios})"
+        text = ", ".join(f"`{label}` = `{path}` (window {cfgs[label].window}, ratios {cfgs[label].ratios}"
+                         + (f"; with its base LoRA `{LORA_DIR}/` under the beacons, off for full attention"
+                            if (path / LORA_DIR).is_dir() else "") + ")"
                          for label, path in self.adapters)
         if "untrained" in cfgs:
             text += f"; `beacon-untrained`: a fresh UNTRAINED adapter with `{self.adapters[0][0]}`'s settings"

@@ -474,6 +474,48 @@ def test_trained_adapter_runs_beside_a_fresh_untrained_copy(tiny_dir, tmp_path, 
     assert header["adapters"] == {"trained": str(tmp_path / "ad")}
 
 
+def test_an_adapter_with_a_base_lora_runs_its_lora_under_the_beacons_and_full_attention_stays_the_base(
+        tiny_dir, tmp_path):
+    """An adapter folder with ``base_lora/`` (train_readback --base_lora_r): its beacon rows read through base +
+    LoRA (they differ from the same beacons without it), full attention is the plain base (equal to a run without
+    the LoRA), and it may not share a run with another adapter or --with-untrained (the LoRA would sit under all)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           beacon_peft.BeaconConfig(window=48, ratios=[4, 8], sink_size=1))
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "lora")
+    torch.manual_seed(1)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora" / "base_lora")
+
+    def perplexities(adapter: str, out: str) -> dict:
+        assert language_modeling.main(["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root",
+                                       str(tmp_path / out), "--threads", "1", "--adapter", adapter, "--lengths",
+                                       "512", "--sweep-length", "512", "--tail", "32", "--ratios", "8"]) == 0
+        return {r["method"]: r["value"] for r in _summary(tmp_path / out)
+                if r["metric"] == "perplexity" and r["context_tokens"] == 512}
+
+    without = perplexities(f"b={tmp_path / 'plain'}", "p")
+    with_lora = perplexities(f"b={tmp_path / 'lora'}", "l")
+    assert with_lora["full"] == without["full"]
+    assert abs(with_lora["b-r8"] - without["b-r8"]) > 1e-3 * without["b-r8"]
+    with pytest.raises(SystemExit, match="base LoRA"):
+        language_modeling.main(
+            ["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root", str(tmp_path / "two"), "--adapter",
+             f"b={tmp_path / 'lora'}", "--adapter", f"c={tmp_path / 'plain'}", "--lengths", "512", "--ratios", "8"])
+    with pytest.raises(SystemExit, match="with-untrained"):
+        language_modeling.main(["--quick", "--no-kvpress", "--model", str(tiny_dir), "--out-root",
+                                str(tmp_path / "u"), "--adapter", f"b={tmp_path / 'lora'}", "--with-untrained",
+                                "--lengths", "512", "--ratios", "8"])
+
+
 # ----------------------------------------------------------------------------- with kvpress
 
 
