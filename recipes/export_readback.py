@@ -245,13 +245,26 @@ def base_lora(args, dtype: torch.dtype) -> tuple[dict, dict] | None:
                          "allowed only between adapters without one")
     if not folder.is_dir():
         return None
-    weights = load_file(str(folder / WEIGHTS))
-    return (json.loads((folder / "adapter_config.json").read_text()),
-            {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()})
+    return json.loads((folder / "adapter_config.json").read_text()), cast(load_file(str(folder / WEIGHTS)), dtype)
+
+
+def cast(weights: dict, dtype: torch.dtype) -> dict:
+    """Floating-point tensors in ``dtype`` (others as they are), contiguous for safetensors."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+
+
+def save_checked(weights: dict, path: Path, what: str) -> None:
+    """``weights`` into ``path`` (safetensors), read back and compared bit for bit (RuntimeError naming ``what``)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(weights, str(path), metadata={"format": "pt"})
+    back = load_file(str(path))
+    if back.keys() != weights.keys() or any(not torch.equal(back[k], weights[k]) for k in weights):
+        raise RuntimeError(f"the stored {what} do not read back equal")
 
 
 def main(argv=None) -> Path:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     args = parse_args(argv)
     config = json.loads((args.adapter / "adapter_config.json").read_text())
@@ -271,7 +284,7 @@ def main(argv=None) -> Path:
         weights = average(weights, config, load_file(str(args.average_with / WEIGHTS)), other_config,
                           args.average_weight)
     dtype = DTYPES[args.dtype]
-    stored = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    stored = cast(weights, dtype)
     lora = base_lora(args, dtype)
     config["ratios"] = list(args.ratios)
     fields = {f.name for f in dataclasses.fields(BeaconConfig)}
@@ -291,10 +304,7 @@ def main(argv=None) -> Path:
                  "`PeftModel.from_pretrained` alone would load the beacons without the LoRA.\n")
 
     def write(tmp: Path) -> None:
-        save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        back = load_file(str(tmp / WEIGHTS))
-        if any(not torch.equal(back[k], stored[k]) for k in stored):
-            raise RuntimeError("the stored weights do not read back equal")
+        save_checked(stored, tmp / WEIGHTS, "weights")
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in EXTRA_FILES:
             if (args.adapter / name).is_file():
@@ -303,10 +313,7 @@ def main(argv=None) -> Path:
         if lora is not None:
             (tmp / LORA_DIR).mkdir()
             (tmp / LORA_DIR / "adapter_config.json").write_text(json.dumps(lora[0], indent=2, sort_keys=True) + "\n")
-            save_file(lora[1], str(tmp / LORA_DIR / WEIGHTS), metadata={"format": "pt"})
-            back = load_file(str(tmp / LORA_DIR / WEIGHTS))
-            if any(not torch.equal(back[k], lora[1][k]) for k in lora[1]):
-                raise RuntimeError("the stored base LoRA weights do not read back equal")
+            save_checked(lora[1], tmp / LORA_DIR / WEIGHTS, "base LoRA weights")
 
     out = write_dir(args.out, write)
     print(f"wrote {out}: {n_params:,} parameters in {args.dtype} ({n_bytes / 2**20:.1f} MiB), "

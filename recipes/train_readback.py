@@ -357,14 +357,10 @@ def _write_adapter(model, tokenizer, args, folder: Path, step: int, tokens: int)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if args.base_lora_r:  # a standard PEFT LoRA folder of the base, where `load_trained` looks for it
-        from safetensors.torch import save_file
+        from beacon_peft.training.modeling import LORA_DIR, write_lora
 
-        from beacon_peft.training.modeling import LORA_DIR, lora_state_dict
-
-        base_lora_config(args, model.peft_config["default"].base_model_name_or_path).save_pretrained(
-            str(folder / LORA_DIR))
-        save_file(lora_state_dict(model), str(folder / LORA_DIR / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        base_name = model.peft_config["default"].base_model_name_or_path
+        write_lora(model, folder / LORA_DIR, base_lora_config(args, base_name))
     record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (folder / "readback_args.json").write_text(json.dumps(record | {"step": step, "tokens": tokens}, indent=1))
 

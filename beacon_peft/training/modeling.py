@@ -202,14 +202,19 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             param.copy_(state[key].to(param.dtype))
 
 
-def save_lora(model: nn.Module, folder: Path, model_args: ModelArguments, base_name: str) -> None:
+def write_lora(model: nn.Module, folder: Path, config) -> None:
+    """The base LoRA as a standard PEFT LoRA folder of the base: ``config`` (a ``LoraConfig``) and its weights."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = lora_config(model_args)
-    config.base_model_name_or_path = base_name
     config.save_pretrained(str(folder))
     save_file(lora_state_dict(model), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def save_lora(model: nn.Module, folder: Path, model_args: ModelArguments, base_name: str) -> None:
+    config = lora_config(model_args)
+    config.base_model_name_or_path = base_name
+    write_lora(model, folder, config)
 
 
 def with_base_lora(base_model, adapter_dir, merge: bool = False):
