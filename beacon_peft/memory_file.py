@@ -224,8 +224,8 @@ def load_memory(path, model) -> BeaconMemory:
     memory = BeaconMemory(L, B, decoder.rotary_emb, device, signature=sig)
     memory.state = MemoryState(
         rows=rows, layers=layers,
-        raw_is_beacon=tensors["raw_is_beacon"].to(device, torch.bool),
-        raw_local=tensors["raw_local"].to(device, torch.long),
+        raw_is_beacon=tensors["raw_is_beacon"].to("cpu", torch.bool),  # host bookkeeping
+        raw_local=tensors["raw_local"].to("cpu", torch.long),
         columns=int(meta["columns"]), sequence_ratio=meta.get("sequence_ratio"),
         ratio_log=[int(r) for r in meta["ratio_log"]],
         step_log=[[tuple(t) for t in step] for step in meta["step_log"]],

@@ -9,29 +9,46 @@ shared by every layer; it is split by who reads it:
 * `StepInputs`, read by the window loop (`forward.py`): what to embed, at which positions, where outputs go;
 * `StepMask`, read by `masks.build_mask` and the attention: the widths, lengths and window indices of the keys;
 * `memory.MemoryUpdate`, applied by every layer: what the memory keeps afterwards.
+
+The bookkeeping runs on the host, in Python and numpy: planning a step dispatches no tensor op (on a GPU no
+kernel launch), and a step's tensors are made only when something reads them (`StepPlan.inputs`, `.mask`,
+`.update`); a group of steps that runs as one decoder pass (`group.GroupPlan`) reads the host arrays
+(`StepPlan.host`) directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .config import BeaconConfig
 from .memory import MemoryState, MemoryUpdate, RowState, Take
 
 
-def _pad_lists(lists: list[list[int]], device) -> torch.Tensor:
-    """Right-padded (B, T) long tensor of per-row index lists (padding 0)."""
+def _pad_lists(lists: list[list[int]]) -> np.ndarray:
+    """Right-padded (B, T) int64 array of per-row index lists (padding 0)."""
     width = max((len(x) for x in lists), default=0)
-    out = torch.zeros(len(lists), width, dtype=torch.long)
+    out = np.zeros((len(lists), width), dtype=np.int64)
     for b, x in enumerate(lists):
         if x:
-            out[b, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-    return out.to(device)
+            out[b, : len(x)] = x
+    return out
+
+
+def _tensor(a: np.ndarray, device) -> torch.Tensor:
+    """A host array as a tensor on ``device`` (on the CPU the array's memory itself: no op dispatched)."""
+    t = torch.from_numpy(a)
+    return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=True)
+
+
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A (CPU or device) tensor's values as a numpy array (no copy for a CPU tensor)."""
+    return (t if t.device.type == "cpu" else t.cpu()).numpy()
 
 
 @dataclass
@@ -42,10 +59,10 @@ class RowChunk:
     beacons: int = 0
     ratio: int = 0
     complete: bool = False  # the chunk completes its window: beacons move to the compressed memory
-    raw_entries: Optional[torch.Tensor] = None  # (n,) entry index of each raw token within the chunk
-    beacon_entries: Optional[torch.Tensor] = None  # (beacons,) entry index of each beacon
-    beacon_local: Optional[torch.Tensor] = None  # (beacons,) window-local beacon index j
-    beacon_positions: Optional[torch.Tensor] = None  # (beacons,) explicit positions (append + scoped), else None
+    raw_entries: Optional[np.ndarray] = None  # (n,) entry index of each raw token within the chunk
+    beacon_entries: Optional[np.ndarray] = None  # (beacons,) entry index of each beacon
+    beacon_local: Optional[np.ndarray] = None  # (beacons,) window-local beacon index j
+    beacon_positions: Optional[np.ndarray] = None  # (beacons,) explicit positions (append + scoped), else None
 
     @property
     def length(self) -> int:
@@ -104,12 +121,97 @@ class StepMask:
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """One forward step: its inputs (window loop), its mask (attention) and its memory update (every layer)."""
+class StepHost:
+    """One step on the host (numpy): everything `StepInputs`, `StepMask` and `MemoryUpdate` are made from.
+    Shapes: B rows, L chunk entries, (S, C, R) the memory parts' padded widths before the step."""
 
-    inputs: StepInputs
-    mask: StepMask
-    update: MemoryUpdate
+    input_cols: np.ndarray  # (B, L) int64
+    is_beacon: np.ndarray  # (B, L) bool
+    valid: np.ndarray  # (B, L) bool
+    position_ids: np.ndarray  # (B, L) int64
+    local: np.ndarray  # (B, L) int64 window-local index
+    mem_positions: np.ndarray  # (B, S + R) int64
+    comp_positions: Optional[np.ndarray]  # (B, K) int64; None: no window completes
+    out_dst: np.ndarray  # (n_raw,) flat index into (B * N)
+    out_src: np.ndarray  # (n_raw,) flat index into (B * L)
+    ratio: np.ndarray  # (B,) int64
+    lengths: np.ndarray  # (3, B) int64: sink, compressed and raw-cache lengths before the step
+    widths: tuple[int, int, int]
+    mem_raw_is_beacon: np.ndarray  # (B, R) bool
+    mem_raw_local: np.ndarray  # (B, R) int64
+    scoped: bool
+    plain: bool
+    sink: object  # `Take` or (B, T) int64 gather index (see `MemoryUpdate`)
+    raw: object
+    comp_new: Optional[np.ndarray]  # (B, K) int64
+    comp: object
+    # a plain step that starts and ends with an empty raw cache, keeps the sink and appends its window to the
+    # compressed memory (every row alike): the entries (K,) of its chunk that enter the compressed memory. Such
+    # steps in a row run as one batch of windows inside each layer (`layer.BeaconAttention`); else None.
+    appends: Optional[np.ndarray] = None
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def has_beacons(self) -> bool:
+        return bool(self.is_beacon.any())
+
+
+class StepPlan:
+    """One forward step: its inputs (window loop), its mask (attention) and its memory update (every layer).
+
+    Built on the host (`host`); the tensors of each part are made on ``device`` on first use."""
+
+    def __init__(self, host: StepHost, device):
+        self.host = host
+        self.device = device
+
+    @cached_property
+    def inputs(self) -> StepInputs:
+        h, dev = self.host, self.device
+        beacon_flat = np.flatnonzero(h.is_beacon.reshape(-1)) if h.is_beacon.any() else None
+        return StepInputs(
+            input_cols=_tensor(h.input_cols, dev),
+            is_beacon=_tensor(h.is_beacon, dev),
+            valid=_tensor(h.valid, dev),
+            position_ids=_tensor(h.position_ids, dev),
+            mem_positions=_tensor(h.mem_positions, dev),
+            comp_positions=None if h.comp_positions is None else _tensor(h.comp_positions, dev),
+            out_dst=_tensor(h.out_dst, dev),
+            out_src=_tensor(h.out_src, dev),
+            beacon_flat=None if beacon_flat is None else _tensor(beacon_flat, dev),
+        )
+
+    @cached_property
+    def mask(self) -> StepMask:
+        h, dev = self.host, self.device
+        inputs = self.inputs
+        return StepMask(
+            valid=inputs.valid,
+            is_beacon=inputs.is_beacon,
+            local=_tensor(h.local, dev),
+            ratio=_tensor(h.ratio, dev),
+            sink_len=_tensor(h.lengths[0], dev),
+            comp_len=_tensor(h.lengths[1], dev),
+            raw_len=_tensor(h.lengths[2], dev),
+            widths=h.widths,
+            mem_raw_is_beacon=_tensor(h.mem_raw_is_beacon, dev),
+            mem_raw_local=_tensor(h.mem_raw_local, dev),
+            scoped=h.scoped,
+            plain=h.plain,
+        )
+
+    @cached_property
+    def update(self) -> MemoryUpdate:
+        h, dev = self.host, self.device
+
+        def sel(how):
+            return how if isinstance(how, Take) else _tensor(how, dev)
+
+        return MemoryUpdate(sink=sel(h.sink), raw=sel(h.raw),
+                            comp_new=None if h.comp_new is None else _tensor(h.comp_new, dev), comp=sel(h.comp))
 
 
 class RatioPicker:
@@ -151,11 +253,11 @@ class RatioPicker:
 class Scheduler:
     """Plans the chunks of one forward call over ``cols[b]`` (the input columns of row b's real tokens)."""
 
-    def __init__(self, config: BeaconConfig, state: MemoryState, cols: list[torch.Tensor], n_columns: int,
+    def __init__(self, config: BeaconConfig, state: MemoryState, cols: list, n_columns: int,
                  training: bool, picker: RatioPicker, device):
         self.cfg = config
         self.state = state
-        self.cols = cols
+        self.cols = [host_array(c) if isinstance(c, torch.Tensor) else np.asarray(c, dtype=np.int64) for c in cols]
         self.ptr = [0] * len(cols)
         self.n_columns = n_columns
         self.training = training
@@ -183,21 +285,43 @@ class Scheduler:
         chunks = [self._row_chunk(b, ratio_for_step) for b in range(len(st.rows))]
         st.step_log.append([(c.length, r.sink + r.comp + r.raw, c.beacons) for c, r in zip(chunks, st.rows)])
         widths = (max(r.sink for r in st.rows), max(r.comp for r in st.rows), max(r.raw for r in st.rows))
-        inputs, is_beacon, local = self._inputs(chunks, widths)
-        mem_kinds, mem_locs = st.raw_is_beacon.cpu().tolist(), st.raw_local.cpu().tolist()
-        chunk_kinds, chunk_locs = is_beacon.tolist(), local.tolist()
+        mem_kinds_a, mem_locs_a = host_array(st.raw_is_beacon), host_array(st.raw_local)
+        inputs = self._inputs(chunks, widths)
+        mem_kinds, mem_locs = mem_kinds_a.tolist(), mem_locs_a.tolist()
+        chunk_kinds, chunk_locs = inputs["is_beacon"].tolist(), inputs["local"].tolist()
         updates = [
             self._row_update(row, ch, mem_kinds[b][: row.raw] + chunk_kinds[b][: ch.length],
                              mem_locs[b][: row.raw] + chunk_locs[b][: ch.length], widths)
             for b, (row, ch) in enumerate(zip(st.rows, chunks))
         ]
-        update, comp_positions = self._update(chunks, updates, widths)
-        plan = StepPlan(inputs=dataclasses.replace(inputs, comp_positions=comp_positions),
-                        mask=self._mask(chunks, inputs, local, widths), update=update)
+        update = self._update(chunks, updates, widths)
+        lengths = np.array([[r.sink for r in st.rows], [r.comp for r in st.rows], [r.raw for r in st.rows]],
+                           dtype=np.int64)
+        scoped = self.cfg.scoped and bool(inputs["is_beacon"].any())
+        L = inputs["valid"].shape[1]
+        plain = (not scoped and all(c.length == L for c in chunks)
+                 and all((r.sink, r.comp, r.raw) == widths for r in st.rows))
+        host = StepHost(**inputs, ratio=np.array([c.ratio for c in chunks], dtype=np.int64), lengths=lengths,
+                        widths=widths, mem_raw_is_beacon=mem_kinds_a, mem_raw_local=mem_locs_a, scoped=scoped,
+                        plain=plain, **update)
+        host = self._with_appends(host, chunks, updates)
         self._advance(chunks, updates)
-        st.raw_is_beacon = _pad_lists([[int(x) for x in u.raw_is_beacon] for u in updates], self.device).bool()
-        st.raw_local = _pad_lists([u.raw_local for u in updates], self.device)
-        return plan
+        st.raw_is_beacon = torch.from_numpy(_pad_lists([[int(x) for x in u.raw_is_beacon] for u in updates])
+                                            .astype(bool))
+        st.raw_local = torch.from_numpy(_pad_lists([u.raw_local for u in updates]))
+        return StepPlan(host, self.device)
+
+    @staticmethod
+    def _with_appends(host: StepHost, chunks: list[RowChunk], updates: list[RowUpdate]) -> StepHost:
+        """Mark a step that only appends its window to the compressed memory (see `StepHost.appends`)."""
+        S, C, R = host.widths
+        if not (host.plain and R == 0 and host.comp_new is not None and host.sink is Take.KEEP
+                and host.raw is Take.EMPTY and host.comp is Take.CAT):
+            return host
+        first = updates[0].comp_new
+        if any(u.comp_new != first for u in updates[1:]):
+            return host
+        return StepHost(**{**host.__dict__, "appends": np.asarray(first, dtype=np.int64)})
 
     # --- one row ------------------------------------------------------------------------------------------
     def _row_chunk(self, b: int, ratio_for_step: Callable[[], int]) -> RowChunk:
@@ -214,21 +338,21 @@ class Scheduler:
             row.ratio = ratio_for_step()
         r = row.ratio if wants_beacons else 0
         chunk = RowChunk(n=n, ratio=r or 0, complete=complete)
-        i = torch.arange(n)
+        i = np.arange(n)
         if not r:
             chunk.raw_entries = i
             return chunk
         if cfg.interleaved:
             nb = (row.rem + n) // r
             chunk.raw_entries = i + (row.rem + i) // r
-            j = torch.arange(nb)
+            j = np.arange(nb)
             chunk.beacon_entries = (j + 1) * r - row.rem - 1 + j + 1
             chunk.beacon_local = j + (row.win_raw - row.rem) // r
         else:
             nb = cfg.stride // r
             chunk.raw_entries = i
-            chunk.beacon_entries = n + torch.arange(nb)
-            chunk.beacon_local = torch.arange(nb)
+            chunk.beacon_entries = n + np.arange(nb)
+            chunk.beacon_local = np.arange(nb)
             if cfg.scoped:
                 start = row.sink + row.comp  # position of the window's first raw token
                 step = r + 1 if cfg.attend_prev else r
@@ -269,25 +393,24 @@ class Scheduler:
         )
 
     # --- the batch ----------------------------------------------------------------------------------------
-    def _inputs(self, chunks: list[RowChunk],
-                widths: tuple[int, int, int]) -> tuple[StepInputs, torch.Tensor, torch.Tensor]:
-        """The step's inputs, with the is-beacon flag and window-local index (B, L) of every entry on the CPU."""
-        st, device = self.state, self.device
+    def _inputs(self, chunks: list[RowChunk], widths: tuple[int, int, int]) -> dict:
+        """The step's input arrays (`StepHost` fields, on the host)."""
+        st = self.state
         B, L = len(chunks), max(c.length for c in chunks)
         S, _, R = widths
-        input_cols = torch.zeros(B, L, dtype=torch.long)
-        is_beacon = torch.zeros(B, L, dtype=torch.bool)
-        valid = torch.zeros(B, L, dtype=torch.bool)
-        position_ids = torch.zeros(B, L, dtype=torch.long)
-        local = torch.zeros(B, L, dtype=torch.long)
+        input_cols = np.zeros((B, L), dtype=np.int64)
+        is_beacon = np.zeros((B, L), dtype=bool)
+        valid = np.zeros((B, L), dtype=bool)
+        position_ids = np.zeros((B, L), dtype=np.int64)
+        local = np.zeros((B, L), dtype=np.int64)
         out_dst, out_src = [], []
         for b, (row, ch) in enumerate(zip(st.rows, chunks)):
             valid[b, : ch.length] = True
-            position_ids[b, : ch.length] = row.sink + row.comp + row.raw + torch.arange(ch.length)
+            position_ids[b, : ch.length] = row.sink + row.comp + row.raw + np.arange(ch.length)
             if ch.n:
                 cols = self.cols[b][self.ptr[b] : self.ptr[b] + ch.n]
                 input_cols[b, ch.raw_entries] = cols
-                local[b, ch.raw_entries] = row.win_raw + torch.arange(ch.n)
+                local[b, ch.raw_entries] = row.win_raw + np.arange(ch.n)
                 out_dst.append(b * self.n_columns + cols)
                 out_src.append(b * L + ch.raw_entries)
             if ch.beacons:
@@ -295,62 +418,30 @@ class Scheduler:
                 local[b, ch.beacon_entries] = ch.beacon_local
                 if ch.beacon_positions is not None:
                     position_ids[b, ch.beacon_entries] = ch.beacon_positions
-        mem_positions = torch.cat(
-            (torch.arange(S).expand(B, S), torch.tensor([[r.sink + r.comp] for r in st.rows]) + torch.arange(R)), dim=1
-        )  # (B, S + R)
-        has_beacons = bool(is_beacon.any())
-        inputs = StepInputs(
-            input_cols=input_cols.to(device),
-            is_beacon=is_beacon.to(device),
-            valid=valid.to(device),
-            position_ids=position_ids.to(device),
-            mem_positions=mem_positions.to(device),
-            comp_positions=None,  # `plan` sets it from the memory update
-            out_dst=torch.cat(out_dst).to(device),
-            out_src=torch.cat(out_src).to(device),
-            beacon_flat=is_beacon.flatten().nonzero().squeeze(1).to(device) if has_beacons else None,
-        )
-        return inputs, is_beacon, local
+        mem_positions = np.concatenate(
+            (np.broadcast_to(np.arange(S), (B, S)),
+             np.array([[r.sink + r.comp] for r in st.rows], dtype=np.int64) + np.arange(R)), axis=1)  # (B, S + R)
+        empty = np.zeros(0, dtype=np.int64)
+        return dict(input_cols=input_cols, is_beacon=is_beacon, valid=valid, position_ids=position_ids, local=local,
+                    mem_positions=mem_positions.astype(np.int64),
+                    out_dst=np.concatenate(out_dst).astype(np.int64) if out_dst else empty,
+                    out_src=np.concatenate(out_src).astype(np.int64) if out_src else empty)
 
-    def _mask(self, chunks: list[RowChunk], inputs: StepInputs, local: torch.Tensor,
-              widths: tuple[int, int, int]) -> StepMask:
-        st, device = self.state, self.device
-        L = inputs.valid.shape[1]
-        scoped = self.cfg.scoped and inputs.has_beacons
-        return StepMask(
-            valid=inputs.valid,
-            is_beacon=inputs.is_beacon,
-            local=local.to(device),
-            ratio=torch.tensor([c.ratio for c in chunks], device=device),
-            sink_len=torch.tensor([r.sink for r in st.rows], device=device),
-            comp_len=torch.tensor([r.comp for r in st.rows], device=device),
-            raw_len=torch.tensor([r.raw for r in st.rows], device=device),
-            widths=widths,
-            mem_raw_is_beacon=st.raw_is_beacon,
-            mem_raw_local=st.raw_local,
-            scoped=scoped,
-            plain=not scoped
-            and all(c.length == L for c in chunks)
-            and all((r.sink, r.comp, r.raw) == widths for r in st.rows),
-        )
-
-    def _update(self, chunks: list[RowChunk], updates: list[RowUpdate],
-                widths: tuple[int, int, int]) -> tuple[MemoryUpdate, Optional[torch.Tensor]]:
-        """Pad the rows' index lists into one `MemoryUpdate` (with shortcuts when every row does the same), and the
-        positions (B, K) the new compressed entries are rotated to (None when no window completes)."""
+    def _update(self, chunks: list[RowChunk], updates: list[RowUpdate], widths: tuple[int, int, int]) -> dict:
+        """Pad the rows' index lists into the `MemoryUpdate` fields (with shortcuts when every row does the same),
+        and the positions (B, K) the new compressed entries are rotated to (None when no window completes)."""
         S, C, R = widths
         L = max(c.length for c in chunks)
         sink_changed = any(u.sink_changed for u in updates)
         raw_changed = any(c.complete or c.length > 0 for c in chunks)
         completes = any(c.complete for c in chunks)
-        update = MemoryUpdate(
+        return dict(
             sink=self._index([u.sink for u in updates], S, L, sink_changed, prefix_only=True),
             raw=self._index([u.raw for u in updates], R, L, raw_changed),
-            comp_new=_pad_lists([u.comp_new for u in updates], self.device) if completes else None,
+            comp_new=_pad_lists([u.comp_new for u in updates]) if completes else None,
             comp=self._comp_index([u.comp for u in updates], C) if completes else Take.KEEP,
+            comp_positions=_pad_lists([u.comp_new_positions for u in updates]) if completes else None,
         )
-        positions = _pad_lists([u.comp_new_positions for u in updates], self.device) if completes else None
-        return update, positions
 
     def _index(self, lists: list[list[int]], width: int, L: int, changed: bool, prefix_only: bool = False):
         """Gather index into cat(old, chunk), or a `Take` shortcut when every row does the same thing."""
@@ -360,12 +451,12 @@ class Scheduler:
             return Take.EMPTY
         if not prefix_only and all(x == list(range(width + L)) for x in lists):
             return Take.CAT
-        return _pad_lists(lists, self.device)
+        return _pad_lists(lists)
 
     def _comp_index(self, lists: list[list[int]], width: int):
         if all(x[:width] == list(range(width)) and len(x) == len(lists[0]) for x in lists):
             return Take.CAT  # every row had `width` entries and gains the same number
-        return _pad_lists(lists, self.device)
+        return _pad_lists(lists)
 
     def _advance(self, chunks: list[RowChunk], updates: list[RowUpdate]) -> None:
         cfg = self.cfg
