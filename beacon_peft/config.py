@@ -32,6 +32,7 @@ PLACEMENTS: tuple[str, ...] = get_args(Placement)
 SCOPES: tuple[str, ...] = get_args(AttentionScope)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 EMBED_INITS: tuple[str, ...] = get_args(EmbedInit)
+GROUP_TOKENS = 16384  # default entries per decoder pass (docs/benchmarks.md: launch counts and CPU timings)
 
 
 class BeaconPeftType(str, enum.Enum):
@@ -97,6 +98,11 @@ class BeaconConfig(PeftConfig):
             default every module named ``self_attn``.
         beacon_layers (`list[int]`, *optional*): Only these decoder layers get beacon projections; the
             others use their base projections for beacons too (memory is still compressed in every layer).
+        group_tokens (`int`): How many entries (raw tokens and beacons, per row) one decoder pass may hold.
+            Consecutive windows are grouped up to this budget and go through the decoder layer by layer together
+            (one pass of big matrix products instead of one pass per window; exact, see docs/semantics.md). It
+            bounds the activation memory of a call, whatever the input's length; a value up to one window's
+            entries (e.g. 1) runs the window-by-window loop. It changes speed and peak memory, never results.
         target_parameters: Unused; present because PEFT reads it when ``target_modules`` is None.
     """
 
@@ -125,6 +131,9 @@ class BeaconConfig(PeftConfig):
     )
     beacon_layers: Optional[list[int]] = field(
         default=None, metadata={"help": "Decoder layers that get beacon projections (default: all)."}
+    )
+    group_tokens: int = field(
+        default=GROUP_TOKENS, metadata={"help": "Entries (per row) one decoder pass may hold; 1: window by window."}
     )
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unused."})
 
@@ -181,6 +190,7 @@ class BeaconConfig(PeftConfig):
             _check_int("beacon_rank", self.beacon_rank, 1)
         if self.mask_first_window_loss is not None and not isinstance(self.mask_first_window_loss, bool):
             raise TypeError(f"mask_first_window_loss must be a bool or None, got {self.mask_first_window_loss!r}")
+        _check_int("group_tokens", self.group_tokens, 1)
         if self.beacon_layers is not None:
             layers = [self.beacon_layers] if isinstance(self.beacon_layers, int) else self.beacon_layers
             if not isinstance(layers, (list, tuple)) or not layers:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
@@ -26,10 +27,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .compat import cache_kwarg, model_output, take_cache
 from .config import BeaconConfig
-from .layer import ChunkContext
-from .masks import build_mask
+from .group import GroupContext, GroupPlan
 from .memory import BeaconMemory
-from .schedule import RatioPicker, Scheduler, StepPlan
+from .schedule import RatioPicker, Scheduler
 
 PROGRESS_MIN_STEPS = 16  # show a progress bar for calls with at least this many windows
 
@@ -44,12 +44,12 @@ class ActiveBeacon:
     embedding: torch.Tensor  # (1, H) the beacon embedding
 
 
-def _columns(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[torch.Tensor]:
-    """Input columns of each row's real tokens (padding skipped), on the CPU."""
+def _columns(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[np.ndarray]:
+    """Input columns of each row's real tokens (padding skipped), on the host."""
     if attention_mask is None:
-        return [torch.arange(length)] * batch
-    mask = attention_mask[:, -length:].detach().to("cpu", torch.bool)
-    return [row.nonzero().squeeze(1) for row in mask]
+        return [np.arange(length)] * batch
+    mask = attention_mask[:, -length:].detach().to("cpu", torch.bool).numpy()
+    return [np.flatnonzero(row) for row in mask]
 
 
 def _ensure_non_reentrant_checkpointing(decoder: torch.nn.Module) -> None:
@@ -229,29 +229,48 @@ def beacon_decoder_forward(
         raise ValueError("attention_mask marks every position as padding: there is no token to read")
     scheduler = Scheduler(active.config, state, cols, length, decoder.training, active.picker, device)
     decoder_kwargs = {**kwargs, cache_kwarg(decoder): None, "output_hidden_states": want_hidden}  # memory: in ctx
-    run = partial(_run_step, active, original_forward, decoder, input_ids, inputs_embeds, decoder_kwargs)
-    pieces, destinations, step_layers = [], [], []  # step_layers[i][k]: step i's raw rows of hidden_states[k]
+    run = partial(_run_group, active, original_forward, decoder, input_ids, inputs_embeds, decoder_kwargs)
+    pieces, destinations, group_layers = [], [], []  # group_layers[i][k]: group i's raw rows of hidden_states[k]
     longest = max(len(c) for c in cols)
     with tqdm(total=longest, unit="tok", desc="beacon prefill", leave=False,
               disable=True if math.ceil(longest / active.config.stride) + 1 < PROGRESS_MIN_STEPS else None) as bar:
-        while (plan := scheduler.plan()) is not None:
-            state.layers, hidden, per_layer = run(plan, state.layers)  # hidden (B, L, H)
-            step = plan.inputs
-            pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, step.out_src))
-            destinations.append(step.out_dst)
-            if per_layer is not None:  # the raw entries of each layer's (B, L, H)
-                step_layers.append([h.reshape(-1, h.shape[-1]).index_select(0, step.out_src) for h in per_layer])
-            bar.update(int(step.valid.logical_and(~step.is_beacon).sum(1).max()))
+        for plans in _groups(scheduler, active.config.group_tokens):
+            group = GroupPlan(plans, device)
+            state.layers, hidden, per_layer = run(group, state.layers)  # hidden (B, T, H)
+            pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, group.out_src))
+            destinations.append(group.out_dst)
+            if per_layer is not None:  # the raw entries of each layer's (B, T, H)
+                group_layers.append([h.reshape(-1, h.shape[-1]).index_select(0, group.out_src) for h in per_layer])
+            bar.update(max(int((~p.host.is_beacon & p.host.valid).sum(1).max()) for p in plans))
 
-    dst = torch.cat(destinations)
+    dst = destinations[0] if len(destinations) == 1 else torch.cat(destinations)
     hidden = _in_input_order(pieces, dst, batch, length)
-    all_hidden = tuple(_in_input_order(list(layer), dst, batch, length) for layer in zip(*step_layers)) \
+    all_hidden = tuple(_in_input_order(list(layer), dst, batch, length) for layer in zip(*group_layers)) \
         if want_hidden else None
     state.columns += length
     memory.state = state
     output = model_output(hidden, memory if use_cache is not False else None, hidden_states=all_hidden,
                           moe=hasattr(decoder.config, "output_router_logits"))
     return output, state.ratio_log[steps_before:]
+
+
+def _groups(scheduler: Scheduler, budget: int):
+    """The call's steps, cut into groups of consecutive steps whose entries (per row) fit in ``budget``; a step
+    longer than the budget forms a group of its own (so a budget up to one window's entries is the
+    window-by-window loop)."""
+    pending = None
+    while True:
+        plans, size = [], 0
+        while (plan := pending or scheduler.plan()) is not None:
+            pending = None
+            if plans and size + plan.host.length > budget:
+                pending = plan
+                break
+            plans.append(plan)
+            size += plan.host.length
+        if not plans:
+            return
+        yield plans
 
 
 def _in_input_order(pieces: list[torch.Tensor], destinations: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -262,27 +281,38 @@ def _in_input_order(pieces: list[torch.Tensor], destinations: torch.Tensor, batc
     return out.view(batch, length, -1)
 
 
-def _run_step(active: ActiveBeacon, original_forward: Callable, decoder: torch.nn.Module, input_ids, inputs_embeds,
-              decoder_kwargs: dict, plan: StepPlan, layers: list) -> tuple[list, torch.Tensor, tuple | None]:
-    """One window step through the unchanged decoder stack: the layers' next memory, the last hidden states
-    (B, L, H) of the step's entries and, when ``output_hidden_states`` is asked, the decoder's tuple of every
-    layer's (B, L, H) (else None)."""
-    step = plan.inputs
+def _run_group(active: ActiveBeacon, original_forward: Callable, decoder: torch.nn.Module, input_ids, inputs_embeds,
+               decoder_kwargs: dict, group: GroupPlan, layers: list) -> tuple[list, torch.Tensor, tuple | None]:
+    """One group of steps through the unchanged decoder stack, as one sequence: the layers' memory after the group,
+    the last hidden states (B, T, H) of the group's entries and, when ``output_hidden_states`` is asked, the
+    decoder's tuple of every layer's (B, T, H) (else None)."""
     if input_ids is not None:
-        embeds = decoder.get_input_embeddings()(input_ids.gather(1, step.input_cols))  # (B, L, H)
+        embeds = decoder.get_input_embeddings()(input_ids.gather(1, group.input_cols))  # (B, T, H)
     else:
-        index = step.input_cols[:, :, None].expand(-1, -1, inputs_embeds.shape[-1])
+        index = group.input_cols[:, :, None].expand(-1, -1, inputs_embeds.shape[-1])
         embeds = inputs_embeds.gather(1, index)
-    if step.has_beacons:
-        embeds = torch.where(step.is_beacon[..., None], active.embedding.to(embeds.dtype), embeds)
-    mem_rope = decoder.rotary_emb(embeds, step.mem_positions)  # (cos, sin) (B, S + R, D)
-    comp_rope = None if step.comp_positions is None else decoder.rotary_emb(embeds, step.comp_positions)
-    mask_fn = partial(build_mask, plan.mask, active.config, embeds.dtype)
+    if group.has_beacons:
+        embeds = torch.where(group.is_beacon[..., None], active.embedding.to(embeds.dtype), embeds)
+    rope = _rope_tables(decoder, embeds, group)
     num_layers = decoder.config.num_hidden_layers
-    ctx = ChunkContext(active.name, plan, list(layers), mask_fn, mem_rope, comp_rope, [None] * num_layers)
-    out = original_forward(inputs_embeds=embeds, position_ids=step.position_ids, attention_mask=None,
+    ctx = GroupContext(active.name, active.config, embeds.dtype, group, list(layers), rope, [None] * num_layers)
+    # a ready 4-D mask makes the decoder build none: the beacon attention reads the group's own masks, and an
+    # (T x T) causal mask over a long group would cost O(T^2) memory for nothing
+    out = original_forward(inputs_embeds=embeds, position_ids=group.position_ids, attention_mask=_NO_MASK,
                            use_cache=False, beacon_ctx=ctx, **decoder_kwargs)
     if any(layer is None for layer in ctx.new_layers):
         missing = [i for i, layer in enumerate(ctx.new_layers) if layer is None]
         raise RuntimeError(f"decoder layers {missing} bypassed the beacon attention (not wrapped?)")
     return ctx.new_layers, out.last_hidden_state, out.hidden_states if decoder_kwargs["output_hidden_states"] else None
+
+
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a placeholder 4-D mask nobody reads
+
+
+def _rope_tables(decoder: torch.nn.Module, embeds: torch.Tensor, group: GroupPlan) -> list:
+    """Per segment the (cos, sin) tables (B, *, D) of its memory parts and of its compressed entries (one rotary
+    call for the whole group)."""
+    if group.rope_positions is None:
+        return [(None, None) for _ in group.segments]
+    cos, sin = decoder.rotary_emb(embeds, group.rope_positions)  # (B, P, D)
+    return [tuple(None if s is None else (cos[:, s], sin[:, s]) for s in pair) for pair in group.rope_slices]

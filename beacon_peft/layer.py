@@ -10,43 +10,19 @@ functions (eager / sdpa, flash-attention for plain causal steps), and the layer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
+import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .config import BeaconConfig
+from .group import GroupContext, Run
+from .masks import build_mask
 from .memory import LayerMemory
 from .rope import apply_rope
-from .schedule import StepPlan
-
-
-@dataclass
-class ChunkContext:
-    """What every layer needs for one step; passed through the decoder as the ``beacon_ctx`` keyword.
-
-    It holds the memory of the step's start (never mutated, so a gradient-checkpointing replay reads the same
-    inputs) and collects each layer's next memory in ``new_layers``.
-    """
-
-    adapter: str
-    plan: StepPlan
-    layers: list[Optional[LayerMemory]]
-    mask_fn: Callable[[], torch.Tensor]  # builds the additive mask (B, 1, L, S + C + R + L), on first use
-    mem_rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) (B, S + R, D) of the pre-RoPE memory parts
-    comp_rope: Optional[tuple[torch.Tensor, torch.Tensor]]  # (cos, sin) (B, K, D) of entries entering the
-    # compressed memory; None when no window completes
-    new_layers: list[Optional[LayerMemory]]
-    _mask: Optional[torch.Tensor] = None
-
-    @property
-    def mask(self) -> torch.Tensor:
-        if self._mask is None:
-            self._mask = self.mask_fn()
-        return self._mask
 
 
 def _cat_nonempty(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -206,75 +182,199 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
                                   "is nothing to unmerge.")
 
     def forward(self, hidden_states: torch.Tensor, **kwargs):
-        ctx: Optional[ChunkContext] = kwargs.pop("beacon_ctx", None)
+        ctx: Optional[GroupContext] = kwargs.pop("beacon_ctx", None)
         if ctx is None or self.disable_adapters:
             return self.base_layer(hidden_states, **kwargs)
         return self._beacon_forward(hidden_states, kwargs["position_embeddings"], ctx)
 
     # --- the beacon path --------------------------------------------------------------------------------------
-    def _project(self, name: str, x: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        """Base projection for raw tokens, beacon projection for beacon tokens. x: (B, L, in) -> (B, L, out)."""
+    def _project(self, name: str, x: torch.Tensor, ctx: GroupContext,
+                 beacon_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Base projection for raw tokens, beacon projection for beacon tokens. x: (B, T, in) -> (B, T, out);
+        ``beacon_in`` (n_beacons, in): the beacon rows of x when the caller already gathered them."""
         base = getattr(self.base_layer, f"{name}_proj")
         beacon = getattr(self, f"beacon_{name}")
-        rows = ctx.plan.inputs.beacon_flat  # (n_beacons,) flat index of the beacon entries, None if none
+        rows = ctx.group.beacon_flat  # (n_beacons,) flat index of the beacon entries, None if none
         if rows is None or ctx.adapter not in beacon:
             return base(x)
         beacon = beacon[ctx.adapter]
-        B, L, _ = x.shape
+        B, T, _ = x.shape
         # the base projection over every entry (beacons are ~1/r of them), then the beacon rows overwritten:
         # cheaper than splitting the rows; the base projection's backward needs its input, not this output
-        out = base(x).reshape(B * L, -1)
-        beacon_in = x.reshape(B * L, -1).index_select(0, rows)
+        out = base(x).reshape(B * T, -1)
+        if beacon_in is None:
+            beacon_in = x.reshape(B * T, -1).index_select(0, rows)
         if isinstance(beacon, LowRankDelta):  # beacon rows: base projection (already computed) + delta
-            delta = beacon(beacon_in).to(out.dtype)
+            delta = _cast(beacon(beacon_in), out.dtype)
             if torch.is_grad_enabled():
-                return out.index_add(0, rows, delta).view(B, L, -1)
-            return out.index_add_(0, rows, delta).view(B, L, -1)
-        beacon_out = beacon(beacon_in.to(beacon.weight.dtype)).to(out.dtype)
+                return out.index_add(0, rows, delta).view(B, T, -1)
+            return out.index_add_(0, rows, delta).view(B, T, -1)
+        beacon_out = _cast(beacon(_cast(beacon_in, beacon.weight.dtype)), out.dtype)
         if torch.is_grad_enabled():  # out-of-place: outputs of custom autograd Functions (bnb) cannot be modified
-            return out.index_copy(0, rows, beacon_out).view(B, L, -1)
-        return out.index_copy_(0, rows, beacon_out).view(B, L, -1)
+            return out.index_copy(0, rows, beacon_out).view(B, T, -1)
+        return out.index_copy_(0, rows, beacon_out).view(B, T, -1)
 
-    def _beacon_forward(self, x: torch.Tensor, position_embeddings, ctx: ChunkContext):
+    def _beacon_forward(self, x: torch.Tensor, position_embeddings, ctx: GroupContext):
+        """One decoder layer's attention for a whole group of steps. x: (B, T, H) the group's concatenation."""
         attn = self.base_layer
-        B, L, _ = x.shape
+        B, T, _ = x.shape
         D = attn.head_dim
-        q = _heads(self._project("q", x, ctx), getattr(attn, "q_norm", None), D)  # (B, L, Hq, D)
-        k = _heads(self._project("k", x, ctx), getattr(attn, "k_norm", None), D)  # (B, L, Hkv, D)
-        v = self._project("v", x, ctx).view(B, L, -1, D).transpose(1, 2)  # (B, Hkv, L, D)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq, L, D), (B, Hkv, L, D) before RoPE
-        cos, sin = position_embeddings  # (B, L, D)
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rows = ctx.group.beacon_flat
+        beacon_in = None if rows is None else x.reshape(B * T, -1).index_select(0, rows)  # (n_beacons, H)
+        q = _heads(self._project("q", x, ctx, beacon_in), getattr(attn, "q_norm", None), D)  # (B, T, Hq, D)
+        k = _heads(self._project("k", x, ctx, beacon_in), getattr(attn, "k_norm", None), D)  # (B, T, Hkv, D)
+        v = self._project("v", x, ctx, beacon_in).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        Hq = q.shape[2]
+        qk = torch.cat((q, k), dim=2).transpose(1, 2)  # (B, Hq + Hkv, T, D) before RoPE: rotated in one go
+        k = qk[:, Hq:]  # (B, Hkv, T, D) before RoPE
+        cos, sin = position_embeddings  # (B, T, D)
+        qk_rot = apply_rope(qk, cos, sin)
+        q_rot, k_rot = qk_rot[:, :Hq], qk_rot[:, Hq:]  # (B, Hq, T, D), (B, Hkv, T, D)
 
         mem = ctx.layers[self.layer_idx] or LayerMemory.empty_like(k, v)
-        S = mem.sink_k.shape[2]
-        mem_cos, mem_sin = ctx.mem_rope
-        # empty parts (no sink; no raw cache when a step starts at a window's start) cost no kernels
-        mem_k = _cat_nonempty((
-            apply_rope(mem.sink_k, mem_cos[:, :S], mem_sin[:, :S]) if S else mem.sink_k,
-            mem.comp_k,
-            apply_rope(mem.raw_k, mem_cos[:, S:], mem_sin[:, S:]) if mem.raw_k.shape[2] else mem.raw_k,
-        ))  # (B, Hkv, S + C + R, D) after RoPE
-        mem_v = _cat_nonempty((mem.sink_v, mem.comp_v, mem.raw_v))
-
-        out = self._attend(q_rot, mem_k, mem_v, k_rot, v, ctx)  # (B, L, Hq, D)
-        out = self._project("o", out.reshape(B, L, -1), ctx)
-        ctx.new_layers[self.layer_idx] = ctx.plan.update.apply(mem, k, v, ctx.comp_rope)  # memory.MemoryUpdate
+        outs = []
+        whole = len(ctx.group.segments) == 1
+        for seg, tables in zip(ctx.group.segments, ctx.rope):
+            part = slice(seg.start, seg.start + seg.length)
+            step = (q_rot, k, k_rot, v) if whole else (q_rot[:, :, part], k[:, :, part], k_rot[:, :, part],
+                                                        v[:, :, part])
+            if seg.run is not None:
+                out, mem = self._run_attention(*step, mem, seg.run, tables, ctx)
+            else:
+                out, mem = self._step_attention(*step, mem, seg.step, tables, ctx)
+            outs.append(out)  # (B, n, Hq, D)
+        out = outs[0] if whole else torch.cat(outs, dim=1)  # (B, T, Hq, D)
+        out = self._project("o", out.reshape(B, T, -1), ctx)
+        ctx.new_layers[self.layer_idx] = mem
         return out, None
 
-    def _attend(self, q, mem_k, mem_v, k, v, ctx: ChunkContext) -> torch.Tensor:
-        """q (B, Hq, L, D) after RoPE; memory and chunk keys/values (B, Hkv, M or L, D) -> (B, L, Hq, D)."""
+    def _step_attention(self, q, k, k_rot, v, mem: LayerMemory, index: int, tables, ctx: GroupContext):
+        """One step of the group, any mode: attention over ``[memory ; chunk]`` with the step's mask, then the
+        step's `MemoryUpdate`. q (B, Hq, L, D) after RoPE; k before and k_rot after RoPE, v (B, Hkv, L, D).
+        Returns the output (B, L, Hq, D) and the memory after the step."""
+        plan = ctx.group.plans[index]
+        mem_tables, comp_tables = tables
+        S, R = mem.sink_k.shape[2], mem.raw_k.shape[2]
+        # empty parts (no sink; no raw cache when a step starts at a window's start) cost no kernels
+        mem_k = _cat_nonempty((
+            apply_rope(mem.sink_k, mem_tables[0][:, :S], mem_tables[1][:, :S]) if S else mem.sink_k,
+            mem.comp_k,
+            apply_rope(mem.raw_k, mem_tables[0][:, S:], mem_tables[1][:, S:]) if R else mem.raw_k,
+        ))  # (B, Hkv, S + C + R, D) after RoPE
+        mem_v = _cat_nonempty((mem.sink_v, mem.comp_v, mem.raw_v))
+        out = self._attend(q, mem_k, mem_v, k_rot, v, plan,
+                           lambda: ctx.cached(("mask", index), lambda: build_mask(plan.mask, ctx.config, ctx.dtype)))
+        return out, plan.update.apply(mem, k, v, comp_tables)  # memory.MemoryUpdate
+
+    def _attend(self, q, mem_k, mem_v, k, v, plan, mask) -> torch.Tensor:
+        """q (B, Hq, L, D) after RoPE; memory and chunk keys/values (B, Hkv, M or L, D) -> (B, L, Hq, D).
+        ``mask()`` gives the step's additive mask (B, 1, L, M + L)."""
         attn = self.base_layer
         impl = attn.config._attn_implementation
         dropout = attn.attention_dropout if self.training else 0.0
-        fast = impl == "sdpa" and ctx.plan.mask.plain and q.device.type == "cpu" and not torch.is_grad_enabled()
-        if fast and dropout == 0.0:
+        plain = plan.host.plain
+        if impl == "sdpa" and plain and q.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0:
             return split_causal_attention(q, mem_k, mem_v, k, v, attn.scaling)
         keys, values = torch.cat((mem_k, k), dim=2), torch.cat((mem_v, v), dim=2)  # (B, Hkv, M + L, D)
-        if impl.startswith("flash") and ctx.plan.mask.plain:  # flash kernels align the causal mask bottom-right
+        if impl.startswith("flash") and plain:  # flash kernels align the causal mask bottom-right
             fn = ALL_ATTENTION_FUNCTIONS[impl]
             return fn(attn, q, keys, values, None, dropout=dropout, scaling=attn.scaling, is_causal=True)[0]
         if impl == "eager" or impl.startswith("flash") or impl not in ALL_ATTENTION_FUNCTIONS:
-            return eager_attention(attn, q, keys, values, ctx.mask, attn.scaling, dropout)[0]
+            return eager_attention(attn, q, keys, values, mask(), attn.scaling, dropout)[0]
         fn = ALL_ATTENTION_FUNCTIONS[impl]
-        return fn(attn, q, keys, values, ctx.mask, dropout=dropout, scaling=attn.scaling, is_causal=False)[0]
+        return fn(attn, q, keys, values, mask(), dropout=dropout, scaling=attn.scaling, is_causal=False)[0]
+
+    # --- a run of appending windows -----------------------------------------------------------------------------
+    def _run_attention(self, q, k, k_rot, v, mem: LayerMemory, run: Run, tables, ctx: GroupContext):
+        """A run of G windows that each append to the compressed memory, as one batch of windows.
+
+        Window i reads the memory before the run (sink, compressed) plus what windows 0..i-1 appended, and itself
+        causally. The appended entries (beacons; raw tokens at ratio 0) are rotated once to the positions they
+        keep, exactly as `MemoryUpdate` does window by window. q (B, Hq, n, D) after RoPE; k before and k_rot
+        after RoPE, v (B, Hkv, n, D). Returns the output (B, n, Hq, D) and the memory after the run."""
+        B, Hq, _, D = q.shape
+        sink_tables, comp_tables = tables
+        new_k = apply_rope(k.index_select(2, run.appended), *comp_tables)  # (B, Hkv, K, D) at kept positions
+        new_v = v.index_select(2, run.appended)
+        comp_k, comp_v = _cat_nonempty((mem.comp_k, new_k)), _cat_nonempty((mem.comp_v, new_v))
+        after = LayerMemory(mem.sink_k, mem.sink_v, comp_k, comp_v, mem.raw_k, mem.raw_v)
+        S = mem.sink_k.shape[2]
+        mem_k = _cat_nonempty((apply_rope(mem.sink_k, *sink_tables) if S else mem.sink_k, comp_k))  # (B, Hkv, M, D)
+        mem_v = _cat_nonempty((mem.sink_v, comp_v))
+        qw, kw, vw = (_windows(t, run) for t in (q, k_rot, v))  # (B * G, H, W, D)
+        out = self._attend_windows(qw, kw, vw, mem_k, mem_v, run, ctx)  # (B * G, W, Hq, D)
+        out = out.reshape(B, run.windows * run.width, Hq, D)
+        return (out if run.unpad is None else out.index_select(1, run.unpad)), after
+
+    def _attend_windows(self, q, k, v, mem_k, mem_v, run: Run, ctx: GroupContext) -> torch.Tensor:
+        """Attention of a batch of windows: q (B * G, Hq, W, D), k/v (B * G, Hkv, W, D) the windows' own entries,
+        mem_k/mem_v (B, Hkv, M, D) the memory after the run, of which window i reads the first
+        ``run.visible[i]`` entries. Returns (B * G, W, Hq, D)."""
+        attn = self.base_layer
+        impl = attn.config._attn_implementation
+        dropout = attn.attention_dropout if self.training else 0.0
+        B, M, G = mem_k.shape[0], mem_k.shape[2], run.windows
+        mk, mv = _per_window(mem_k, G), _per_window(mem_v, G)  # (B * G, Hkv, M, D)
+        if impl == "sdpa" and q.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0:
+            # inference on the CPU: causal over the window (no mask), masked over the memory, merged by log-sum-exp
+            flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            out, lse = flash(q, k, v, 0.0, True, scale=attn.scaling)[:2]  # (B * G, Hq, W, D), (B * G, Hq, W)
+            bias, blind = ctx.cached(("run-bias", run.start, q.dtype), lambda: _memory_bias(run, B, M, q))
+            out_m, lse_m = flash(q, mk, mv, 0.0, False, attn_mask=bias, scale=attn.scaling)[:2]
+            lse_m = lse_m.masked_fill(blind, float("-inf"))  # windows that read no memory
+            total = torch.logaddexp(lse, lse_m)  # (B * G, Hq, W) float32
+            merged = out.float() * (lse - total).exp()[..., None] + out_m.float() * (lse_m - total).exp()[..., None]
+            return merged.to(q.dtype).transpose(1, 2)
+        keys, values = torch.cat((mk, k), dim=2), torch.cat((mv, v), dim=2)  # (B * G, Hkv, M + W, D)
+        mask = ctx.cached(("run-mask", run.start, q.dtype), lambda: _run_mask(run, B, M, q))  # (B*G, 1, W, M + W)
+        if impl == "eager":
+            return eager_attention(attn, q, keys, values, mask, attn.scaling, dropout)[0]
+        out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout,
+                                                         scale=attn.scaling, enable_gqa=True)
+        return out.transpose(1, 2)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _windows(x: torch.Tensor, run: Run) -> torch.Tensor:
+    """A run's entries (B, H, n, D) as a batch of windows (B * G, H, W, D), padded windows repeating an entry
+    (without padding and with one row, a view)."""
+    if run.unpad is not None:
+        x = x.index_select(2, run.window_index)  # (B, H, G * W, D)
+    return x.unflatten(2, (run.windows, run.width)).transpose(1, 2).flatten(0, 1)
+
+
+def _per_window(x: torch.Tensor, windows: int) -> torch.Tensor:
+    """(B, H, M, D) -> (B * G, H, M, D), each row's tensor for each of its G windows (a view when B == 1)."""
+    B = x.shape[0]
+    if B == 1:
+        return x.expand(windows, -1, -1, -1)
+    return x.unsqueeze(1).expand(B, windows, *x.shape[1:]).reshape(B * windows, *x.shape[1:])
+
+
+def _visible(run: Run, M: int, device) -> torch.Tensor:
+    """(G, M) bool: memory entry j is read by window i."""
+    vis = np.arange(M)[None, :] < run.visible[:, None]
+    return torch.from_numpy(vis).to(device)
+
+
+def _memory_bias(run: Run, B: int, M: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive bias (B * G, 1, 1, M) over the memory (0 where read, -inf elsewhere) and (B * G, 1, 1) True for
+    windows that read no memory entry."""
+    vis = _visible(run, M, q.device)
+    bias = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
+    blind = torch.from_numpy(run.visible == 0).to(q.device)
+    return bias.repeat(B, 1)[:, None, None, :], blind.repeat(B)[:, None, None]
+
+
+def _run_mask(run: Run, B: int, M: int, q: torch.Tensor) -> torch.Tensor:
+    """Additive mask (B * G, 1, W, M + W) of a batch of windows: window i reads its visible memory and itself
+    causally (a padded window's extra entries come last, so no real entry reads them)."""
+    G, W = run.windows, run.width
+    vis = _visible(run, M, q.device)[:, None, :].expand(G, W, M)
+    causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()[None].expand(G, W, W)
+    allowed = torch.cat((vis, causal), dim=-1)  # (G, W, M + W)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
+    return mask.repeat(B, 1, 1)[:, None]

@@ -26,6 +26,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
@@ -138,8 +139,8 @@ class MemoryState:
 
     rows: list[RowState]
     layers: list[Optional[LayerMemory]]
-    raw_is_beacon: torch.Tensor  # (B, R) bool on the CPU: raw-cache entry is a beacon
-    raw_local: torch.Tensor  # (B, R) long on the CPU: window-local index (raw token i or beacon j)
+    raw_is_beacon: np.ndarray  # (B, R) bool, on the host: raw-cache entry is a beacon
+    raw_local: np.ndarray  # (B, R) int64, on the host: window-local index (raw token i or beacon j)
     columns: int = 0  # input columns consumed (padding included): what `get_seq_length` reports
     sequence_ratio: Optional[int] = None  # ratio drawn once per sequence (instance-random / adapt)
     ratio_log: list[int] = field(default_factory=list)  # ratio of every window step, in order
@@ -175,12 +176,11 @@ class BeaconMemory(Cache):
         self.signature = dict(signature or {})  # model layout and adapter settings it was made with
         self._batch_size = batch_size
         self._rope = rope  # positions (B, T) -> (cos, sin) of the base model's rotary embedding
-        empty_bool = torch.zeros(batch_size, 0, dtype=torch.bool)  # raw-cache metadata lives on the host
         self.state = MemoryState(
             rows=[RowState() for _ in range(batch_size)],
             layers=[None] * num_layers,
-            raw_is_beacon=empty_bool,
-            raw_local=torch.zeros(batch_size, 0, dtype=torch.long),
+            raw_is_beacon=np.zeros((batch_size, 0), dtype=bool),  # raw-cache metadata lives on the host
+            raw_local=np.zeros((batch_size, 0), dtype=np.int64),
         )
 
     @property
@@ -284,8 +284,8 @@ class BeaconMemory(Cache):
             None if lm is None else LayerMemory(*(t.index_select(0, index.to(t.device)) for t in lm.tensors()))
             for lm in st.layers
         ]
-        st.raw_is_beacon = st.raw_is_beacon.index_select(0, index.cpu())
-        st.raw_local = st.raw_local.index_select(0, index.cpu())
+        st.raw_is_beacon = st.raw_is_beacon[idx]
+        st.raw_local = st.raw_local[idx]
         self._batch_size = len(idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -30,6 +30,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -121,8 +122,8 @@ def save_memory(memory: BeaconMemory, path, model, dtype: Optional[torch.dtype] 
             for kv in "kv":
                 t = getattr(lm, f"{part}_{kv}").detach()
                 tensors[f"layers.{i}.{part}_{kv}"] = (t.to(dtype) if dtype is not None else t).to("cpu").contiguous()
-    tensors["raw_is_beacon"] = st.raw_is_beacon.detach().to("cpu", torch.uint8).contiguous()
-    tensors["raw_local"] = st.raw_local.detach().to("cpu", torch.int64).contiguous()
+    tensors["raw_is_beacon"] = torch.from_numpy(st.raw_is_beacon.astype(np.uint8))
+    tensors["raw_local"] = torch.from_numpy(st.raw_local.astype(np.int64))
     stored = tensors["layers.0.sink_k"].dtype
 
     def write(tmp: Path) -> None:
@@ -224,8 +225,8 @@ def load_memory(path, model) -> BeaconMemory:
     memory = BeaconMemory(L, B, decoder.rotary_emb, device, signature=sig)
     memory.state = MemoryState(
         rows=rows, layers=layers,
-        raw_is_beacon=tensors["raw_is_beacon"].to("cpu", torch.bool),  # host bookkeeping
-        raw_local=tensors["raw_local"].to("cpu", torch.long),
+        raw_is_beacon=tensors["raw_is_beacon"].numpy().astype(bool),  # host bookkeeping
+        raw_local=tensors["raw_local"].numpy().astype(np.int64),
         columns=int(meta["columns"]), sequence_ratio=meta.get("sequence_ratio"),
         ratio_log=[int(r) for r in meta["ratio_log"]],
         step_log=[[tuple(t) for t in step] for step in meta["step_log"]],

@@ -23,9 +23,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, Dr)
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return ((x * cos) + (rotate_half(x) * sin)).to(x.dtype)
+        return _as(x * cos + rotate_half(x) * sin, x.dtype)
     head, tail = x[..., :rot], x[..., rot:]
-    return torch.cat((((head * cos) + (rotate_half(head) * sin)).to(x.dtype), tail), dim=-1)
+    return torch.cat((_as(head * cos + rotate_half(head) * sin, x.dtype), tail), dim=-1)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

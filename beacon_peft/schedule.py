@@ -285,7 +285,7 @@ class Scheduler:
         chunks = [self._row_chunk(b, ratio_for_step) for b in range(len(st.rows))]
         st.step_log.append([(c.length, r.sink + r.comp + r.raw, c.beacons) for c, r in zip(chunks, st.rows)])
         widths = (max(r.sink for r in st.rows), max(r.comp for r in st.rows), max(r.raw for r in st.rows))
-        mem_kinds_a, mem_locs_a = host_array(st.raw_is_beacon), host_array(st.raw_local)
+        mem_kinds_a, mem_locs_a = st.raw_is_beacon, st.raw_local
         inputs = self._inputs(chunks, widths)
         mem_kinds, mem_locs = mem_kinds_a.tolist(), mem_locs_a.tolist()
         chunk_kinds, chunk_locs = inputs["is_beacon"].tolist(), inputs["local"].tolist()
@@ -306,9 +306,8 @@ class Scheduler:
                         plain=plain, **update)
         host = self._with_appends(host, chunks, updates)
         self._advance(chunks, updates)
-        st.raw_is_beacon = torch.from_numpy(_pad_lists([[int(x) for x in u.raw_is_beacon] for u in updates])
-                                            .astype(bool))
-        st.raw_local = torch.from_numpy(_pad_lists([u.raw_local for u in updates]))
+        st.raw_is_beacon = _pad_lists([[int(x) for x in u.raw_is_beacon] for u in updates]).astype(bool)
+        st.raw_local = _pad_lists([u.raw_local for u in updates])
         return StepPlan(host, self.device)
 
     @staticmethod

@@ -33,13 +33,16 @@ MODES = {
 }
 
 
+GROUP_TOKENS: dict = {}  # --group-tokens: the decoder-pass budget every case runs with (default: the config's)
+
+
 def _model(arch: str, attn: str, mode: dict):
     from peft import get_peft_model
     from tiny import perturb_beacons, tiny_model
 
     import beacon_peft
 
-    model = get_peft_model(tiny_model(arch, attn=attn, intermediate_size=128), beacon_peft.BeaconConfig(**mode))
+    model = get_peft_model(tiny_model(arch, attn=attn, intermediate_size=128), beacon_peft.BeaconConfig(**mode, **GROUP_TOKENS))
     perturb_beacons(model)
     return model
 
@@ -104,6 +107,8 @@ def reference_cases() -> dict[str, torch.Tensor]:
         for variant, folder in adapters.items():
             for attn in ("eager", "sdpa"):
                 model = reference.load_model(base_dir, folder, attn=attn)
+                for config in model.peft_config.values():
+                    config.group_tokens = GROUP_TOKENS.get("group_tokens", config.group_tokens)
                 for name, ids in reference.inputs().items():
                     if ids.dtype != torch.long or ids.dim() != 2:
                         continue
@@ -120,7 +125,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["dump", "check"])
     p.add_argument("file", type=Path)
+    p.add_argument("--group-tokens", type=int, default=None,
+                   help="run every case with this group_tokens (1: the window-by-window loop)")
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="check: floating tensors may differ by at most atol + rtol * |before| (default: bit-identical)")
+    p.add_argument("--rtol", type=float, default=0.0)
     args = p.parse_args(argv)
+    if args.group_tokens is not None:
+        GROUP_TOKENS["group_tokens"] = args.group_tokens
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     now = cases()
@@ -131,11 +143,22 @@ def main(argv=None) -> int:
     before = load_file(str(args.file))
     missing, extra = sorted(set(before) - set(now)), sorted(set(now) - set(before))
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if (args.atol or args.rtol) and a.dtype.is_floating_point:
+            return torch.allclose(b, a, atol=args.atol, rtol=args.rtol)
+        return torch.equal(a, b)
 
-    differ = [k for k in sorted(set(before) & set(now)) if not same(before[k], now[k])]
-    print(f"{len(before)} tensors before, {len(now)} now: {len(differ)} differ, {len(missing)} missing, "
-          f"{len(extra)} new")
+    common = sorted(set(before) & set(now))
+    differ = [k for k in common if not same(before[k], now[k])]
+    worst = max(((now[k] - before[k]).abs().max().item(), k) for k in common
+                if before[k].dtype.is_floating_point and before[k].shape == now[k].shape and before[k].numel())
+    print(f"{len(before)} tensors before, {len(now)} now: {len(differ)} differ"
+          f"{f' beyond atol={args.atol} rtol={args.rtol}' if args.atol or args.rtol else ''}, {len(missing)} missing, "
+          f"{len(extra)} new; largest absolute difference {worst[0]:.3g} ({worst[1]})")
+    kinds = sorted({k.split("/")[3] if k.count("/") > 3 else k.split("/")[-1] for k in differ})
+    if differ:
+        print("   kinds that differ:", ", ".join(kinds))
     for k in (differ + missing + extra)[:20]:
         print("  ", k)
     return 1 if differ or missing or extra else 0
