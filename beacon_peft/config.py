@@ -98,11 +98,12 @@ class BeaconConfig(PeftConfig):
             default every module named ``self_attn``.
         beacon_layers (`list[int]`, *optional*): Only these decoder layers get beacon projections; the
             others use their base projections for beacons too (memory is still compressed in every layer).
-        group_tokens (`int`): How many entries (raw tokens and beacons, per row) one decoder pass may hold.
-            Consecutive windows are grouped up to this budget and go through the decoder layer by layer together
-            (one pass of big matrix products instead of one pass per window; exact, see docs/semantics.md). It
-            bounds the activation memory of a call, whatever the input's length; a value up to one window's
-            entries (e.g. 1) runs the window-by-window loop. It changes speed and peak memory, never results.
+        group_tokens (`int`): How many input tokens (per row) one decoder pass may read. Consecutive windows are
+            grouped up to this budget and go through the decoder layer by layer together (one pass of big matrix
+            products instead of one pass per window; exact, see docs/semantics.md); a pass holds these tokens
+            plus their beacons (``1/r`` more). It bounds the activation memory of a call whatever the input's
+            length; any value up to ``window`` (e.g. 1) runs the window-by-window loop. It changes speed and peak
+            memory, never results (up to floating-point summation order).
         target_parameters: Unused; present because PEFT reads it when ``target_modules`` is None.
     """
 
@@ -133,7 +134,8 @@ class BeaconConfig(PeftConfig):
         default=None, metadata={"help": "Decoder layers that get beacon projections (default: all)."}
     )
     group_tokens: int = field(
-        default=GROUP_TOKENS, metadata={"help": "Entries (per row) one decoder pass may hold; 1: window by window."}
+        default=GROUP_TOKENS,
+        metadata={"help": "Input tokens (per row) one decoder pass may read; 1: window by window."},
     )
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unused."})
 

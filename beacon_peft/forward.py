@@ -241,7 +241,7 @@ def beacon_decoder_forward(
             destinations.append(group.out_dst)
             if per_layer is not None:  # the raw entries of each layer's (B, T, H)
                 group_layers.append([h.reshape(-1, h.shape[-1]).index_select(0, group.out_src) for h in per_layer])
-            bar.update(max(int((~p.host.is_beacon & p.host.valid).sum(1).max()) for p in plans))
+            bar.update(sum(p.host.tokens for p in plans))
 
     dst = destinations[0] if len(destinations) == 1 else torch.cat(destinations)
     hidden = _in_input_order(pieces, dst, batch, length)
@@ -255,19 +255,20 @@ def beacon_decoder_forward(
 
 
 def _groups(scheduler: Scheduler, budget: int):
-    """The call's steps, cut into groups of consecutive steps whose entries (per row) fit in ``budget``; a step
-    longer than the budget forms a group of its own (so a budget up to one window's entries is the
-    window-by-window loop)."""
+    """The call's steps, cut into groups of consecutive steps that read at most ``budget`` raw tokens per row; a
+    step over the budget forms a group of its own (so a budget up to one window is the window-by-window loop).
+    Counting raw tokens, not beacons, makes the cuts depend on the input's length alone, never on the ratios drawn
+    (processes that shard the layers must make the same number of decoder passes)."""
     pending = None
     while True:
         plans, size = [], 0
         while (plan := pending or scheduler.plan()) is not None:
             pending = None
-            if plans and size + plan.host.length > budget:
+            if plans and size + plan.host.tokens > budget:
                 pending = plan
                 break
             plans.append(plan)
-            size += plan.host.length
+            size += plan.host.tokens
         if not plans:
             return
         yield plans

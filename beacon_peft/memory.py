@@ -48,8 +48,9 @@ class LayerMemory:
 
     @classmethod
     def empty_like(cls, k: torch.Tensor, v: torch.Tensor) -> "LayerMemory":
-        """Zero-length parts shaped after a chunk's keys ``k`` (B, H_kv, L, D) and values ``v``."""
-        ek, ev = k[:, :, :0], v[:, :, :0]
+        """Zero-length parts shaped after a chunk's keys ``k`` (B, H_kv, L, D) and values ``v``: new tensors, not
+        views, so that a memory never keeps the storage of the (group-long) tensors it was cut from."""
+        ek, ev = _empty(k), _empty(v)
         return cls(ek, ev, ek, ev, ek, ev)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -75,12 +76,17 @@ def select_entries(a: torch.Tensor, b: torch.Tensor, how: Selection, dim: int = 
     if how is Take.CAT:
         return torch.cat((a, b), dim=dim)
     if how is Take.EMPTY:
-        return a.narrow(dim, 0, 0)
+        return a if a.shape[dim] == 0 else _empty(a, dim)
     src = torch.cat((a, b), dim=dim)
     if dim == 1:  # metadata (B, T)
         return src.gather(1, how)
     index = how[:, None, :, None].expand(src.shape[0], src.shape[1], how.shape[1], src.shape[3])
     return src.gather(2, index)  # (B, H, T, D)
+
+
+def _empty(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """A zero-length tensor shaped like ``x`` but for ``dim``, with storage of its own."""
+    return x.new_empty(x.shape[:dim] + (0,) + x.shape[dim + 1 :])
 
 
 @dataclass(frozen=True)

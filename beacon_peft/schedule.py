@@ -141,6 +141,7 @@ class StepHost:
     mem_raw_local: np.ndarray  # (B, R) int64
     scoped: bool
     plain: bool
+    tokens: int  # the most raw tokens a row reads in this step
     sink: object  # `Take` or (B, T) int64 gather index (see `MemoryUpdate`)
     raw: object
     comp_new: Optional[np.ndarray]  # (B, K) int64
@@ -301,7 +302,8 @@ class Scheduler:
         L = inputs["valid"].shape[1]
         plain = (not scoped and all(c.length == L for c in chunks)
                  and all((r.sink, r.comp, r.raw) == widths for r in st.rows))
-        host = StepHost(**inputs, ratio=np.array([c.ratio for c in chunks], dtype=np.int64), lengths=lengths,
+        host = StepHost(**inputs, tokens=max(c.n for c in chunks),
+                        ratio=np.array([c.ratio for c in chunks], dtype=np.int64), lengths=lengths,
                         widths=widths, mem_raw_is_beacon=mem_kinds_a, mem_raw_local=mem_locs_a, scoped=scoped,
                         plain=plain, **update)
         host = self._with_appends(host, chunks, updates)

@@ -42,7 +42,8 @@ def _model(arch: str, attn: str, mode: dict):
 
     import beacon_peft
 
-    model = get_peft_model(tiny_model(arch, attn=attn, intermediate_size=128), beacon_peft.BeaconConfig(**mode, **GROUP_TOKENS))
+    config = beacon_peft.BeaconConfig(**mode, **GROUP_TOKENS)
+    model = get_peft_model(tiny_model(arch, attn=attn, intermediate_size=128), config)
     perturb_beacons(model)
     return model
 

@@ -28,7 +28,7 @@ CONFIG_CHOICES = {"ratio_mix": RATIO_MIXES, "placement": PLACEMENTS, "attention_
 NOT_ARGUMENTS = ("target_modules", "target_parameters", "ratio_seed")
 MIRRORED_FIELDS = ("window", "stride", "ratios", "ratio_mix", "adapt_future_tokens", "sink_size", "beacon_projections",
                    "beacon_rank", "placement", "attention_scope", "attend_prev", "embed_init", "beacon_layers",
-                   "mask_first_window_loss")
+                   "mask_first_window_loss", "group_tokens")
 OLD_RATIO_MIXES = {"window": "step-random", "sequence": "instance-random", "step": "step-random"}
 
 
@@ -154,6 +154,7 @@ class BeaconArguments:
     embed_init: str = config_field("embed_init")
     beacon_layers: Optional[list[int]] = config_field("beacon_layers")
     mask_first_window_loss: Optional[bool] = config_field("mask_first_window_loss")
+    group_tokens: int = config_field("group_tokens")
     beacon_dtype: str = field(
         default="float32",
         metadata={

@@ -7,9 +7,9 @@ output projections are frozen, as they never reach the loss). The rest are formu
 * `quantized_bytes`: nf4 weights (4 bits) + one 8-bit absmax per 64 weights + (nested) one fp32 scale per 256 of
   those, as bitsandbytes stores them.
 * `activation_bytes`: what training keeps for the backward pass of one sequence with gradient checkpointing: the
-  input of every decoder layer at every window step (raw tokens and beacons), the compressed K/V memory of every
-  step (each step makes a new tensor of all beacons so far, kept for recomputation: quadratic in the length), and
-  the attention mask of every step. Checked against measured allocations on a small model in the tests.
+  input of every decoder layer for every entry (raw tokens and beacons), the compressed K/V memory at the end of
+  every group of windows (one decoder pass each, ``group_tokens``), and the attention masks. Checked against
+  measured allocations on a small model in the tests.
 """
 
 from __future__ import annotations
@@ -102,7 +102,10 @@ def activation_bytes(model_config, config: BeaconConfig, length: int, ratio: int
 
     ``hidden_bytes``: bytes per element of the residual stream (4 when the embeddings are fp32, as after
     `peft.prepare_model_for_kbit_training`; 2 in bf16). ``key_bytes``: 4 when the rotary tables are fp32 (they
-    follow the embeddings' dtype). Interleaved placement, one sequence, no sink.
+    follow the embeddings' dtype). Interleaved placement, one sequence, no sink. Windows go through the decoder in
+    groups of ``config.group_tokens`` input tokens: every group leaves the compressed memory at its end (the next
+    group's input), and the attention masks of its windows (one per window step when beacons see part of their
+    window, one per group of windows otherwise).
     """
     layers, hidden = model_config.num_hidden_layers, model_config.hidden_size
     head_dim = getattr(model_config, "head_dim", None) or hidden // model_config.num_attention_heads
@@ -111,11 +114,18 @@ def activation_bytes(model_config, config: BeaconConfig, length: int, ratio: int
     chunk = config.window + beacons  # entries of one window step
     steps = -(-length // config.window)
     entries = length + (length // config.window) * beacons
-    # inputs of every layer, the last layer's output and the final norm's output, at every step; the output
+    # inputs of every layer, the last layer's output and the final norm's output, for every entry; the output
     hidden_states = entries * (layers + 2) * hidden * hidden_bytes + 2 * length * hidden * hidden_bytes
-    # step i (1-based) leaves a new compressed memory of i * beacons entries per layer
-    compressed = sum(i * beacons for i in range(1, steps + 1)) * layers * kv_dim * (key_bytes + value_bytes)
-    masks = sum(chunk * ((i - 1) * beacons + chunk) for i in range(1, steps + 1)) * mask_bytes
+    per_group = max(1, config.group_tokens // config.window)  # window steps per decoder pass
+    ends = list(range(per_group, steps, per_group)) + [steps]  # windows completed at the end of each group
+    # each group leaves the compressed memory of the windows before its end (the last window gets no beacons)
+    compressed = sum(min(end, steps - 1) * beacons for end in ends) * layers * kv_dim * (key_bytes + value_bytes)
+    if config.scoped or per_group == 1:
+        masks = sum(chunk * ((i - 1) * beacons + chunk) for i in range(1, steps + 1)) * mask_bytes
+    else:  # one mask per group of windows: each window over the group's memory and itself
+        starts = [0] + ends[:-1]
+        masks = sum((end - start) * chunk * (min(end, steps - 1) * beacons + chunk)
+                    for start, end in zip(starts, ends)) * mask_bytes
     return {"hidden_states": hidden_states, "compressed_memory": compressed, "masks": masks,
             "total": hidden_states + compressed + masks}
 

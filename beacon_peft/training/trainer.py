@@ -57,10 +57,11 @@ class BeaconSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     equal_window_steps: bool = False  # set by `train` when the model is sharded per decoder layer
+    group_tokens: Optional[int] = None  # the adapter's decoder-pass budget (set by `train`)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if self.equal_window_steps:
-            inputs = equalize_window_steps(inputs, self.processing_class.pad_token_id)
+            inputs = equalize_window_steps(inputs, self.processing_class.pad_token_id, self.group_tokens)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def create_accelerator_and_postprocess(self):
@@ -131,17 +132,19 @@ def sharded_per_layer(training_args) -> bool:
     return False
 
 
-def equalize_window_steps(inputs: dict, pad_token_id: int) -> dict:
-    """Make this process's micro-batch run as many window steps as the longest one of any process.
+def equalize_window_steps(inputs: dict, pad_token_id: int, group_tokens: Optional[int] = None) -> dict:
+    """Make this process's micro-batch run as many decoder passes as the longest one of any process.
 
-    The adapter calls every decoder layer once per window step, and the number of steps follows the batch's longest
-    sequence. With the layers' parameters sharded across processes (FSDP, DeepSpeed ZeRO-3) every layer call is a
-    collective (all-gather, and a reduce-scatter in backward), so processes running different numbers of steps
-    issue mismatched collectives: gloo aborts ("Received data size doesn't match expected size"), NCCL hangs.
-    A process whose batch is shorter than the longest (one ``all_reduce``) gets one extra *dummy row* of that
-    length: pad tokens the attention mask counts as real (so the adapter runs windows over them) and labels
-    `IGNORE_INDEX` (no loss, no gradient). The real rows are right-padded as usual, so their outputs, loss and
-    gradients are those of the batch without the dummy row; only the batch is one row larger on those steps.
+    The adapter calls every decoder layer once per group of window steps (at most ``group_tokens`` input tokens per
+    pass), and the number of passes follows the batch's longest sequence. With the layers' parameters sharded across
+    processes (FSDP, DeepSpeed ZeRO-3) every layer call is a collective (all-gather, and a reduce-scatter in
+    backward), so processes running different numbers of passes issue mismatched collectives: gloo aborts
+    ("Received data size doesn't match expected size"), NCCL hangs. When the longest sequence of any process (one
+    ``all_reduce``) fits in one pass, every process makes exactly one and the batch is left as it is. Otherwise a
+    process whose batch is shorter than the longest gets one extra *dummy row* of that length: pad tokens the
+    attention mask counts as real (so the adapter runs windows over them) and labels `IGNORE_INDEX` (no loss, no
+    gradient). The real rows are right-padded as usual, so their outputs, loss and gradients are those of the batch
+    without the dummy row; only the batch is one row larger on those steps.
     """
     import torch
     import torch.distributed as dist
@@ -153,7 +156,7 @@ def equalize_window_steps(inputs: dict, pad_token_id: int) -> dict:
     length = torch.tensor([ids.shape[1]], dtype=torch.long, device=ids.device)
     dist.all_reduce(length, op=dist.ReduceOp.MAX)
     longest = int(length.item())
-    if longest <= ids.shape[1]:
+    if longest <= ids.shape[1] or (group_tokens is not None and longest <= group_tokens):
         return inputs
     extra, pad_id = longest - ids.shape[1], pad_token_id
     out = dict(inputs)
@@ -239,6 +242,7 @@ def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_a
         callbacks=make_callbacks(model, script_args, beacon_args, training_args, model_args),
     )
     trainer.equal_window_steps = sharded_per_layer(training_args)
+    trainer.group_tokens = config.group_tokens
     cast_trainable(model, beacon_args.beacon_dtype)  # after SFTTrainer, which casts a 4-bit model's to bf16
     trainer.card_info = card_info(script_args, beacon_args, training_args, model_args, config, model,
                                   len(documents), train_dataset, command, resume)
