@@ -3,11 +3,13 @@
 ``generate`` and ``PeftModel.forward`` both end up in the causal LM's own ``forward``, which calls its decoder
 (``model.model``). The tuner (`model.BeaconModel`) replaces that decoder's ``forward`` on the instance; on every
 call it resolves the active adapter into an `ActiveBeacon` and hands it to `beacon_decoder_forward` (or, with
-the adapter disabled, calls `base_decoder_forward`). The loop cuts the input into window-bounded chunks
-(`schedule.Scheduler`), embeds raw tokens with the base embedding and beacon slots with the beacon embedding,
-runs the *unchanged* decoder stack once per chunk (the wrapped attention layers read the memory from
-``beacon_ctx``), and returns the raw tokens' hidden states in input order with the memory as its cache. The
-causal LM then applies ``lm_head`` and its usual shifted loss, which is exactly the compression-based
+the adapter disabled, calls `base_decoder_forward`). The loop cuts the input into window-bounded steps
+(`schedule.Scheduler`), groups consecutive steps up to ``group_tokens`` input tokens (`group.GroupPlan`), embeds
+raw tokens with the base embedding and beacon slots with the beacon embedding, and runs the *unchanged* decoder
+stack once per group, layer by layer over the group's concatenation (the wrapped attention layers run the steps'
+attentions and memory updates in window order, reading the memory from ``beacon_ctx``; docs/semantics.md says why
+this equals one pass per window). It returns the raw tokens' hidden states in input order with the memory as its
+cache. The causal LM then applies ``lm_head`` and its usual shifted loss, which is exactly the compression-based
 autoregressive loss of the paper.
 """
 
@@ -28,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from .compat import cache_kwarg, model_output, take_cache
 from .config import BeaconConfig
 from .group import GroupContext, GroupPlan
+from .layer import min_run_for
 from .memory import BeaconMemory
 from .schedule import RatioPicker, Scheduler
 
@@ -234,8 +237,9 @@ def beacon_decoder_forward(
     longest = max(len(c) for c in cols)
     with tqdm(total=longest, unit="tok", desc="beacon prefill", leave=False,
               disable=True if math.ceil(longest / active.config.stride) + 1 < PROGRESS_MIN_STEPS else None) as bar:
-        for plans in _groups(scheduler, active.config.group_tokens):
-            group = GroupPlan(plans, device)
+        min_run = min_run_for(device)
+        for plans in _groups(scheduler, active.config.pass_tokens(device)):
+            group = GroupPlan(plans, device, min_run)
             state.layers, hidden, per_layer = run(group, state.layers)  # hidden (B, T, H)
             pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, group.out_src))
             destinations.append(group.out_dst)

@@ -44,6 +44,11 @@ class Run:
     memory_before: int  # sink + compressed entries (all rows alike) before the run
     visible: np.ndarray  # (G,) memory entries window i reads: memory_before + what earlier windows appended
 
+    @property
+    def first_reader(self) -> int:
+        """The first window that reads any memory entry (0 unless the run starts an empty memory)."""
+        return int(np.argmax(self.visible > 0)) if self.visible.any() else self.windows
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -59,9 +64,10 @@ class Segment:
 class GroupPlan:
     """The steps of one decoder pass and the group-wide tensors built from their host arrays.
 
-    Shapes: B rows, T = sum of the steps' lengths (the concatenation), N input columns."""
+    Shapes: B rows, T = sum of the steps' lengths (the concatenation), N input columns. ``min_run``: the fewest
+    appending steps that run as one batch of windows (None: none do, every step runs on its own)."""
 
-    def __init__(self, plans: list[StepPlan], device, min_run: int = 2):
+    def __init__(self, plans: list[StepPlan], device, min_run: Optional[int] = 2):
         self.plans = plans
         self.device = device
         hosts = [p.host for p in plans]
@@ -86,8 +92,9 @@ class GroupPlan:
         self.rope_positions, self.rope_slices = self._rope_positions(hosts, B)
 
     # --- segments ---------------------------------------------------------------------------------------------
-    def _segments(self, hosts, min_run: int) -> list[Segment]:
+    def _segments(self, hosts, min_run: Optional[int]) -> list[Segment]:
         segments, i = [], 0
+        min_run = min_run or len(hosts) + 1
         while i < len(hosts):
             j = i
             while j < len(hosts) and hosts[j].appends is not None and self._continues(hosts, i, j):

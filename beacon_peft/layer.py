@@ -132,6 +132,10 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
     """Wraps one attention module; beacon projections live in ``beacon_{q,k,v,o}[adapter_name]``."""
 
     adapter_layer_names = ("beacon_q", "beacon_k", "beacon_v", "beacon_o")
+    # how a run of windows attends: "auto" = `_split_windows` for inference on the CPU (exact work, no mask; the CPU
+    # is not bound by launches), else one masked call (fewest launches; gradients); "split" / "masked" force one
+    # (benchmarks/efficiency/launches.py counts what an accelerator runs with "masked")
+    windows_path: str = "auto"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BeaconConfig, with_projections: bool,
                  last_layer: bool = False):
@@ -314,17 +318,10 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         impl = attn.config._attn_implementation
         dropout = attn.attention_dropout if self.training else 0.0
         B, M, G = mem_k.shape[0], mem_k.shape[2], run.windows
+        cpu_inference = impl == "sdpa" and q.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0
+        if self.windows_path == "split" or (self.windows_path == "auto" and cpu_inference):
+            return _split_windows(q, k, v, mem_k, mem_v, run, attn.scaling)
         mk, mv = _per_window(mem_k, G), _per_window(mem_v, G)  # (B * G, Hkv, M, D)
-        if impl == "sdpa" and q.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0:
-            # inference on the CPU: causal over the window (no mask), masked over the memory, merged by log-sum-exp
-            flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-            out, lse = flash(q, k, v, 0.0, True, scale=attn.scaling)[:2]  # (B * G, Hq, W, D), (B * G, Hq, W)
-            bias, blind = ctx.cached(("run-bias", run.start, q.dtype), lambda: _memory_bias(run, B, M, q))
-            out_m, lse_m = flash(q, mk, mv, 0.0, False, attn_mask=bias, scale=attn.scaling)[:2]
-            lse_m = lse_m.masked_fill(blind, float("-inf"))  # windows that read no memory
-            total = torch.logaddexp(lse, lse_m)  # (B * G, Hq, W) float32
-            merged = out.float() * (lse - total).exp()[..., None] + out_m.float() * (lse_m - total).exp()[..., None]
-            return merged.to(q.dtype).transpose(1, 2)
         keys, values = torch.cat((mk, k), dim=2), torch.cat((mv, v), dim=2)  # (B * G, Hkv, M + W, D)
         mask = ctx.cached(("run-mask", run.start, q.dtype), lambda: _run_mask(run, B, M, q))  # (B*G, 1, W, M + W)
         if impl == "eager":
@@ -332,6 +329,41 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout,
                                                          scale=attn.scaling, enable_gqa=True)
         return out.transpose(1, 2)
+
+
+def min_run_for(device: torch.device) -> Optional[int]:
+    """The fewest appending steps a group runs as one batch of windows on ``device``, or None for none.
+
+    Batches of windows serve inference and accelerators; with gradients on the CPU every window's attention is its
+    own masked call, exactly the window loop's work (a batch's masked call computes the masked-out memory too, and
+    the CPU, unlike an accelerator, pays for work rather than for launches)."""
+    auto_cpu_training = BeaconAttention.windows_path == "auto" and device.type == "cpu" and torch.is_grad_enabled()
+    return None if auto_cpu_training else 2
+
+
+def _split_windows(q, k, v, mem_k, mem_v, run: Run, scaling: float) -> torch.Tensor:
+    """A run's attention on the CPU without gradients, exactly the window loop's work: every window causally over
+    itself (one batched flash call, nothing above the diagonal), then window i over its visible memory prefix
+    (one call each, no mask), merged by log-sum-exp. Shapes as `_attend_windows`; returns (B * G, W, Hq, D)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = flash(q, k, v, 0.0, True, scale=scaling)[:2]  # (B * G, Hq, W, D), (B * G, Hq, W) float32
+    G = run.windows
+    first = run.first_reader  # the windows before it read no memory
+    if first >= G:
+        return out.transpose(1, 2)
+    qs = q.unflatten(0, (-1, G))  # (B, G, Hq, W, D)
+    parts = [flash(qs[:, i], mem_k[:, :, :n], mem_v[:, :, :n], 0.0, False, scale=scaling)[:2]
+             for i, n in zip(range(first, G), run.visible[first:].tolist())]
+    out_m = torch.stack([o for o, _ in parts], 1)  # (B, G - first, Hq, W, D)
+    lse_m = torch.stack([lse_i for _, lse_i in parts], 1)  # (B, G - first, Hq, W)
+    own, own_lse = out.unflatten(0, (-1, G)), lse.unflatten(0, (-1, G))
+    if first:
+        own, own_lse = own[:, first:], own_lse[:, first:]
+    weight = torch.sigmoid(own_lse - lse_m)[..., None]  # the window's own share of the softmax mass
+    merged = _cast(out_m + weight * (own - out_m), q.dtype)  # float32 arithmetic for half-precision inputs
+    if first:
+        merged = torch.cat((out.unflatten(0, (-1, G))[:, :first], merged), dim=1)
+    return merged.flatten(0, 1).transpose(1, 2)
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -358,15 +390,6 @@ def _visible(run: Run, M: int, device) -> torch.Tensor:
     """(G, M) bool: memory entry j is read by window i."""
     vis = np.arange(M)[None, :] < run.visible[:, None]
     return torch.from_numpy(vis).to(device)
-
-
-def _memory_bias(run: Run, B: int, M: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive bias (B * G, 1, 1, M) over the memory (0 where read, -inf elsewhere) and (B * G, 1, 1) True for
-    windows that read no memory entry."""
-    vis = _visible(run, M, q.device)
-    bias = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
-    blind = torch.from_numpy(run.visible == 0).to(q.device)
-    return bias.repeat(B, 1)[:, None, None, :], blind.repeat(B)[:, None, None]
 
 
 def _run_mask(run: Run, B: int, M: int, q: torch.Tensor) -> torch.Tensor:

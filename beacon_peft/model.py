@@ -28,7 +28,7 @@ from .support import check_architecture
 
 
 class SealedContext:
-    """The step's `layer.ChunkContext`, sealed while it crosses the decoder layers' module boundaries.
+    """The group's `group.GroupContext`, sealed while it crosses the decoder layers' module boundaries.
 
     A decoder layer writes its next memory into the context it is given (``ctx.new_layers[i]``). Wrappers around a
     decoder layer that rebuild the containers of its inputs holding tensors that require grad would hand the layer
@@ -93,7 +93,7 @@ def _embed_token_id(decoder: nn.Module, config: BeaconConfig) -> int:
 
 
 def _open_context(module, args, kwargs):
-    """Forward pre-hook of a `BeaconAttention`: hand it the `ChunkContext` itself."""
+    """Forward pre-hook of a `BeaconAttention`: hand it the `GroupContext` itself."""
     if isinstance(kwargs.get("beacon_ctx"), SealedContext):
         kwargs["beacon_ctx"] = kwargs["beacon_ctx"].ctx
         return args, kwargs

@@ -125,10 +125,16 @@ def test_batched_rows_without_padding_run_as_windows(segments):
     assert "run8" in segments
 
 
+@pytest.mark.parametrize("path", ["auto", "masked"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["interleave", "interleave_mixed_sink", "append", "append_expansion",
                                   "lowrank_o", "append_overlap"])
-def test_training_loss_and_gradients_equal_window_loop(name, attn, segments):
+def test_training_loss_and_gradients_equal_window_loop(name, attn, path, segments, monkeypatch):
+    """``auto`` on the CPU: every window's attention on its own inside one decoder pass; ``masked``: batches of
+    windows through one masked call, what an accelerator runs."""
+    from beacon_peft.layer import BeaconAttention
+
+    monkeypatch.setattr(BeaconAttention, "windows_path", path)
     loop, grouped = _pair(MODES[name], attn=attn)
     ids = random_ids(2, 100, seed=3)
     results = []
@@ -147,11 +153,14 @@ def test_training_loss_and_gradients_equal_window_loop(name, attn, segments):
         assert (ga[n] is None) == (gb[n] is None), n
         if ga[n] is not None:
             _close(ga[n], gb[n])
-    if name in RUN_MODES:
-        assert any(s.startswith("run") for s in segments)
+    assert any(s.startswith("run") for s in segments) == (name in RUN_MODES and path == "masked"), segments
 
 
-def test_gradient_checkpointing_equals_plain_grouped(segments):
+@pytest.mark.parametrize("path", ["auto", "masked"])
+def test_gradient_checkpointing_equals_plain_grouped(path, segments, monkeypatch):
+    from beacon_peft.layer import BeaconAttention
+
+    monkeypatch.setattr(BeaconAttention, "windows_path", path)
     ref, = _pair(MODES["interleave"], group_tokens=4096)[1:]
     ckpt, = _pair(MODES["interleave"], group_tokens=4096)[1:]
     ckpt.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -164,7 +173,7 @@ def test_gradient_checkpointing_equals_plain_grouped(segments):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         _close(grads[0][n], grads[1][n])
-    assert any(s.startswith("run") for s in segments)
+    assert any(s.startswith("run") for s in segments) == (path == "masked")
 
 
 def test_generate_and_group_boundaries(segments):
@@ -187,19 +196,22 @@ def test_group_tokens_out_of_range(bad):
         beacon_peft.BeaconConfig(window=16, ratios=[4], group_tokens=bad)
 
 
-@pytest.mark.parametrize("bad", [2.5, True, "16384", None])
+@pytest.mark.parametrize("bad", [2.5, True, "16384"])
 def test_group_tokens_not_an_int(bad):
     with pytest.raises(TypeError, match="group_tokens must be an int"):
         beacon_peft.BeaconConfig(window=16, ratios=[4], group_tokens=bad)
 
 
-def test_launches_do_not_grow_with_windows():
-    """The ops dispatched by a grouped prefill do not depend on how many windows it holds (no per-window op), and
-    stay within twice full attention's; the window loop's grow with every window. Counts are deterministic."""
+def test_launches_do_not_grow_with_windows(monkeypatch):
+    """What an accelerator runs (one masked call per run of windows): the ops dispatched by a grouped prefill do not
+    depend on how many windows it holds (no per-window op) and stay within twice full attention's; the window
+    loop's grow with every window. Counts are deterministic."""
+    from beacon_peft.layer import BeaconAttention
     from benchmarks.efficiency.launches import count_prefill
 
+    monkeypatch.setattr(BeaconAttention, "windows_path", "masked")
     model = get_peft_model(tiny_model("llama", attn="sdpa", max_position_embeddings=4096),
-                           beacon_peft.BeaconConfig(window=16, ratios=[4]))
+                           beacon_peft.BeaconConfig(window=16, ratios=[4], group_tokens=16384))
     counts = {n: count_prefill(model, random_ids(1, n, seed=1), full=False).total for n in (64, 256, 1024)}
     full = count_prefill(model, random_ids(1, 1024, seed=1), full=True).total
     assert counts[64] == counts[256] == counts[1024], counts
@@ -207,3 +219,26 @@ def test_launches_do_not_grow_with_windows():
     model.peft_config["default"].group_tokens = 1
     loop = count_prefill(model, random_ids(1, 256, seed=1), full=False).total
     assert loop > 10 * counts[256]
+
+
+def test_default_group_follows_the_device():
+    config = beacon_peft.BeaconConfig(window=16, ratios=[4])
+    assert config.group_tokens is None
+    assert config.pass_tokens("cpu") == 2048 and config.pass_tokens(torch.device("cuda", 0)) == 16384
+    assert beacon_peft.BeaconConfig(window=16, ratios=[4], group_tokens=64).pass_tokens("cuda") == 64
+
+
+@pytest.mark.parametrize("path", ["split", "masked"])
+def test_both_window_paths_equal_the_loop(path, monkeypatch, segments):
+    """Inference through either attention of a run (the CPU's exact split, an accelerator's masked call)."""
+    from beacon_peft.layer import BeaconAttention
+
+    monkeypatch.setattr(BeaconAttention, "windows_path", path)
+    for name in ("interleave", "interleave_mixed_sink", "ratio0"):
+        loop, grouped = _pair(MODES[name])
+        ids = random_ids(2, 90, seed=5)
+        with torch.no_grad():
+            a, b = loop(input_ids=ids), grouped(input_ids=ids)
+        _close(a.logits, b.logits)
+        _same_memory(a.past_key_values, b.past_key_values)
+    assert any(s.startswith("run") for s in segments)

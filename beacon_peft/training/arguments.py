@@ -154,7 +154,7 @@ class BeaconArguments:
     embed_init: str = config_field("embed_init")
     beacon_layers: Optional[list[int]] = config_field("beacon_layers")
     mask_first_window_loss: Optional[bool] = config_field("mask_first_window_loss")
-    group_tokens: int = config_field("group_tokens")
+    group_tokens: Optional[int] = config_field("group_tokens")
     beacon_dtype: str = field(
         default="float32",
         metadata={

@@ -116,7 +116,7 @@ def activation_bytes(model_config, config: BeaconConfig, length: int, ratio: int
     entries = length + (length // config.window) * beacons
     # inputs of every layer, the last layer's output and the final norm's output, for every entry; the output
     hidden_states = entries * (layers + 2) * hidden * hidden_bytes + 2 * length * hidden * hidden_bytes
-    per_group = max(1, config.group_tokens // config.window)  # window steps per decoder pass
+    per_group = max(1, config.pass_tokens("cuda") // config.window)  # window steps per pass on a GPU
     ends = list(range(per_group, steps, per_group)) + [steps]  # windows completed at the end of each group
     # each group leaves the compressed memory of the windows before its end (the last window gets no beacons)
     compressed = sum(min(end, steps - 1) * beacons for end in ends) * layers * kv_dim * (key_bytes + value_bytes)

@@ -242,7 +242,7 @@ def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_a
         callbacks=make_callbacks(model, script_args, beacon_args, training_args, model_args),
     )
     trainer.equal_window_steps = sharded_per_layer(training_args)
-    trainer.group_tokens = config.group_tokens
+    trainer.group_tokens = config.pass_tokens(training_args.device)
     cast_trainable(model, beacon_args.beacon_dtype)  # after SFTTrainer, which casts a 4-bit model's to bf16
     trainer.card_info = card_info(script_args, beacon_args, training_args, model_args, config, model,
                                   len(documents), train_dataset, command, resume)

@@ -7,8 +7,9 @@ context (views and factory calls included), for full attention (the adapter disa
 SmolLM2-135M's widths with ``--layers`` decoder layers (random weights), window 1024, ratio 8. ``--train``
 also counts one training step (forward + backward of the language-modelling loss) of each.
 
-    python benchmarks/efficiency/launches.py                       # 8K prefill, default group
+    python benchmarks/efficiency/launches.py                       # 8K prefill, what an accelerator dispatches
     python benchmarks/efficiency/launches.py --group-tokens 1      # the window-by-window loop
+    python benchmarks/efficiency/launches.py --path auto --group-tokens 2048   # what this CPU runs by default
     python benchmarks/efficiency/launches.py --lengths 8192 32768 --train --out results.json
 """
 
@@ -55,7 +56,7 @@ def smollm2_shape(layers: int, max_positions: int = 8192):
     return config
 
 
-def build(layers: int, window: int, ratio: int, group_tokens: int | None):
+def build(layers: int, window: int, ratio: int, group_tokens: int | None = None):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -94,15 +95,22 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--ratio", type=int, default=8)
-    p.add_argument("--group-tokens", type=int, default=None, help="the adapter's group_tokens (default: its own)")
+    p.add_argument("--group-tokens", type=int, default=16384,
+                   help="the adapter's group_tokens (default: an accelerator's, 16384; 1: the window loop)")
+    p.add_argument("--path", choices=["masked", "auto", "split"], default="masked",
+                   help="how a run of windows attends: `masked` is what an accelerator runs (default), `auto` what "
+                        "this machine runs")
     p.add_argument("--train", action="store_true", help="also count one training step at each length")
     p.add_argument("--top", type=int, default=0, help="print the N most dispatched ops of each beacon count")
     p.add_argument("--out", default=None, help="write the counts as JSON")
     args = p.parse_args(argv)
+    from beacon_peft.layer import BeaconAttention
+
     model = build(args.layers, args.window, args.ratio, args.group_tokens)
-    group = getattr(model.peft_config["default"], "group_tokens", None)
+    group = model.peft_config["default"].group_tokens
+    BeaconAttention.windows_path = args.path
     print(f"SmolLM2-135M widths, {args.layers} layers, window {args.window}, ratio {args.ratio}, "
-          f"group_tokens {group}, torch {torch.__version__}")
+          f"group_tokens {group}, windows path {args.path}, torch {torch.__version__}")
     rows = []
     kinds = [("prefill", count_prefill)] + ([("train step", count_train_step)] if args.train else [])
     for n in args.lengths:
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
         for kind, fn in kinds:
             full, beacon = fn(model, ids, True), fn(model, ids, False)
             rows.append(dict(kind=kind, tokens=n, full=full.total, beacon=beacon.total,
-                             ratio=beacon.total / full.total, group_tokens=group, layers=args.layers))
+                             ratio=beacon.total / full.total, group_tokens=group, path=args.path, layers=args.layers))
             if args.top:
                 print(f"  {kind} {n}: " + ", ".join(f"{k} {v}" for k, v in beacon.ops.most_common(args.top)))
     print("\n| run | tokens | full attention ops | beacon ops | beacon / full |\n|---|---|---|---|---|")
