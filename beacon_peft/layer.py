@@ -326,8 +326,11 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         mask = ctx.cached(("run-mask", run.start, q.dtype), lambda: _run_mask(run, B, M, q))  # (B*G, 1, W, M + W)
         if impl == "eager":
             return eager_attention(attn, q, keys, values, mask, attn.scaling, dropout)[0]
+        groups = q.shape[1] // keys.shape[1]
+        if groups > 1:  # every head its K/V: CUDA's memory-efficient kernel takes a float mask but not GQA
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout,
-                                                         scale=attn.scaling, enable_gqa=True)
+                                                         scale=attn.scaling)
         return out.transpose(1, 2)
 
 

@@ -92,3 +92,25 @@ def test_prefill_script_refuses_cuda_when_there_is_none():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "device" / "prefill.py"), "--lengths", "64"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "none is visible" in done.stderr
+
+
+def test_grouped_device_script_runs_every_part_on_the_cpu(tmp_path):
+    """scripts/device/grouped.py end to end on tiny sizes: prefill (full vs grouped vs window loop), the 4-bit
+    (bitsandbytes) training step beside a LoRA step, and the read-back throughput by batch."""
+    import json
+
+    out = tmp_path / "grouped.jsonl"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "device" / "grouped.py"), "--device", "cpu",
+                           "--quick", "--shapes", "tiny", "--lengths", "300", "--window", "64", "--repeats", "1",
+                           "--n-decode", "2", "--max-batch", "2", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    prefill = {r["method"]: r for r in rows if r["part"] == "prefill"}
+    assert set(prefill) == {"full", "grouped", "loop"}
+    assert prefill["grouped"]["kv_mib"] == prefill["loop"]["kv_mib"] < prefill["full"]["kv_mib"]
+    qlora = [r for r in rows if r["part"] == "qlora"]
+    assert {r["method"] for r in qlora} == {"beacon", "lora-full"} and all(r["tokens_per_s"] for r in qlora)
+    readback = [r for r in rows if r["part"] == "readback"]
+    assert {r["method"] for r in readback} == {"grouped", "loop"} and all(r["tokens_per_s"] for r in readback)

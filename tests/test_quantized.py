@@ -79,3 +79,32 @@ def test_beacon_copies_of_a_4bit_base_already_run_in_eval_mode(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(beacon_q(x), expected, atol=2e-2, rtol=2e-2)
         assert torch.equal(model.base_model.model.model.layers[0].self_attn.base_layer.q_proj(x), expected)
+
+
+def test_4bit_base_grouped_equals_window_loop(tmp_path, monkeypatch):
+    """A 4-bit base: one decoder pass for many windows gives the window loop's logits, memory and adapter gradients
+    (inference through the CPU's exact per-window path, training through both window paths)."""
+    from beacon_peft.layer import BeaconAttention
+
+    tiny_model("llama", **QUANT_SHAPES).save_pretrained(tmp_path / "base")
+    ids = random_ids(1, 90, seed=4)
+    results = {}
+    for path in ("auto", "masked"):
+        monkeypatch.setattr(BeaconAttention, "windows_path", path)
+        for group in (1, 4096):
+            model = get_peft_model(load_4bit(tmp_path / "base"),
+                                   BeaconConfig(window=16, ratios=[4], group_tokens=group)).train()
+            with torch.no_grad():
+                logits = model.eval()(input_ids=ids).logits
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            results[path, group] = (logits, loss.detach(), grads)
+    for path in ("auto", "masked"):
+        (la, lossa, ga), (lb, lossb, gb) = results[path, 1], results[path, 4096]
+        torch.testing.assert_close(lb, la, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lossb, lossa, atol=2e-5, rtol=1e-4)
+        assert ga.keys() == gb.keys() and ga
+        for n in ga:
+            torch.testing.assert_close(gb[n], ga[n], atol=2e-5, rtol=1e-4)

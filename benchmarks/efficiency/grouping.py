@@ -36,14 +36,19 @@ RESULTS = Path(__file__).parent / "results"
 MIB = 2**20
 
 
-def build(layers: int, max_positions: int, window: int, ratios: list[int]):
+def build(layers: int, max_positions: int, window: int, ratios: list[int], tiny: bool = False):
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     import beacon_peft
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(smollm2_shape(layers, max_positions), dtype=torch.float32)
+    config = smollm2_shape(layers, max_positions)
+    if tiny:  # tests/tiny.py's sizes: what grows with the length is the method's own bookkeeping and memory
+        config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
+        config._attn_implementation = "sdpa"
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return get_peft_model(base, beacon_peft.BeaconConfig(window=window, ratios=ratios)).eval()
 
 
@@ -61,7 +66,7 @@ def method(model, name: str):
 
 
 def prefill(args) -> list[dict]:
-    model = build(args.layers, max(args.lengths), args.window, [args.ratio])
+    model = build(args.layers, max(args.lengths), args.window, [args.ratio], args.tiny)
     methods = ["full"] + [f"group={g}" for g in args.groups]
     ids = {n: torch.randint(0, 49152, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in args.lengths}
     for name in methods:  # warm-up
@@ -113,7 +118,8 @@ def train_step(args) -> list[dict]:
 
 def markdown(args, rows: list[dict]) -> str:
     head = (f"# Grouped execution, CPU ({args.tag})\n\n- command: `python benchmarks/efficiency/grouping.py "
-            f"{' '.join(sys.argv[1:])}`\n- SmolLM2-135M shape, {args.layers} layers, random weights, fp32, sdpa, "
+            f"{' '.join(sys.argv[1:])}`\n- {'tiny Llama (hidden 64)' if args.tiny else 'SmolLM2-135M shape'}, "
+            f"{args.layers} layers, random weights, fp32, sdpa, "
             f"{torch.get_num_threads()} threads; {metrics.hardware_string()}; commit `{metrics.git_commit()}`\n"
             f"- beacon window {args.window}, ratio {args.ratio}; `group=N`: group_tokens N input tokens per decoder "
             f"pass (`group=1`: the window-by-window loop); {args.repeats} repeats alternating, minimum kept\n\n")
@@ -154,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, nargs="+", default=[16384, 2048, 1],
                    help="group_tokens settings to compare (1: the window loop)")
     p.add_argument("--train", action="store_true", help="also time a training step of the CPU recipe's shape")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (hidden 64) instead of SmolLM2's shape")
     p.add_argument("--tag", default="grouping")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

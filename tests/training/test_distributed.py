@@ -114,6 +114,20 @@ def test_fsdp2_two_cpu_processes_match_one_process(fsdp_run):
     assert "2 process(es)" in (out / "final" / "README.md").read_text()
 
 
+def test_fsdp2_rows_longer_than_one_pass_get_dummy_rows_and_match_one_process(model_dir, text_dir, tmp_path):
+    """With `group_tokens` = one window, rows of different lengths need different numbers of decoder passes, so
+    the shorter process gets a dummy row (`trainer.equalize_window_steps`); the adapter still equals 1 process's.
+    (At the default budget every row here fits one pass and no dummy row is added: the test above.)"""
+    single = run_script(run_args(model_dir, text_dir, tmp_path / "single", "--max_steps", "8",
+                                 "--gradient_accumulation_steps", "2", "--group_tokens", str(W)))
+    log = launch(FSDP_CPU, run_args(model_dir, text_dir, tmp_path / "fsdp", "--max_steps", "8",
+                                    "--group_tokens", str(W)))
+    assert "no GPU: FSDP2 over gloo on the CPU (2 processes)" in log
+    assert max_abs_diff(adapter(single.final_dir), adapter(tmp_path / "fsdp" / "final")) <= TOLERANCE
+    assert PeftModel.from_pretrained(base_model(model_dir), tmp_path / "fsdp" / "final").peft_config[
+        "default"].group_tokens == W
+
+
 def test_fsdp2_run_stopped_at_a_checkpoint_resumes_to_the_same_adapter(fsdp_run, model_dir, text_dir, tmp_path):
     """The FSDP2 run stopped at its step-4 checkpoint, then resumed under FSDP2 to step 8 with
     ``--resume_from_checkpoint true``: the uninterrupted run's adapter (docs/training.md also reports a SIGKILL)."""
