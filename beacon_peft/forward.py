@@ -31,7 +31,7 @@ from .compat import cache_kwarg, model_output, take_cache
 from .config import BeaconConfig
 from .group import GroupContext, GroupPlan
 from .layer import min_run_for
-from .memory import BeaconMemory
+from .memory import BeaconMemory, memory_signature
 from .schedule import RatioPicker, Scheduler
 
 PROGRESS_MIN_STEPS = 16  # show a progress bar for calls with at least this many windows
@@ -146,24 +146,6 @@ def _check_embeds(inputs_embeds: torch.Tensor, hidden: int) -> None:
     if inputs_embeds.shape[-1] != hidden:
         raise ValueError(f"inputs_embeds has hidden size {inputs_embeds.shape[-1]} but the model's is {hidden}: "
                          f"pass shape (batch, length, {hidden})")
-
-
-def memory_signature(decoder: torch.nn.Module, config) -> dict:
-    """What a memory must agree on with the model and adapter that continue it: the layout of its K/V (layers,
-    K/V heads, head size) and the settings that define its positions and windows."""
-    cfg = decoder.config
-    heads = cfg.num_attention_heads
-    return {
-        "num_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        "window": config.window,
-        "stride": config.stride,
-        "ratios": list(config.ratios),
-        "sink_size": config.sink_size,
-        "placement": config.placement,
-        "attention_scope": config.attention_scope,
-    }
 
 
 def _resolve_memory(cache, batch: int, signature: dict) -> BeaconMemory | None:

@@ -188,3 +188,44 @@ class GroupContext:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+
+class SealedContext:
+    """The group's `group.GroupContext`, sealed while it crosses the decoder layers' module boundaries.
+
+    A decoder layer writes its next memory into the context it is given (``ctx.new_layers[i]``). Wrappers around a
+    decoder layer that rebuild the containers of its inputs holding tensors that require grad would hand the layer
+    a copy instead: FSDP2's pre-forward (torch 2.13, ``fully_shard`` per decoder layer) passes every such input
+    through its post-backward autograd function and rebuilds dataclasses and lists around them with
+    ``dataclasses.replace``, so from layer 1 on (``new_layers`` then holds layer 0's memory) a layer's memory went
+    into a copy and the step failed with "decoder layers [1] bypassed the beacon attention". Sealed, the context is
+    an opaque object to such traversals; the beacon attention opens it (`open_context`) before its forward.
+    """
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+
+class Sealing:
+    """``original`` (the decoder's forward) with its ``beacon_ctx`` keyword sealed; `model._decoder_forward` wraps the
+    decoder's forward in one for each call."""
+
+    __slots__ = ("original",)
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("beacon_ctx") is not None:
+            kwargs["beacon_ctx"] = SealedContext(kwargs["beacon_ctx"])
+        return self.original(*args, **kwargs)
+
+
+def open_context(module, args, kwargs):
+    """Forward pre-hook of a `BeaconAttention`: hand it the `GroupContext` itself."""
+    if isinstance(kwargs.get("beacon_ctx"), SealedContext):
+        kwargs["beacon_ctx"] = kwargs["beacon_ctx"].ctx
+        return args, kwargs
+    return None

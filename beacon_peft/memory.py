@@ -22,14 +22,18 @@ This file holds the memory's layout and its transitions: `MemoryUpdate` (planned
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
+from . import memory_file
+from .fingerprint import adapter_fingerprint, base_fingerprint, differences
 from .rope import apply_rope, unapply_rope
 
 PARTS = ("sink", "comp", "raw")
@@ -164,6 +168,46 @@ class MemoryState:
             ratio_log=list(self.ratio_log),
             step_log=list(self.step_log),
         )
+
+
+def memory_signature(decoder: torch.nn.Module, config) -> dict:
+    """What a memory must agree on with the model and adapter that continue it: the layout of its K/V (layers,
+    K/V heads, head size) and the settings that define its positions and windows."""
+    cfg = decoder.config
+    heads = cfg.num_attention_heads
+    return {
+        "num_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "window": config.window,
+        "stride": config.stride,
+        "ratios": list(config.ratios),
+        "sink_size": config.sink_size,
+        "placement": config.placement,
+        "attention_scope": config.attention_scope,
+    }
+
+
+def describe_owner(model) -> tuple[dict, torch.nn.Module]:
+    """What a saved memory records of the model that makes or reads it (signature, base and adapter fingerprints,
+    compute dtype, forced ratio), and that model's decoder. ``model``: a PEFT model holding a beacon adapter, or
+    its tuner (`model.BeaconModel`, read through its methods: this module sits below it)."""
+    tuner = model if hasattr(model, "active_beacon_adapter") else getattr(model, "base_model", None)
+    if not hasattr(tuner, "active_beacon_adapter"):
+        raise TypeError(f"model must be a PEFT model with a beacon adapter (or its BeaconModel), got "
+                        f"{type(model).__name__}")
+    adapter = tuner.active_beacon_adapter()
+    if adapter is None:
+        raise ValueError("the beacon adapter is disabled: a memory is made and read with the adapter active")
+    decoder = tuner.model.get_decoder()
+    description = {
+        "signature": memory_signature(decoder, tuner.peft_config[adapter]),
+        "base": base_fingerprint(tuner.model),
+        "adapter": adapter_fingerprint(tuner, adapter),
+        "compute_dtype": str(decoder.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "ratio_override": tuner.ratio_picker(adapter).override,
+    }
+    return description, decoder
 
 
 class BeaconMemory(Cache):
@@ -325,17 +369,62 @@ class BeaconMemory(Cache):
         dtype (``torch.bfloat16`` halves an fp32 memory; loading casts back to the model's dtype). See
         `beacon_peft.memory_file`.
         """
-        from .memory_file import save_memory
-
-        save_memory(self, path, model, dtype=dtype)
+        memory_file.check_storage_dtype(dtype)
+        memory_file.check_target(Path(path))
+        description, _ = describe_owner(model)
+        if self.signature and self.signature != description["signature"]:
+            shown = differences(self.signature, description["signature"])
+            raise ValueError(f"this memory was not made by this model/adapter setting: {'; '.join(shown)}")
+        if not self.is_initialized:
+            raise ValueError("the memory is empty: read some tokens into it first")
+        st = self.state
+        tensors = {}
+        for i, lm in enumerate(st.layers):
+            if lm is None:
+                raise ValueError(f"layer {i} of the memory holds nothing: it was not made by a complete forward call")
+            for part in PARTS:
+                for kv in "kv":
+                    t = getattr(lm, f"{part}_{kv}").detach()
+                    t = t.to(dtype) if dtype is not None else t
+                    tensors[f"layers.{i}.{part}_{kv}"] = t.to("cpu").contiguous()
+        tensors["raw_is_beacon"] = torch.from_numpy(st.raw_is_beacon.astype(np.uint8))
+        tensors["raw_local"] = torch.from_numpy(st.raw_local.astype(np.int64))
+        meta = {
+            "num_layers": self.num_layers, "batch_size": self.batch_size,
+            "rows": [dataclasses.asdict(r) for r in st.rows],
+            "columns": st.columns, "sequence_ratio": st.sequence_ratio,
+            "ratio_log": list(st.ratio_log), "step_log": [[list(t) for t in step] for step in st.step_log],
+            "signature": description["signature"], "compute_dtype": description["compute_dtype"],
+            "storage_dtype": str(tensors["layers.0.sink_k"].dtype).removeprefix("torch."),
+            "ratio_override": description["ratio_override"],
+            "base": description["base"], "adapter": description["adapter"],
+        }
+        memory_file.write_memory(path, tensors, meta)
 
     @classmethod
     def load(cls, path, model) -> "BeaconMemory":
         """Read a memory written by `save`, for ``model``; a ValueError names whatever differs (base model,
         adapter, window/ratio settings, layers, dtype) and a truncated or corrupt file is refused."""
-        from .memory_file import load_memory
-
-        return load_memory(path, model)
+        description, decoder = describe_owner(model)
+        meta, tensors = memory_file.read_memory(path, description, PARTS)
+        try:
+            rows = [RowState(**r) for r in meta["rows"]]
+        except TypeError as err:
+            raise ValueError(f"{Path(path) / memory_file.META} is corrupt: bad row state ({err})") from None
+        weight = decoder.get_input_embeddings().weight
+        L, B = meta["num_layers"], meta["batch_size"]
+        layers = [LayerMemory(*(tensors[f"layers.{i}.{p}_{kv}"].to(device=weight.device, dtype=weight.dtype)
+                                for p in PARTS for kv in "kv")) for i in range(L)]
+        memory = cls(L, B, decoder.rotary_emb, weight.device, signature=meta["signature"])
+        memory.state = MemoryState(
+            rows=rows, layers=layers,
+            raw_is_beacon=tensors["raw_is_beacon"].numpy().astype(bool),  # host bookkeeping
+            raw_local=tensors["raw_local"].numpy().astype(np.int64),
+            columns=int(meta["columns"]), sequence_ratio=meta.get("sequence_ratio"),
+            ratio_log=[int(r) for r in meta["ratio_log"]],
+            step_log=[[tuple(t) for t in step] for step in meta["step_log"]],
+        )
+        return memory
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{s['sink']}+{s['comp']}+{s['raw']}" for s in (self.sizes(i) for i in range(self.batch_size)))

@@ -21,43 +21,11 @@ from .checkpoint import check_adapter_weights
 from .compat import CACHE_NAMES
 from .config import BeaconConfig
 from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward
+from .group import Sealing, open_context
 from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
 from .schedule import RatioPicker
 from .support import check_architecture
-
-
-class SealedContext:
-    """The group's `group.GroupContext`, sealed while it crosses the decoder layers' module boundaries.
-
-    A decoder layer writes its next memory into the context it is given (``ctx.new_layers[i]``). Wrappers around a
-    decoder layer that rebuild the containers of its inputs holding tensors that require grad would hand the layer
-    a copy instead: FSDP2's pre-forward (torch 2.13, ``fully_shard`` per decoder layer) passes every such input
-    through its post-backward autograd function and rebuilds dataclasses and lists around them with
-    ``dataclasses.replace``, so from layer 1 on (``new_layers`` then holds layer 0's memory) a layer's memory went
-    into a copy and the step failed with "decoder layers [1] bypassed the beacon attention". Sealed, the context is
-    an opaque object to such traversals; the beacon attention opens it (`_open_context`) before its forward.
-    """
-
-    __slots__ = ("ctx",)
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-
-class _Sealing:
-    """``original`` (the decoder's forward) with its ``beacon_ctx`` keyword sealed; `_decoder_forward` wraps the
-    decoder's forward in one for each call of the window loop."""
-
-    __slots__ = ("original",)
-
-    def __init__(self, original):
-        self.original = original
-
-    def __call__(self, *args, **kwargs):
-        if kwargs.get("beacon_ctx") is not None:
-            kwargs["beacon_ctx"] = SealedContext(kwargs["beacon_ctx"])
-        return self.original(*args, **kwargs)
 
 
 def _decoder_forward(tuner: "BeaconModel", original, decoder: nn.Module, *args, **kwargs):
@@ -66,7 +34,7 @@ def _decoder_forward(tuner: "BeaconModel", original, decoder: nn.Module, *args, 
     active = tuner.active_beacon()
     if active is None:
         return base_decoder_forward(original, decoder, *args, **kwargs)
-    output, ratios = beacon_decoder_forward(active, _Sealing(original), decoder, *args, **kwargs)
+    output, ratios = beacon_decoder_forward(active, Sealing(original), decoder, *args, **kwargs)
     tuner._last_ratios[active.name] = ratios
     return output
 
@@ -90,14 +58,6 @@ def _embed_token_id(decoder: nn.Module, config: BeaconConfig) -> int:
             f"embed_init={other!r})"
         )
     return token_id
-
-
-def _open_context(module, args, kwargs):
-    """Forward pre-hook of a `BeaconAttention`: hand it the `GroupContext` itself."""
-    if isinstance(kwargs.get("beacon_ctx"), SealedContext):
-        kwargs["beacon_ctx"] = kwargs["beacon_ctx"].ctx
-        return args, kwargs
-    return None
 
 
 class BeaconModel(BaseTuner):
@@ -235,7 +195,7 @@ class BeaconModel(BaseTuner):
             return
         last_layer = layer_idx == self._decoder(self.model).config.num_hidden_layers - 1
         new_module = BeaconAttention(target, adapter_name, peft_config, with_projections, last_layer)
-        new_module.register_forward_pre_hook(_open_context, with_kwargs=True)
+        new_module.register_forward_pre_hook(open_context, with_kwargs=True)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -46,7 +46,7 @@ def _parser(prog: str, chat: bool) -> argparse.ArgumentParser:
 
 def _check_args(args, chat: bool) -> str | None:
     """Every argument checked before the model loads; returns the document's text (None with --memory)."""
-    from .memory_file import _check_target, is_saved_memory
+    from .memory_file import check_target, is_saved_memory
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
@@ -85,7 +85,7 @@ def _check_args(args, chat: bool) -> str | None:
         raise UsageError(f"{path} is empty")
     if args.save_memory is not None:
         try:
-            _check_target(args.save_memory)
+            check_target(args.save_memory)
         except ValueError as err:
             raise UsageError(f"--save-memory: {err}") from None
     return text

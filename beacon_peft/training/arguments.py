@@ -15,7 +15,6 @@ from trl import SFTConfig, TrlParser
 
 from ..config import EMBED_INITS, PLACEMENTS, PROJECTIONS, RATIO_MIXES, SCOPES, BeaconConfig
 from ..precision import autocast_off_without_gpu
-from .data import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +28,8 @@ NOT_ARGUMENTS = ("target_modules", "target_parameters", "ratio_seed")
 MIRRORED_FIELDS = ("window", "stride", "ratios", "ratio_mix", "adapt_future_tokens", "sink_size", "beacon_projections",
                    "beacon_rank", "placement", "attention_scope", "attend_prev", "embed_init", "beacon_layers",
                    "mask_first_window_loss", "group_tokens")
+STAGES = ("pretrain", "finetune")
+OFFLINE_DATA = ("essays:train", "offline:all", "offline:retrieval")  # data sets `data.load_documents` makes offline
 OLD_RATIO_MIXES = {"window": "step-random", "sequence": "instance-random", "step": "step-random"}
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..config import BeaconConfig
-from .data import OFFLINE_DATA
+from .arguments import OFFLINE_DATA
 from .modeling import LORA_DIR, OFFLINE_MODELS, resolve_model_path
 
 TRAINING_LOG = "training_log.json"

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from ..config import BeaconConfig
 from ..labels import IGNORE_INDEX
+from .arguments import OFFLINE_DATA, STAGES, ScriptArguments
 
-if TYPE_CHECKING:
-    from .arguments import ScriptArguments
-
-STAGES = ("pretrain", "finetune")
-OFFLINE_DATA = ("essays:train", "offline:all", "offline:retrieval")
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
