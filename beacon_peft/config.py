@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union, get_args
 
+import torch
 from peft.config import PeftConfig
 
 RatioMix = Literal["fixed", "step-random", "instance-random", "adapt"]
@@ -45,13 +46,6 @@ class BeaconPeftType(str, enum.Enum):
     """
 
     BEACON = "BEACON"
-
-
-def torch_device_type(device) -> str:
-    """``"cpu"``, ``"cuda"``, ... of a device given as a `torch.device`, a string or None (the CPU)."""
-    if device is None:
-        return "cpu"
-    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
 def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
@@ -250,7 +244,7 @@ class BeaconConfig(PeftConfig):
         """The input tokens one decoder pass reads on ``device`` (`group_tokens`, or its default for the device)."""
         if self.group_tokens is not None:
             return self.group_tokens
-        return GROUP_TOKENS["cpu" if torch_device_type(device) == "cpu" else "accelerator"]
+        return GROUP_TOKENS["cpu" if torch.device(device).type == "cpu" else "accelerator"]
 
     def masks_first_window(self) -> bool:
         """The official training rule: the first window's labels are blanked unless interleave + full-coverage."""

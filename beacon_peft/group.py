@@ -20,12 +20,13 @@ Everything here is planned on the host (numpy) and becomes a handful of device t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .schedule import StepPlan, _tensor
+from .schedule import StepPlan, to_device
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,13 @@ class Run:
     length: int  # n
     windows: int  # G
     width: int  # W
-    window_index: torch.Tensor  # (G * W,) entry of the run (0..n-1) at each window slot (padding repeats one)
-    unpad: Optional[torch.Tensor]  # (n,) window slot of each entry in run order; None when no window is padded
+    # (G * W,) entry of the run (0..n-1) at each window slot (padding repeats one) and (n,) window slot of each
+    # entry in run order; both None when no window is padded (the run is then G windows of W entries back to back)
+    window_index: Optional[torch.Tensor]
+    unpad: Optional[torch.Tensor]
     appended: torch.Tensor  # (K,) entries of the run entering the compressed memory, in order
     appended_positions: tuple[int, int]  # their positions: a range [first, first + K)
-    memory_before: int  # sink + compressed entries (all rows alike) before the run
-    visible: np.ndarray  # (G,) memory entries window i reads: memory_before + what earlier windows appended
+    visible: np.ndarray  # (G,) memory entries window i reads: the memory before the run + earlier windows' appends
 
     @property
     def first_reader(self) -> int:
@@ -81,7 +83,7 @@ class GroupPlan:
         out_src = []
         for h, off, L in zip(hosts, self.offsets, lengths):  # step-flat (B * L) -> group-flat (B * T)
             out_src.append(h.out_src // L * T + off + h.out_src % L)
-        t = partial_tensor(device)
+        t = partial(to_device, device=device)
         self.input_cols = t(np.concatenate([h.input_cols for h in hosts], axis=1))  # (B, T)
         self.is_beacon = t(is_beacon)  # (B, T)
         self.position_ids = t(np.concatenate([h.position_ids for h in hosts], axis=1))  # (B, T)
@@ -121,16 +123,16 @@ class GroupPlan:
         lengths = [h.length for h in steps]
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         G, W, n = len(steps), max(lengths), int(sum(lengths))
-        slots = np.minimum(np.arange(W)[None, :], np.array(lengths)[:, None] - 1) + starts[:, None]  # (G, W)
         padded = any(L != W for L in lengths)
-        unpad = np.concatenate([g * W + np.arange(L) for g, L in enumerate(lengths)]) if padded else None
+        slots = np.minimum(np.arange(W)[None, :], np.array(lengths)[:, None] - 1) + starts[:, None]  # (G, W)
+        unpad = np.concatenate([g * W + np.arange(L) for g, L in enumerate(lengths)])
         appended = np.concatenate([s + h.appends for s, h in zip(starts, steps)])
         counts = np.array([len(h.appends) for h in steps])
         S, C, _ = steps[0].widths
-        t = partial_tensor(self.device)
-        run = Run(start=int(self.offsets[i]), length=n, windows=G, width=W, window_index=t(slots.reshape(-1)),
-                  unpad=None if unpad is None else t(unpad), appended=t(appended),
-                  appended_positions=(S + C, S + C + int(counts.sum())), memory_before=S + C,
+        t = partial(to_device, device=self.device)
+        run = Run(start=int(self.offsets[i]), length=n, windows=G, width=W,
+                  window_index=t(slots.reshape(-1)) if padded else None, unpad=t(unpad) if padded else None,
+                  appended=t(appended), appended_positions=(S + C, S + C + int(counts.sum())),
                   visible=S + C + np.concatenate(([0], np.cumsum(counts)[:-1])))
         return Segment(run.start, n, step=i, run=run)
 
@@ -160,11 +162,7 @@ class GroupPlan:
                 slices.append((add(h.mem_positions), add(h.comp_positions)))
         if not pieces:
             return None, slices
-        return partial_tensor(self.device)(np.ascontiguousarray(np.concatenate(pieces, axis=1))), slices
-
-
-def partial_tensor(device):
-    return lambda a: _tensor(np.ascontiguousarray(a), device)
+        return to_device(np.concatenate(pieces, axis=1), self.device), slices
 
 
 @dataclass

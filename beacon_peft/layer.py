@@ -22,7 +22,7 @@ from .config import BeaconConfig
 from .group import GroupContext, Run
 from .masks import build_mask
 from .memory import LayerMemory
-from .rope import apply_rope
+from .rope import apply_rope, as_dtype
 
 
 def _cat_nonempty(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -209,11 +209,11 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         if beacon_in is None:
             beacon_in = x.reshape(B * T, -1).index_select(0, rows)
         if isinstance(beacon, LowRankDelta):  # beacon rows: base projection (already computed) + delta
-            delta = _cast(beacon(beacon_in), out.dtype)
+            delta = as_dtype(beacon(beacon_in), out.dtype)
             if torch.is_grad_enabled():
                 return out.index_add(0, rows, delta).view(B, T, -1)
             return out.index_add_(0, rows, delta).view(B, T, -1)
-        beacon_out = _cast(beacon(_cast(beacon_in, beacon.weight.dtype)), out.dtype)
+        beacon_out = as_dtype(beacon(as_dtype(beacon_in, beacon.weight.dtype)), out.dtype)
         if torch.is_grad_enabled():  # out-of-place: outputs of custom autograd Functions (bnb) cannot be modified
             return out.index_copy(0, rows, beacon_out).view(B, T, -1)
         return out.index_copy_(0, rows, beacon_out).view(B, T, -1)
@@ -363,20 +363,16 @@ def _split_windows(q, k, v, mem_k, mem_v, run: Run, scaling: float) -> torch.Ten
     if first:
         own, own_lse = own[:, first:], own_lse[:, first:]
     weight = torch.sigmoid(own_lse - lse_m)[..., None]  # the window's own share of the softmax mass
-    merged = _cast(out_m + weight * (own - out_m), q.dtype)  # float32 arithmetic for half-precision inputs
+    merged = as_dtype(out_m + weight * (own - out_m), q.dtype)  # float32 arithmetic for half-precision inputs
     if first:
         merged = torch.cat((out.unflatten(0, (-1, G))[:, :first], merged), dim=1)
     return merged.flatten(0, 1).transpose(1, 2)
 
 
-def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def _windows(x: torch.Tensor, run: Run) -> torch.Tensor:
     """A run's entries (B, H, n, D) as a batch of windows (B * G, H, W, D), padded windows repeating an entry
     (without padding and with one row, a view)."""
-    if run.unpad is not None:
+    if run.window_index is not None:
         x = x.index_select(2, run.window_index)  # (B, H, G * W, D)
     return x.unflatten(2, (run.windows, run.width)).transpose(1, 2).flatten(0, 1)
 
@@ -389,17 +385,12 @@ def _per_window(x: torch.Tensor, windows: int) -> torch.Tensor:
     return x.unsqueeze(1).expand(B, windows, *x.shape[1:]).reshape(B * windows, *x.shape[1:])
 
 
-def _visible(run: Run, M: int, device) -> torch.Tensor:
-    """(G, M) bool: memory entry j is read by window i."""
-    vis = np.arange(M)[None, :] < run.visible[:, None]
-    return torch.from_numpy(vis).to(device)
-
-
 def _run_mask(run: Run, B: int, M: int, q: torch.Tensor) -> torch.Tensor:
     """Additive mask (B * G, 1, W, M + W) of a batch of windows: window i reads its visible memory and itself
     causally (a padded window's extra entries come last, so no real entry reads them)."""
     G, W = run.windows, run.width
-    vis = _visible(run, M, q.device)[:, None, :].expand(G, W, M)
+    vis = torch.from_numpy(np.arange(M)[None, :] < run.visible[:, None]).to(q.device)  # (G, M): window i reads j
+    vis = vis[:, None, :].expand(G, W, M)
     causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()[None].expand(G, W, W)
     allowed = torch.cat((vis, causal), dim=-1)  # (G, W, M + W)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)

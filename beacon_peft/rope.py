@@ -23,12 +23,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, Dr)
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return _as(x * cos + rotate_half(x) * sin, x.dtype)
+        return as_dtype(x * cos + rotate_half(x) * sin, x.dtype)
     head, tail = x[..., :rot], x[..., rot:]
-    return torch.cat((_as(head * cos + rotate_half(head) * sin, x.dtype), tail), dim=-1)
+    return torch.cat((as_dtype(head * cos + rotate_half(head) * sin, x.dtype), tail), dim=-1)
 
 
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (itself when it already is: no op dispatched)."""
     return x if x.dtype == dtype else x.to(dtype)
 
 

@@ -40,9 +40,9 @@ def _pad_lists(lists: list[list[int]]) -> np.ndarray:
     return out
 
 
-def _tensor(a: np.ndarray, device) -> torch.Tensor:
-    """A host array as a tensor on ``device`` (on the CPU the array's memory itself: no op dispatched)."""
-    t = torch.from_numpy(a)
+def to_device(a: np.ndarray, device) -> torch.Tensor:
+    """A host array as a tensor on ``device`` (on the CPU the array's memory itself, made contiguous first)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
     return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=True)
 
 
@@ -155,10 +155,6 @@ class StepHost:
     def length(self) -> int:
         return self.valid.shape[1]
 
-    @property
-    def has_beacons(self) -> bool:
-        return bool(self.is_beacon.any())
-
 
 class StepPlan:
     """One forward step: its inputs (window loop), its mask (attention) and its memory update (every layer).
@@ -174,15 +170,15 @@ class StepPlan:
         h, dev = self.host, self.device
         beacon_flat = np.flatnonzero(h.is_beacon.reshape(-1)) if h.is_beacon.any() else None
         return StepInputs(
-            input_cols=_tensor(h.input_cols, dev),
-            is_beacon=_tensor(h.is_beacon, dev),
-            valid=_tensor(h.valid, dev),
-            position_ids=_tensor(h.position_ids, dev),
-            mem_positions=_tensor(h.mem_positions, dev),
-            comp_positions=None if h.comp_positions is None else _tensor(h.comp_positions, dev),
-            out_dst=_tensor(h.out_dst, dev),
-            out_src=_tensor(h.out_src, dev),
-            beacon_flat=None if beacon_flat is None else _tensor(beacon_flat, dev),
+            input_cols=to_device(h.input_cols, dev),
+            is_beacon=to_device(h.is_beacon, dev),
+            valid=to_device(h.valid, dev),
+            position_ids=to_device(h.position_ids, dev),
+            mem_positions=to_device(h.mem_positions, dev),
+            comp_positions=None if h.comp_positions is None else to_device(h.comp_positions, dev),
+            out_dst=to_device(h.out_dst, dev),
+            out_src=to_device(h.out_src, dev),
+            beacon_flat=None if beacon_flat is None else to_device(beacon_flat, dev),
         )
 
     @cached_property
@@ -192,14 +188,14 @@ class StepPlan:
         return StepMask(
             valid=inputs.valid,
             is_beacon=inputs.is_beacon,
-            local=_tensor(h.local, dev),
-            ratio=_tensor(h.ratio, dev),
-            sink_len=_tensor(h.lengths[0], dev),
-            comp_len=_tensor(h.lengths[1], dev),
-            raw_len=_tensor(h.lengths[2], dev),
+            local=to_device(h.local, dev),
+            ratio=to_device(h.ratio, dev),
+            sink_len=to_device(h.lengths[0], dev),
+            comp_len=to_device(h.lengths[1], dev),
+            raw_len=to_device(h.lengths[2], dev),
             widths=h.widths,
-            mem_raw_is_beacon=_tensor(h.mem_raw_is_beacon, dev),
-            mem_raw_local=_tensor(h.mem_raw_local, dev),
+            mem_raw_is_beacon=to_device(h.mem_raw_is_beacon, dev),
+            mem_raw_local=to_device(h.mem_raw_local, dev),
             scoped=h.scoped,
             plain=h.plain,
         )
@@ -209,10 +205,10 @@ class StepPlan:
         h, dev = self.host, self.device
 
         def sel(how):
-            return how if isinstance(how, Take) else _tensor(how, dev)
+            return how if isinstance(how, Take) else to_device(how, dev)
 
         return MemoryUpdate(sink=sel(h.sink), raw=sel(h.raw),
-                            comp_new=None if h.comp_new is None else _tensor(h.comp_new, dev), comp=sel(h.comp))
+                            comp_new=None if h.comp_new is None else to_device(h.comp_new, dev), comp=sel(h.comp))
 
 
 class RatioPicker:
