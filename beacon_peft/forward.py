@@ -230,7 +230,7 @@ def beacon_decoder_forward(
             bar.update(sum(p.host.tokens for p in plans))
 
     dst = destinations[0] if len(destinations) == 1 else torch.cat(destinations)
-    hidden = _in_input_order(pieces, dst, batch, length)
+    hidden = _connected(_in_input_order(pieces, dst, batch, length), active.embedding)
     all_hidden = tuple(_in_input_order(list(layer), dst, batch, length) for layer in zip(*group_layers)) \
         if want_hidden else None
     state.columns += length
@@ -258,6 +258,17 @@ def _groups(scheduler: Scheduler, budget: int):
         if not plans:
             return
         yield plans
+
+
+def _connected(hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """``hidden`` unchanged in value, but part of the graph whenever gradients are on and the beacon embedding is
+    trainable. A call that makes no beacon (input shorter than one window) touches no trainable parameter, so over a
+    frozen base its loss would have no ``grad_fn`` and ``backward()`` would fail (a Trainer's last short batch):
+    adding ``0 * embedding`` gives it one, as any adapter's loss has on a batch it does not change (the adapter's
+    parameters then get zero or no gradients)."""
+    if hidden.requires_grad or not embedding.requires_grad or not torch.is_grad_enabled():
+        return hidden
+    return hidden + embedding.sum().mul(0).to(hidden.dtype)
 
 
 def _in_input_order(pieces: list[torch.Tensor], destinations: torch.Tensor, batch: int, length: int) -> torch.Tensor:

@@ -387,3 +387,38 @@ def test_convert_official_overwrite_replaces_only_the_output(official, capsys):
     assert (out / "adapter_model.safetensors").exists() and not (out / "stale.txt").exists()
     assert listing(official) == source_before
     assert not [p for p in official.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# --- training: a batch shorter than one window still has a loss to backpropagate --------------------------------
+@pytest.mark.parametrize("placement, length", [("interleave", 3), ("interleave", W), ("append", 3)])
+def test_training_batch_shorter_than_a_window_backpropagates(placement, length):
+    """No beacon is made, so nothing trainable is touched: as any adapter on a batch it does not touch, the loss
+    keeps its value, backward works and the adapter's parameters get zero (or no) gradients."""
+    model = get_peft_model(tiny_model("llama"), BeaconConfig(window=W, ratios=[4], placement=placement,
+                                                            mask_first_window_loss=False)).train()
+    seq = ids(length)
+    with torch.no_grad():
+        expected = model(input_ids=seq, labels=seq).loss
+    loss = model(input_ids=seq, labels=seq).loss
+    assert loss.grad_fn is not None and torch.equal(loss.detach(), expected)
+    loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("beacon_" in n for n in trainable)
+    assert all(p.grad is None or not p.grad.any() for p in trainable.values())
+    assert any(p.grad is not None for p in trainable.values())  # connected through the beacon embedding
+
+
+def test_trainer_survives_a_batch_shorter_than_a_window(tmp_path):
+    """A data set holding a sequence shorter than one window (as a data set's last, short batch): the Trainer's
+    run completes every step with finite losses."""
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_model("llama"), BeaconConfig(window=W, ratios=[4])).train()
+    data = [{"input_ids": r, "labels": r} for r in (ids(W + 8)[0], ids(3)[0], ids(2 * W)[0])]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, num_train_epochs=1,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1)
+    collate = lambda batch: {k: torch.stack([row[k] for row in batch]) for k in batch[0]}  # noqa: E731
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 3 and len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
