@@ -53,6 +53,22 @@ def config_from_official(official: dict) -> BeaconConfig:
     )
 
 
+def read_official_config(path: Path) -> dict:
+    """The JSON object of an official ``config.json``: ValueError naming the file (and where the JSON breaks) when
+    it is not valid JSON or not an object."""
+    try:
+        official = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): allowed a JSON object (the model config with its "
+                         "beacon_* fields)") from None
+    if not isinstance(official, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(official),
+                                                                                                  "null")
+        raise ValueError(f"{path} holds a JSON {kind}, not an object: allowed a JSON object "
+                         "(the model config with its beacon_* fields)")
+    return official
+
+
 def _load_weights(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.exists():
@@ -128,7 +144,7 @@ def convert_official(src_dir: PathLike, adapter_dir: PathLike, base_dir: Optiona
     check_outputs(src, adapter_dir, base_dir, overwrite)
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} has no config.json: pass an official Activation Beacon checkpoint folder")
-    official = json.loads((src / "config.json").read_text())
+    official = read_official_config(src / "config.json")
     config = config_from_official(official)
     weights = _load_weights(src)
     adapter = {key: w.contiguous() for name, w in weights.items() if (key := _adapter_key(name))}

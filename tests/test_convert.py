@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from reference import require_reference
 from safetensors.torch import load_file
 
 from beacon_peft.cli import main
-from beacon_peft.convert import config_from_official
+from beacon_peft.convert import config_from_official, convert_official
 
 
 def test_cli_writes_a_peft_adapter_and_a_stock_base(tmp_path, capsys):
@@ -64,3 +65,22 @@ def test_official_config_mapping(fields, expected):
     assert config.attention_scope in ("full-coverage",)
     with pytest.raises(ValueError, match="beacon_parallel_window=2"):
         config_from_official({"beacon_window": 64, "beacon_parallel_window": 2})
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"beacon_window": 64,', r"is not valid JSON \(Expecting property name enclosed in double quotes: "
+                              r"line 1 column 22 \(char 21\)\): allowed a JSON object"),
+    ("", r"is not valid JSON \(Expecting value: line 1 column 1 \(char 0\)\): allowed a JSON object"),
+    ('[{"beacon_window": 64}]', r"holds a JSON array, not an object: allowed a JSON object"),
+], ids=["truncated", "empty", "an array"])
+def test_config_that_is_not_a_json_object_is_refused_before_writing(tmp_path, capsys, text, match):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(text)
+    named = re.escape(str(src / "config.json")) + " " + match
+    with pytest.raises(ValueError, match=named):
+        convert_official(src, tmp_path / "ad", base_dir=tmp_path / "base")
+    assert main(["convert-official", str(src), "--out", str(tmp_path / "ad")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(named, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output folder, no temporary folder
