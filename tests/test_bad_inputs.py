@@ -230,7 +230,8 @@ def test_cache_passed_twice_with_different_objects_refused(model, memory):
     before, before_other = snapshot(memory), snapshot(other)
     with torch.no_grad(), pytest.raises(ValueError, match=r"passed twice.*\['cache', 'past_key_values'\]"):
         model(input_ids=ids(4), cache=memory, past_key_values=other)
-    assert_same(snapshot(memory), before) and assert_same(snapshot(other), before_other)
+    assert_same(snapshot(memory), before)
+    assert_same(snapshot(other), before_other)
     with torch.no_grad():  # the same object under both names is one cache
         out = model(input_ids=ids(4), cache=other, past_key_values=other)
     assert out.past_key_values is other
@@ -243,12 +244,22 @@ def test_memory_with_disabled_adapter_refused(model, memory):
     assert_same(snapshot(memory), before)
 
 
-@pytest.mark.parametrize("bad", [dict(input_ids=torch.tensor([[3, 999]])), dict(foo=1),
-                                 dict(input_ids=torch.zeros(1, 4)), dict(inputs_embeds=torch.zeros(1, 4, 32))])
-def test_failed_continuation_leaves_memory_untouched(model, memory, bad):
+CONTINUATION_CASES = [
+    ("id = 999", dict(input_ids=torch.tensor([[3, 999]])), ValueError,
+     r"input_ids holds token id 999, outside the vocabulary: allowed \[0, 127\]"),
+    ("unknown keyword", dict(foo=1), TypeError, r"unexpected keyword argument\(s\) \['foo'\]"),
+    ("float ids", dict(input_ids=torch.zeros(1, 4)), TypeError,
+     r"input_ids must be an integer tensor \(torch.long\), got dtype torch.float32"),
+    ("embeds hidden 32", dict(inputs_embeds=torch.zeros(1, 4, 32)), ValueError,
+     r"inputs_embeds has hidden size 32 but the model's is 64: pass shape \(batch, length, 64\)"),
+]
+
+
+@pytest.mark.parametrize("name, bad, error, match", CONTINUATION_CASES, ids=[c[0] for c in CONTINUATION_CASES])
+def test_failed_continuation_leaves_memory_untouched(model, memory, name, bad, error, match):
     before = snapshot(memory)
     kwargs = {"input_ids": ids(4), **bad} if "inputs_embeds" not in bad else bad
-    with torch.no_grad(), pytest.raises((ValueError, TypeError)):
+    with torch.no_grad(), pytest.raises(error, match=match):
         model(past_key_values=memory, **kwargs)
     assert_same(snapshot(memory), before)
 
