@@ -23,6 +23,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("chat", help="a conversation over FILE on stdin/stdout (/save DIR, /quit); see "
                    "`beacon-peft chat -h`", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["ask"], ["chat"], ["demo"]):
+        from .logs import quiet_console
+
+        quiet_console()
     if argv[:1] in (["ask"], ["chat"]):
         from .reuse_cli import main as reuse_main
 

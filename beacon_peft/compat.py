@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MoeModelOutpu
 
 # Bounds the suite has passed on (kept equal to pyproject.toml's `transformers>=...,<...`; a test checks it).
 TRANSFORMERS_MIN = "5.23.0"
-TRANSFORMERS_BELOW = "5.25"
+TRANSFORMERS_BELOW = "5.26"
 
 CACHE_NAMES = ("cache", "past_key_values", "cache_params")  # every name a decoder's cache may arrive under
 _OUTPUT_FIELDS = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}

@@ -24,6 +24,7 @@ from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward
 from .group import Sealing, open_context
 from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
+from .logs import beacons_ran
 from .schedule import RatioPicker
 from .support import check_architecture
 
@@ -32,6 +33,7 @@ def _decoder_forward(tuner: "BeaconModel", original, decoder: nn.Module, *args, 
     """The decoder's ``forward`` while the tuner is attached: the base decoder when the adapter is disabled, else
     the window loop with the active adapter resolved (its ratios are recorded for `ratios_last_call`)."""
     active = tuner.active_beacon()
+    beacons_ran.set(active is not None)
     if active is None:
         return base_decoder_forward(original, decoder, *args, **kwargs)
     output, ratios = beacon_decoder_forward(active, Sealing(original), decoder, *args, **kwargs)

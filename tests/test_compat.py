@@ -34,8 +34,8 @@ def test_locked_versions_lie_inside_the_declared_range():
     assert compat.version_problem(locked) is None
 
 
-@pytest.mark.parametrize("version, ok", [("5.23.0", True), ("5.24.0", True), ("5.24.9", True), ("5.22.9", False),
-                                         ("5.25.0", False), ("6.0.0", False)])
+@pytest.mark.parametrize("version, ok", [("5.23.0", True), ("5.24.0", True), ("5.25.0", True), ("5.25.9", True),
+                                         ("5.22.9", False), ("5.26.0", False), ("6.0.0", False)])
 def test_version_problem_names_the_versions(version, ok):
     problem = compat.version_problem(version)
     assert (problem is None) == ok

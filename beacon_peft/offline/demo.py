@@ -1,25 +1,37 @@
 """``beacon-peft demo``: a real run on SmolLM2-135M over held-out Paul Graham essays (everything offline).
 
-It hides a pass key in a long held-out haystack, reads it through a beacon adapter window by window, asks for
-the key, and prints the answer with the KV memory the beacons hold next to what full attention would hold.
-The shipped trained adapter (``adapters/smollm2-135m-beacon`` in the repository) is used when present;
-otherwise a fresh, untrained adapter (beacon projections = copies of the base ones) and the output says so.
+A pass key is hidden in a held-out haystack and the model is asked for it, twice:
+
+1. at a length full attention can read (``--native-tokens``, default 4,096 of SmolLM2's 8,192 positions): the base
+   model with full attention and the beacon adapter answer the same prompt, each with the KV memory it holds, so
+   the reader sees what the base itself does and what compression costs;
+2. far past the native context (``--tokens``, default 32,768): only the beacon adapter can read it; the document is
+   read window by window (a progress bar on stderr) and the question answered from its compressed memory.
+
+The shipped trained adapter (``adapters/smollm2-135m-beacon`` in the repository) is used when present; otherwise a
+fresh, untrained adapter (beacon projections = copies of the base ones), and the output says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from ..compat import output_cache
 from ..precision import DTYPE_NAMES, resolve_dtype
 from . import SHIPPED_ADAPTER as SHIPPED
+
+ANSWER_TOKENS = 12
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+INTRO = "There is a pass key hidden in the text below. Find it and memorize it.\n\n"
+QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 def _mib(n: float) -> str:
@@ -27,84 +39,148 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def build_prompt(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
-    """Held-out haystack of ``n_tokens`` with a pass-key sentence at ``depth``; returns (ids, answer)."""
+def build_parts(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[list[int], list[int], str]:
+    """(document ids, question ids, key): ``n_tokens`` in all, held-out essays with the pass key at ``depth``."""
     from .corpora import haystack_ids
 
     key = str(random.Random(seed).randint(10000, 99999))
-    needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
-    intro = tokenizer.encode("There is a pass key hidden in the text below. Find it and memorize it.\n\n",
-                             add_special_tokens=False)
-    question = tokenizer.encode("\n\nWhat is the pass key? The pass key is", add_special_tokens=False)
+    needle = tokenizer.encode(NEEDLE.format(key=key), add_special_tokens=False)
+    intro = tokenizer.encode(INTRO, add_special_tokens=False)
+    question = tokenizer.encode(QUESTION, add_special_tokens=False)
     filler = haystack_ids(tokenizer, n_tokens - len(intro) - len(needle) - len(question), "held_out")
     at = int(len(filler) * depth)
-    return intro + filler[:at] + needle + filler[at:] + question, key
+    return intro + filler[:at] + needle + filler[at:], question, key
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_prompt(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
+    """Held-out haystack of ``n_tokens`` with a pass-key sentence at ``depth``; returns (ids, answer)."""
+    document, question, key = build_parts(tokenizer, n_tokens, depth, seed)
+    return document + question, key
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beacon-peft demo", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768,
-                        help="context length (default 32768: 4x SmolLM2's 8,192 native positions)")
-    parser.add_argument("--ratio", type=int, default=8, help="compression ratio (default 8)")
+                        help="long context, read by the beacons only (default 32768: 4x SmolLM2's 8,192 positions)")
+    parser.add_argument("--native-tokens", type=int, default=4096,
+                        help="context where full attention and beacons answer side by side (default 4096; "
+                             "0 skips it; at most the model's 8,192 positions)")
+    parser.add_argument("--ratio", type=int, default=8, help="compression ratio, one of the adapter's (default 8)")
     parser.add_argument("--window", type=int, default=1024, help="window of a fresh adapter (default 1024)")
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
     parser.add_argument("--adapter", default=None, help="adapter folder (default: the shipped one if present)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="picks the pass key (default 0)")
     parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                         help="compute dtype (default float32; auto: bfloat16 where the CPU has native bf16)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args) -> None:
+    """Every argument checked before the model loads."""
     if args.tokens < 256:
         parser.error(f"--tokens={args.tokens} is too short: use at least 256")
+    if args.native_tokens and not 256 <= args.native_tokens <= 8192:
+        parser.error(f"--native-tokens={args.native_tokens} must be 0 or in [256, 8192] (SmolLM2's positions)")
     if not 0.0 <= args.depth <= 1.0:
         parser.error(f"--depth={args.depth} must be in [0, 1]")
+    adapter = Path(args.adapter) if args.adapter else SHIPPED
+    if args.adapter is not None and not (adapter / "adapter_config.json").is_file():
+        parser.error(f"--adapter {args.adapter} has no adapter_config.json")
+    if (adapter / "adapter_config.json").is_file():
+        ratios = json.loads((adapter / "adapter_config.json").read_text()).get("ratios", [])
+        if args.ratio not in ratios:
+            parser.error(f"--ratio={args.ratio} is not one of the adapter's ratios {ratios}")
 
+
+def _load(parser: argparse.ArgumentParser, args):
+    """SmolLM2 with the beacon adapter (shipped, given or fresh); returns (model, tokenizer, adapter line)."""
     from peft import PeftModel, get_peft_model
 
     from .. import BeaconConfig
     from .weights import load_smollm2
 
-    torch.manual_seed(args.seed)
-    dtype = resolve_dtype(args.dtype)
-    model, tokenizer = load_smollm2(dtype=dtype)
+    model, tokenizer = load_smollm2(dtype=resolve_dtype(args.dtype))
     adapter = Path(args.adapter) if args.adapter else (SHIPPED if (SHIPPED / "adapter_config.json").exists() else None)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-        print(f"adapter: {adapter} (trained)")
+        name = adapter.name if adapter == SHIPPED else str(adapter)
+        trained = f"adapter {name} (trained)"
     else:
         model = get_peft_model(model, BeaconConfig(window=args.window, ratios=[args.ratio]))
-        print("adapter: fresh and UNTRAINED (beacon projections are copies of the base ones); "
-              "train one with recipes/train.py")
-    model.eval()
+        trained = "a fresh, UNTRAINED adapter (train one with recipes/train.py)"
     config = model.peft_config["default"]
-    if args.ratio not in config.ratios:
-        parser.error(f"--ratio={args.ratio} is not one of the adapter's ratios {config.ratios}")
-    model.base_model.set_compression_ratio(args.ratio)
+    model.eval().base_model.set_compression_ratio(args.ratio)
+    return model, tokenizer, f"{trained}, window {config.window}, ratio {args.ratio}"
 
-    ids, answer = build_prompt(tokenizer, args.tokens, args.depth, args.seed)
-    input_ids = torch.tensor([ids])
+
+def _verdict(text: str, key: str) -> str:
+    return "CORRECT" if re.search(rf"(?<!\d){key}(?!\d)", text) else "wrong"
+
+
+def _line(label: str, text: str, key: str, entries: int, nbytes: int, seconds: float) -> str:
+    return (f"  {label:<15} {text.strip()!r:<28} -> {_verdict(text, key):<7}  KV {entries:>6,} entries = "
+            f"{_mib(nbytes):>11}  ({seconds:.0f} s)")
+
+
+def _full_attention(model, tokenizer, ids: list[int], per_entry: int) -> tuple[str, int, int, float]:
+    """The base model alone (adapter disabled) answers the whole prompt; returns (text, entries, bytes, seconds)."""
+    x = torch.tensor([ids])
     start = time.perf_counter()
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=12,
-                         do_sample=False, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    with model.disable_adapter():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=ANSWER_TOKENS,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
-    text = tokenizer.decode(out.sequences[0, len(ids) :], skip_special_tokens=True)
-    memory = output_cache(out)
+    entries = out.shape[1] - 1  # the last token is never fed back
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True), entries, entries * per_entry, seconds
 
-    cfg = model.base_model.model.config
+
+def _beacons(model, tokenizer, document: list[int], question: list[int], bar: bool):
+    """The beacon adapter reads ``document`` (progress bar on stderr when ``bar``), then answers ``question`` from a
+    fork of its memory (equal to one generate over both); returns (text, memory, seconds)."""
+    from tqdm.auto import tqdm
+
+    from ..reuse import ask, read
+
+    start = time.perf_counter()
+    with tqdm(total=len(document), unit="tok", desc="  reading", file=sys.stderr, disable=not bar,
+              dynamic_ncols=True, leave=False) as progress:
+        memory = read(model, torch.tensor([document]), progress=progress.update)
+    new, fork = ask(model, memory, torch.tensor([question]), return_memory=True, max_new_tokens=ANSWER_TOKENS,
+                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(new[0], skip_special_tokens=True), fork, time.perf_counter() - start
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    torch.manual_seed(args.seed)
+    model, tokenizer, adapter_line = _load(parser, args)
+    cfg = model.get_base_model().config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * dtype.itemsize  # K and V
-    total = len(ids) + out.sequences.shape[1] - len(ids) - 1
+    itemsize = next(model.get_base_model().parameters()).element_size()
+    per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize  # K and V, every layer
+    native = cfg.max_position_embeddings
+
+    print(f"SmolLM2-135M-Instruct ({native:,} native positions) with {adapter_line}.")
+    print(f"A pass key hidden at depth {args.depth:.2f} of held-out essays; the model is asked for it.")
+    if args.native_tokens:
+        document, question, key = build_parts(tokenizer, args.native_tokens, args.depth, args.seed)
+        print(f"\n{args.native_tokens:,} tokens (within the native context), pass key {key}:")
+        text, entries, nbytes, seconds = _full_attention(model, tokenizer, document + question, per_entry)
+        print(_line("full attention", text, key, entries, nbytes, seconds), flush=True)
+        text, memory, seconds = _beacons(model, tokenizer, document, question, bar=False)
+        print(_line(f"beacons, x{args.ratio}", text, key, memory.sizes()["total"], memory.nbytes(), seconds))
+
+    document, question, key = build_parts(tokenizer, args.tokens, args.depth, args.seed)
+    where = f"{args.tokens / native:.1f}x the native context" if args.tokens > native else "within the native context"
+    print(f"\n{args.tokens:,} tokens ({where}; full attention would hold"
+          f" {_mib((args.tokens + ANSWER_TOKENS - 1) * per_entry)}), pass key {key}:", flush=True)
+    text, memory, seconds = _beacons(model, tokenizer, document, question, bar=True)
+    print(_line(f"beacons, x{args.ratio}", text, key, memory.sizes()["total"], memory.nbytes(), seconds))
     sizes = memory.sizes()
-    print(f"context: {len(ids)} tokens of held-out essays (model's native positions: {cfg.max_position_embeddings}),"
-          f" pass key at depth {args.depth:.2f}")
-    elapsed = time.strftime("%M:%S", time.gmtime(seconds))
-    print(f"window {config.window}, ratio {args.ratio}, {str(dtype).removeprefix('torch.')}: {elapsed} "
-          "to read and answer")
-    correct = re.search(rf"(?<!\d){answer}(?!\d)", text) is not None
-    print(f"answer: {text.strip()!r}   expected: {answer}   -> {'CORRECT' if correct else 'wrong'}")
-    print(f"KV memory held with beacons : {sizes['total']:>6} entries "
-          f"(sink {sizes['sink']} + beacons {sizes['comp']} + open window {sizes['raw']}) = {_mib(memory.nbytes())}")
-    print(f"KV memory of full attention : {total:>6} entries = {_mib(total * per_entry)}"
-          f"  ({total * per_entry / max(memory.nbytes(), 1):.1f}x more)")
+    print(f"  (the beacons' memory: sink {sizes['sink']} + beacons {sizes['comp']:,} + open window {sizes['raw']}"
+          f" entries, of {sizes['tokens']:,} tokens read)")
     return 0
 
 
