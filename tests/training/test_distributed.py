@@ -4,7 +4,8 @@
   the card names the processes.
 - FSDP2 (``recipes/configs/accelerate/fsdp-cpu.yaml``: frozen base and beacon parameters sharded per decoder layer)
   in 2 CPU processes over gloo, started by ``accelerate launch``: the saved adapter equals a 1-process run with the
-  same seed, data and global batch, and a run stopped at a checkpoint and resumed gives the same adapter.
+  same seed, data and global batch (and each process holds only its shards of the parameters, seen from inside the
+  run), and a run whose worker is SIGKILLed between checkpoints, resumed, gives the same adapter.
 - The DeepSpeed ZeRO-2/3 accelerate configs load with accelerate's own config parser (DeepSpeed is not installed).
 - The Hub round trip (``model.push_to_hub``, ``trainer.push_to_hub`` at the end of a recipe run, then
   ``PeftModel.from_pretrained(base, repo)`` from a clean cache) against a Hub-compatible HTTP server started by the
@@ -28,6 +29,7 @@ from tiny_recipe import ROOT, SCRIPT, W, base_args, base_model, run_script
 
 ACCELERATE_DIR = ROOT / "recipes" / "configs" / "accelerate"
 FSDP_CPU = ACCELERATE_DIR / "fsdp-cpu.yaml"
+PROBE = Path(__file__).with_name("fsdp_probe.py")  # recipes/train.py recording each process's parameter shards
 TOLERANCE = 1e-6  # observed: 1.2e-7 (a dummy row changes the batch shape on some steps)
 
 
@@ -37,15 +39,33 @@ def run_args(model_dir, text_dir, out, *extra: str) -> list[str]:
                      "--per_device_train_batch_size", "1", *extra)
 
 
-def launch(config: Path, argv: list[str], timeout: int = 300) -> str:
-    """``accelerate launch --config_file config recipes/train.py argv``; returns stdout + stderr."""
+def launch(config: Path, argv: list[str], timeout: int = 300, script: Path = SCRIPT, fails: bool = False) -> str:
+    """``accelerate launch --config_file config recipes/train.py argv`` (or another ``script``); returns stdout +
+    stderr. The launch must succeed, or fail when ``fails``."""
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(config),
-           "--main_process_port", str(29500 + os.getpid() % 1000), str(SCRIPT), *argv]
+           "--main_process_port", str(29500 + os.getpid() % 1000), str(script), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (proc.returncode != 0) == fails, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr
+
+
+def assert_sharded_by_fsdp2(probe: Path, processes: int = 2) -> None:
+    """What `fsdp_probe.py` saw inside each process after the first step: every parameter (the frozen base's and
+    the beacon ones) is a DTensor sharded along dim 0, each process holds a part, and the parts add up to the
+    whole. Under DDP (or one process) every parameter would be a plain full tensor."""
+    records = [json.loads((probe / f"shards-rank{r}.json").read_text()) for r in range(processes)]
+    assert [(r["rank"], r["world"]) for r in records] == [(r, processes) for r in range(processes)]
+    params = records[0]["params"]
+    assert any("beacon_" in n for n in params) and any(".layers.1." in n and "base_layer" in n for n in params)
+    for name, p in params.items():
+        views = [r["params"][name] for r in records]
+        assert all(v["type"] == "DTensor" and v["placements"] == ["S(0)"] for v in views), (name, views)
+        assert sum(v["local_numel"] for v in views) == p["numel"], (name, views)
+        if p["shape"][0] >= processes:  # no process holds it whole (the (1, hidden) beacon embedding: one does)
+            assert all(v["local_numel"] < p["numel"] for v in views), (name, views)
+    assert records[0]["model_class"].startswith("FSDP"), records[0]["model_class"]  # fully_shard's wrapper class
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -97,14 +117,17 @@ def fsdp_run(model_dir, text_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     single = run_script(run_args(model_dir, text_dir, tmp / "single", "--max_steps", "8",
                                  "--gradient_accumulation_steps", "2"))
-    log = launch(FSDP_CPU, run_args(model_dir, text_dir, tmp / "fsdp", "--max_steps", "8"))
-    return single, tmp / "fsdp", log
+    log = launch(FSDP_CPU, [str(tmp / "probe"), *run_args(model_dir, text_dir, tmp / "fsdp", "--max_steps", "8")],
+                 script=PROBE)
+    return single, tmp / "fsdp", log, tmp / "probe"
 
 
 def test_fsdp2_two_cpu_processes_match_one_process(fsdp_run):
-    single, out, log = fsdp_run
-    # accelerate 1.15 alone would have trained with DDP here (FSDP is off for CPU processes)
+    single, out, log, probe = fsdp_run
+    # accelerate 1.15 alone would have trained with DDP here (FSDP is off for CPU processes); the log line is
+    # printed before any wrapping, so what each process saw of its parameters is the proof
     assert "no GPU: FSDP2 over gloo on the CPU (2 processes)" in log
+    assert_sharded_by_fsdp2(probe)
     assert "find_unused_parameters" not in log  # no DDP reducer
     diff = max_abs_diff(adapter(single.final_dir), adapter(out / "final"))
     assert diff <= TOLERANCE, diff
@@ -128,21 +151,25 @@ def test_fsdp2_rows_longer_than_one_pass_get_dummy_rows_and_match_one_process(mo
         "default"].group_tokens == W
 
 
-def test_fsdp2_run_stopped_at_a_checkpoint_resumes_to_the_same_adapter(fsdp_run, model_dir, text_dir, tmp_path):
-    """The FSDP2 run stopped at its step-4 checkpoint, then resumed under FSDP2 to step 8 with
-    ``--resume_from_checkpoint true``: the uninterrupted run's adapter (docs/training.md also reports a SIGKILL)."""
-    _, out, _ = fsdp_run
+def test_fsdp2_run_killed_between_checkpoints_resumes_to_the_same_adapter(fsdp_run, model_dir, text_dir, tmp_path):
+    """The FSDP2 run with checkpoints every 4 steps; the process of rank 1 SIGKILLs itself at the end of step 6 (steps
+    5-6 done, not saved) and the launcher takes the other one down; resumed under FSDP2 with
+    ``--resume_from_checkpoint true`` (from checkpoint-4) to step 8: the uninterrupted run's adapter."""
+    _, out, _, _ = fsdp_run
     uninterrupted = adapter(out / "final")
-    stopped = tmp_path / "stopped"
-    launch(FSDP_CPU, run_args(model_dir, text_dir, stopped, "--max_steps", "4", "--save_strategy", "steps",
-                              "--save_steps", "4"))
-    assert (stopped / "checkpoint-4" / "adapter_model.safetensors").is_file()
-    assert max_abs_diff(adapter(stopped / "final"), uninterrupted) > 1e-4  # steps 5-8 still change the adapter
-    launch(FSDP_CPU, run_args(model_dir, text_dir, stopped, "--max_steps", "8", "--save_strategy", "steps",
-                              "--save_steps", "4", "--resume_from_checkpoint", "true"))
-    state = json.loads((stopped / "checkpoint-8" / "trainer_state.json").read_text())
+    killed = tmp_path / "killed"
+    checkpoints = ("--save_strategy", "steps", "--save_steps", "4")
+    log = launch(FSDP_CPU, [str(tmp_path / "probe"), "--sigkill-rank1-at-step", "6",
+                            *run_args(model_dir, text_dir, killed, "--max_steps", "8", *checkpoints)],
+                 script=PROBE, fails=True)
+    assert re.search(r"Signal 9 \(SIGKILL\)|exitcode\s*:\s*-9", log), log[-3000:]
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith(("checkpoint-", "final"))) == ["checkpoint-4"]
+    assert max_abs_diff(adapter(killed / "checkpoint-4"), uninterrupted) > 1e-4  # steps 5-8 still change it
+    launch(FSDP_CPU, run_args(model_dir, text_dir, killed, "--max_steps", "8", *checkpoints,
+                              "--resume_from_checkpoint", "true"))
+    state = json.loads((killed / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8 and [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 9))
-    assert max_abs_diff(adapter(stopped / "final"), uninterrupted) <= TOLERANCE
+    assert max_abs_diff(adapter(killed / "final"), uninterrupted) <= TOLERANCE
 
 
 def test_fsdp2_window_ratios_batches_and_checkpointing(model_dir, text_dir, tmp_path):
