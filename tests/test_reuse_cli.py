@@ -76,12 +76,18 @@ def test_ask_save_reload_and_chat_in_a_pipe(document, tmp_path):
     (["ask", "README.md"], "at least one question"),
     (["ask", "README.md", "-q", "  "], "question 1 is empty"),
     (["ask", "README.md", "-q", "hi", "--ratio", "3"], "--ratio=3 is not one of the adapter's ratios"),
-    (["ask", "README.md", "-q", "hi", "--save-memory", "docs"], "not a saved memory: refusing to overwrite"),
-    (["ask", "-q", "hi", "--memory", "docs"], "is not a saved beacon memory"),
+    (["ask", "README.md", "-q", "hi", "--save-memory", "{busy}"],
+     "--save-memory: {busy} is a non-empty folder that is not a saved memory: refusing to overwrite it (choose an "
+     "empty or new folder)"),
+    (["ask", "-q", "hi", "--memory", "{busy}"], "--memory {busy} is not a saved beacon memory (no valid memory.json)"),
     (["chat", "--memory", "nowhere"], "no such folder"),
     (["chat"], "give a text FILE"),
 ])
-def test_bad_arguments_fail_before_loading(args, message):
-    result = cli(*args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+def test_bad_arguments_fail_before_loading(args, message, tmp_path):
+    busy = tmp_path / "notes"  # a user's non-empty folder that is not a saved memory
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user data")
+    result = cli(*[a.format(busy=busy) for a in args])
+    assert result.returncode == 2 and message.format(busy=busy) in result.stderr, result.stderr
     assert "Loading weights" not in result.stderr  # refused before any work
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"] and (busy / "keep.txt").read_text() == "user data"
