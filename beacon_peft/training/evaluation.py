@@ -57,13 +57,16 @@ def compare_heldout(adapter: str, ratios: list[int], n_sequences: int = 4, lengt
                     report: Callable[[str], None] = print) -> dict:
     """Held-out losses of the base (full attention), the untrained adapter and the trained one at each ratio.
 
-    ``base`` defaults to the adapter's ``base_model_name_or_path``; ``report`` gets a line per result.
+    ``base`` defaults to the adapter's ``base_model_name_or_path`` (SmolLM2's Hub id: the offline copy, see
+    `beacon_peft.offline.weights.resolve_base`); ``report`` gets a line per result.
     """
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..offline.weights import resolve_base
+
     config = BeaconConfig.from_pretrained(adapter)
-    base_path = base or config.base_model_name_or_path
+    base_path = base or (config.base_model_name_or_path and resolve_base(config.base_model_name_or_path))
     sequences = heldout_sequences(AutoTokenizer.from_pretrained(base_path), n_sequences, length)
 
     def load_base():

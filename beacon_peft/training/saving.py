@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..atomic import write_dir
 from .card import TRAINING_LOG, TrainingRecord, model_card
-from .modeling import LORA_DIR, resolve_model_path, save_lora
+from .modeling import LORA_DIR, hub_name, save_lora
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def save_final(trainer, final_dir: Path, model_args, base_name: str) -> None:
             if trainer.processing_class is not None:
                 trainer.processing_class.save_pretrained(str(tmp))
             if model_args.use_lora:
-                save_lora(model, tmp / LORA_DIR, model_args, resolve_model_path(base_name))
+                save_lora(model, tmp / LORA_DIR, model_args, hub_name(base_name))
             (tmp / "README.md").write_text(card, encoding="utf-8")
             (tmp / TRAINING_LOG).write_text(json.dumps(
                 {"record": record.to_json(), "log_history": trainer.state.log_history,

