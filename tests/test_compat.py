@@ -3,14 +3,16 @@ and outputs, whichever the installed release uses; the declared range and the wa
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from packaging.version import Version
 from peft import get_peft_model
 from tiny import random_ids, tiny_model
 
@@ -34,8 +36,18 @@ def test_locked_versions_lie_inside_the_declared_range():
     assert compat.version_problem(locked) is None
 
 
-@pytest.mark.parametrize("version, ok", [("5.23.0", True), ("5.24.0", True), ("5.25.0", True), ("5.25.9", True),
-                                         ("5.22.9", False), ("5.26.0", False), ("6.0.0", False)])
+def _edges() -> list[tuple[str, bool]]:
+    """Versions at both ends of the declared range, read from compat (the bounds move: never written out here)."""
+    low, below = Version(compat.TRANSFORMERS_MIN).release, Version(compat.TRANSFORMERS_BELOW).release
+    major, minor = below[0], below[1]
+    last_minor = f"{major}.{minor - 1}" if minor else f"{major - 1}.999"
+    before_low = f"{low[0]}.{low[1] - 1}.99" if low[1] else f"{low[0] - 1}.999.0"
+    return [(compat.TRANSFORMERS_MIN, True), (f"{last_minor}.0", True), (f"{last_minor}.99", True),
+            (before_low, False), (f"{major}.{minor}.0", False), (f"{major}.{minor}.1", False),
+            (f"{major + 1}.0.0", False)]
+
+
+@pytest.mark.parametrize("version, ok", _edges())
 def test_version_problem_names_the_versions(version, ok):
     problem = compat.version_problem(version)
     assert (problem is None) == ok
@@ -53,8 +65,18 @@ def test_warns_once_outside_the_range(monkeypatch):
     assert len(hits) == 1 and issubclass(hits[0].category, RuntimeWarning)
 
 
-def test_installed_version_is_inside_the_range_or_warned():
-    assert compat.version_problem(transformers.__version__) is None or compat._warned
+@pytest.mark.parametrize("ok", [True, False], ids=["inside", "outside"])
+def test_check_versions_reads_the_installed_transformers(monkeypatch, ok):
+    """With no argument the check reads transformers.__version__: no warning inside the range, exactly the one
+    sentence of `version_problem` outside it."""
+    installed = compat.TRANSFORMERS_MIN if ok else compat.TRANSFORMERS_BELOW
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", installed)  # the module compat imports
+    monkeypatch.setattr(compat, "_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compat.check_versions()
+    messages = [(w.category, str(w.message)) for w in caught if w.category is RuntimeWarning]
+    assert messages == ([] if ok else [(RuntimeWarning, compat.version_problem(installed))])
 
 
 def test_take_cache_accepts_every_name_and_refuses_two_objects():
@@ -93,8 +115,29 @@ def test_generate_carries_the_memory_from_step_to_step():
     assert torch.equal(logits.argmax(-1), out[0, 40:])
 
 
-def test_beacon_peft_import_checks_versions():
+IMPORT_UNDER_FAKED_VERSION = """
+import json, sys, warnings
+import peft  # noqa: F401  (importing PEFT puts a new transformers module object in sys.modules: fake it after)
+sys.modules["transformers"].__version__ = sys.argv[1]  # an installed transformers outside the declared range
+def ours(caught):
+    return [[w.category.__name__, str(w.message)] for w in caught if "beacon_peft was tested" in str(w.message)]
+with warnings.catch_warnings(record=True) as on_import:
+    warnings.simplefilter("always")
     import beacon_peft
+with warnings.catch_warnings(record=True) as again:
+    warnings.simplefilter("always")
+    beacon_peft.compat.check_versions()  # a second check in the same process: no second warning
+print(json.dumps([ours(on_import), ours(again)]))
+"""
 
-    assert "check_versions" in (ROOT / "beacon_peft" / "__init__.py").read_text()
-    assert beacon_peft.compat is sys.modules["beacon_peft.compat"]
+
+def test_importing_beacon_peft_warns_once_outside_the_range():
+    """`import beacon_peft` under a transformers version just past the declared range (faked before the import, in a
+    fresh interpreter): exactly one RuntimeWarning, the sentence that names both versions, and none from a later
+    check in the same process."""
+    outside = f"{compat.TRANSFORMERS_BELOW}.0"
+    done = subprocess.run([sys.executable, "-c", IMPORT_UNDER_FAKED_VERSION, outside], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    on_import, again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert on_import == [["RuntimeWarning", compat.version_problem(outside)]] and again == []
