@@ -107,6 +107,11 @@ class Chat:
         self.transcript: list[dict] = []
         self.fed: list[int] = []  # every token id that went into the memory through this chat, in order
 
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        """``ids`` as a (1, N) tensor on the device of the model's input embeddings."""
+        embeddings = self.model.get_input_embeddings()
+        return torch.tensor([ids], device=embeddings.weight.device)
+
     # --- ids ------------------------------------------------------------------------------------------------
     def read_ids(self, ids, progress=None) -> None:
         """Read ``ids`` (1, N) into the memory (the document, or anything said without an answer)."""
@@ -157,7 +162,7 @@ class Chat:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the document is empty: pass some text")
         ids = self.format.document(text)
-        self.read_ids(torch.tensor([ids]), progress=progress)
+        self.read_ids(self._ids(ids), progress=progress)
         self.transcript.append({"role": "document", "tokens": len(ids)})
         return len(ids)
 
@@ -166,7 +171,7 @@ class Chat:
         self._need_tokenizer()
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty: type some text")
-        prompt = torch.tensor([self.format.prompt(question)])
+        prompt = self._ids(self.format.prompt(question))
         answer_ids = self.turn(prompt, **generate_kwargs)  # the end-of-turn ids depend on the answer's text
         text = self.tokenizer.decode(answer_ids[0], skip_special_tokens=True)
         # turn() read only the answer's last token; the end-of-turn text follows it
@@ -175,7 +180,7 @@ class Chat:
         if end and end[0] == last:
             end = end[1:]
         if end:
-            self.memory = read(self.model, torch.tensor([end]), memory=self.memory)
+            self.memory = read(self.model, self._ids(end), memory=self.memory)
             self.fed += end
         self.transcript += [{"role": "user", "content": question}, {"role": "assistant", "content": text.strip()}]
         return text.strip()

@@ -5,6 +5,11 @@ weights afterwards; a weights file that is corrupt, truncated, incomplete or mad
 fail (or only warn) after the base model was already wrapped. `BeaconConfig.from_pretrained` records the local
 folder it was read from, and `BeaconModel.inject_adapter` calls `check_adapter_weights` with it, so such a file
 is refused while the base model is still untouched. Only tensor headers are read (no tensor data).
+
+`check_config_fits` does the same against a base model's *config* alone (no weights): the fields the adapter's
+tensor shapes fix (``hidden_size``, ``num_hidden_layers``, heads x ``head_dim``) are compared first and named when
+they differ, then every tensor against a copy of the base built on the meta device. ``beacon-peft ask``/``chat``
+call it before loading anything (`beacon_peft.loading`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Callable, Iterable
 import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
+
+from .config import PROJECTIONS
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -142,3 +149,67 @@ def check_adapter_weights(folder: str | Path, model: nn.Module, decoder: nn.Modu
         f"adapter {str(path)!r} does not fit this model (model_type={arch!r}, num_hidden_layers="
         f"{decoder.config.num_hidden_layers}, hidden_size={decoder.config.hidden_size}): " + "; ".join(reasons)
     )
+
+
+def _out_width(saved: dict, proj: str) -> tuple[int, int] | None:
+    """(out_features, in_features) of the first saved beacon ``proj`` projection (full copy or low-rank delta)."""
+    full = next((shape for key, shape in saved.items() if key.endswith(f".beacon_{proj}.weight")), None)
+    if full is not None:
+        return full[0], full[1]
+    a = next((shape for key, shape in saved.items() if key.endswith(f".beacon_{proj}.A.weight")), None)
+    b = next((shape for key, shape in saved.items() if key.endswith(f".beacon_{proj}.B.weight")), None)
+    return (b[0], a[1]) if a is not None and b is not None else None
+
+
+def field_mismatches(saved: dict[str, tuple[int, ...]], base_config, config) -> list[str]:
+    """The base config fields the adapter's tensor shapes (``saved``) contradict, in words: ``hidden_size``,
+    ``num_hidden_layers`` (an adapter with projections in every layer), ``num_attention_heads x head_dim`` (beacon
+    q) and ``num_key_value_heads x head_dim`` (beacon k/v)."""
+    hidden, layers = base_config.hidden_size, base_config.num_hidden_layers
+    heads = base_config.num_attention_heads
+    kv_heads = getattr(base_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(base_config, "head_dim", None) or hidden // heads
+    reasons = []
+    embedding = next((shape for key, shape in saved.items() if "beacon_embedding" in key), None)
+    width = embedding[-1] if embedding else next((w[1] for p in PROJECTIONS if (w := _out_width(saved, p))), None)
+    if width is not None and width != hidden:
+        reasons.append(f"hidden_size: adapter {width} vs model {hidden}")
+    saved_layers = _layers(saved)
+    if config.beacon_layers is None and saved_layers and saved_layers[-1] + 1 != layers:
+        reasons.append(f"num_hidden_layers: adapter {saved_layers[-1] + 1} (beacon projections in every layer) vs "
+                       f"model {layers}")
+    elif saved_layers and saved_layers[-1] >= layers:
+        reasons.append(f"num_hidden_layers: adapter has beacon projections up to layer {saved_layers[-1]} vs model "
+                       f"{layers}")
+    for projs, field, n in ((("q",), "num_attention_heads", heads), (("k", "v"), "num_key_value_heads", kv_heads)):
+        widths = {w[0] for p in projs if (w := _out_width(saved, p))}
+        for w in sorted(widths - {n * head_dim}):
+            reasons.append(f"{field} x head_dim: adapter {w} (beacon {'/'.join(projs)} projection rows) vs model "
+                           f"{n} x {head_dim} = {n * head_dim}")
+    return reasons
+
+
+def check_config_fits(folder: str | Path, base_config, config, adapter_name: str,
+                      to_checkpoint_key: Callable[[str, str], str]) -> None:
+    """Refuse an adapter folder whose weights do not fit a model of ``base_config`` (a transformers config), without
+    the model's weights: `field_mismatches` first, then every tensor against the model built on the meta device.
+
+    Raises:
+        ValueError: the fields (or else the tensors) that differ, named; a corrupt/truncated weights file.
+        FileNotFoundError: no weights file in the folder.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path, saved = saved_shapes(folder)
+    arch = getattr(base_config, "model_type", None)
+    where = (f"adapter {str(path)!r} does not fit the model (model_type={arch!r}, num_hidden_layers="
+             f"{base_config.num_hidden_layers}, hidden_size={base_config.hidden_size}): ")
+    reasons = field_mismatches(saved, base_config, config)
+    if reasons:
+        raise ValueError(where + "; ".join(reasons))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = AutoModelForCausalLM.from_config(base_config)
+    decoder = model.get_decoder()
+    expected = expected_shapes(model, decoder, config, adapter_name, to_checkpoint_key)
+    if saved != expected:
+        raise ValueError(where + "; ".join(_explain(saved, expected, base_config.num_hidden_layers)))

@@ -8,19 +8,23 @@ full attention would hold. ``--save-memory DIR`` keeps the memory for later runs
 ``chat FILE`` is a conversation over the document on stdin/stdout (works in a pipe): each line is a turn, and
 turns flow into the memory, so later turns see earlier ones. ``/save DIR`` saves the memory, ``/quit`` ends.
 
-Both run offline on SmolLM2-135M-Instruct with the shipped adapter (``adapters/smollm2-135m-beacon``) by default.
+Any causal LM with a beacon adapter for it: ``--adapter`` (a folder or a Hub id; default the shipped SmolLM2-135M
+adapter ``adapters/smollm2-135m-beacon``), ``--model`` (a Hub id or folder; default the adapter's
+``base_model_name_or_path``, whose SmolLM2 Hub id means the offline copy), ``--device`` and ``--load-in-4bit``
+(bitsandbytes nf4). Every argument, and the model's config against the adapter's weights, is checked before
+anything is loaded or read (`beacon_peft.loading`): a bad one ends with exit status 2 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .offline import SHIPPED_ADAPTER as SHIPPED
+from .precision import DTYPE_NAMES
 
 
 class UsageError(ValueError):
@@ -28,24 +32,46 @@ class UsageError(ValueError):
 
 
 def _parser(prog: str, chat: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[2 if chat else 1].replace("\n", " "))
-    parser.add_argument("file", nargs="?", help="text file to read (optional with --memory)")
+    parser = argparse.ArgumentParser(prog=prog, description=" ".join(
+        __doc__.split("\n\n")[i].replace("\n", " ") for i in ((2 if chat else 1), 3)))
+    add = parser.add_argument
+    add("file", nargs="?", help="text file to read (optional with --memory)")
     if not chat:
-        parser.add_argument("-q", "--question", action="append", default=[], help="a question (repeatable)")
-    parser.add_argument("--memory", type=Path, default=None, help="load a memory saved earlier instead of reading FILE")
-    parser.add_argument("--save-memory", type=Path, default=None, help="save the memory read from FILE to this folder")
-    parser.add_argument("--adapter", type=Path, default=None, help=f"beacon adapter folder (default: {SHIPPED})")
-    parser.add_argument("--ratio", type=int, default=8, help="compression ratio, one of the adapter's (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
-                        help="compute dtype (default float32)")
-    parser.add_argument("--no-template", action="store_true", help="plain 'Question: ... Answer:' turns instead of "
-                        "the tokenizer's chat template")
+        add("-q", "--question", action="append", default=[], help="a question (repeatable)")
+    add("--memory", type=Path, default=None, metavar="DIR", help="load a memory saved earlier instead of reading FILE")
+    add("--save-memory", type=Path, default=None, metavar="DIR", help="save the memory read from FILE to this folder")
+    add("--adapter", default=None, metavar="DIR_OR_HUB_ID", help="beacon adapter: a folder or a Hub id owner/name "
+        f"(default: {SHIPPED.relative_to(SHIPPED.parents[1])}, for SmolLM2-135M-Instruct)")
+    add("--model", default=None, metavar="HUB_ID_OR_DIR", help="base model: a Hub id or a folder (default: the "
+        "adapter's base_model_name_or_path; SmolLM2's Hub id loads the offline copy)")
+    add("--device", default="auto", metavar="DEVICE", help="cpu, cuda, cuda:N, mps or auto (default: cuda if "
+        "available, else mps, else cpu)")
+    add("--load-in-4bit", action="store_true", help="load the base in 4 bits (bitsandbytes nf4; cpu or cuda; needs "
+        "pip install 'beacon-peft[quant]')")
+    add("--ratio", type=int, default=8, metavar="R", help="compression ratio, one of the adapter's (default 8)")
+    add("--max-new-tokens", type=int, default=64, metavar="N", help="longest answer in tokens (default 64)")
+    add("--dtype", default="float32", choices=list(DTYPE_NAMES),
+        help="weights and compute dtype (default float32; auto: bfloat16 where it is fast)")
+    add("--no-template", action="store_true", help="plain 'Question: ... Answer:' turns instead of the tokenizer's "
+        "chat template")
     return parser
 
 
+def _read_document(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    if not text.strip():
+        raise UsageError(f"{path} is empty")
+    return text
+
+
 def _check_args(args, chat: bool) -> str | None:
-    """Every argument checked before the model loads; returns the document's text (None with --memory)."""
+    """Every argument checked before anything loads, the model's config against the adapter's weights last
+    (``args`` gains ``device``, ``adapter_dir``, ``adapter_config`` and ``model``, resolved); returns the
+    document's text (None with --memory), read only once all else passed."""
+    from . import loading
     from .memory_file import check_target, is_saved_memory
 
     if args.max_new_tokens < 1:
@@ -56,12 +82,6 @@ def _check_args(args, chat: bool) -> str | None:
         empty = [i + 1 for i, q in enumerate(args.question) if not q.strip()]
         if empty:
             raise UsageError(f"question {empty[0]} is empty: every -q needs some text")
-    adapter = args.adapter or SHIPPED
-    if not (adapter / "adapter_config.json").is_file():
-        raise UsageError(f"--adapter {adapter} has no adapter_config.json")
-    ratios = json.loads((adapter / "adapter_config.json").read_text()).get("ratios", [])
-    if args.ratio not in ratios:
-        raise UsageError(f"--ratio={args.ratio} is not one of the adapter's ratios {ratios}")
     if args.memory is not None:
         if args.file is not None:
             raise UsageError("give FILE or --memory DIR, not both (the memory already holds its document)")
@@ -71,39 +91,46 @@ def _check_args(args, chat: bool) -> str | None:
             raise UsageError(f"--memory {args.memory}: no such folder")
         if not is_saved_memory(args.memory):
             raise UsageError(f"--memory {args.memory} is not a saved beacon memory (no valid memory.json)")
-        return None
-    if args.file is None:
+    elif args.file is None:
         raise UsageError("give a text FILE to read (or --memory DIR)")
-    path = Path(args.file)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text") from None
-    if not text.strip():
-        raise UsageError(f"{path} is empty")
+    elif not Path(args.file).is_file():
+        raise UsageError(f"{args.file}: no such file")
     if args.save_memory is not None:
         try:
             check_target(args.save_memory)
         except ValueError as err:
             raise UsageError(f"--save-memory: {err}") from None
-    return text
+    try:
+        args.device = loading.check_device(args.device)
+        if args.load_in_4bit:
+            loading.check_4bit(args.device)
+        if args.adapter is None and not SHIPPED.is_dir():
+            raise UsageError("give --adapter (a folder or a Hub id): the shipped adapter is in a checkout of the "
+                             "repository, not in the installed package")
+        label = args.adapter or str(SHIPPED)
+        args.adapter_dir = loading.adapter_folder(label)
+        args.adapter_config = loading.read_adapter_config(args.adapter_dir, label)
+        ratios = args.adapter_config.ratios
+        if args.ratio not in ratios:
+            raise UsageError(f"--ratio={args.ratio} is not one of the adapter's ratios {ratios}")
+        args.model = loading.base_name(args.model, args.adapter_config, label)
+        loading.check_fits(args.model, args.adapter_dir, args.adapter_config)  # config only: no weights loaded
+    except (ValueError, RuntimeError) as err:  # RuntimeError: the offline SmolLM2 cannot be converted here
+        raise UsageError(str(err)) from None
+    return None if args.memory is not None else _read_document(Path(args.file))
 
 
 def _load(args):
-    import torch
-    from peft import PeftModel
-
-    import beacon_peft  # noqa: F401  (registers the BEACON adapter type)
-
-    from .offline.weights import load_smollm2
+    from .loading import load
     from .precision import resolve_dtype
 
-    model, tokenizer = load_smollm2(dtype=resolve_dtype(args.dtype))
-    model = PeftModel.from_pretrained(model, args.adapter or SHIPPED).eval()
+    dtype = resolve_dtype(args.dtype, args.device)
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, args.adapter_dir, args.device, dtype, load_in_4bit=args.load_in_4bit)
     model.base_model.set_compression_ratio(args.ratio)
-    torch.set_grad_enabled(False)
+    print(f"loaded {args.model}{' (4-bit nf4)' if args.load_in_4bit else ''} with adapter {args.adapter_dir} on "
+          f"{args.device}, {str(dtype).replace('torch.', '')}, in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr, flush=True)
     return model, tokenizer
 
 
@@ -141,7 +168,7 @@ def _start(args, text, chat_cls):
         ids = chat.format.document(text)
         n = len(ids)
         with tqdm(total=n, unit="tok", desc="reading", file=sys.stderr, dynamic_ncols=True) as bar:
-            chat.read_ids(torch.tensor([ids]), progress=bar.update)
+            chat.read_ids(torch.tensor([ids], device=model.device), progress=bar.update)
         chat.transcript.append({"role": "document", "file": str(args.file), "tokens": n})
         print(f"read {args.file}: {n:,} tokens in {time.perf_counter() - start:.1f} s", flush=True)
         if args.save_memory is not None:
@@ -162,7 +189,7 @@ def ask_main(argv: Sequence[str]) -> int:
     chat = _start(args, text, Chat)
     for i, question in enumerate(args.question, 1):
         start = time.perf_counter()
-        prompt = torch.tensor([chat.format.prompt(question)])
+        prompt = torch.tensor([chat.format.prompt(question)], device=chat.model.device)
         answer = ask(chat.model, chat.memory, prompt, **chat.generate_kwargs)  # from a fork: memory unchanged
         seconds = time.perf_counter() - start
         print(f"\nQ{i}: {question}\nA{i}: {chat.tokenizer.decode(answer[0], skip_special_tokens=True).strip()}\n"
@@ -212,8 +239,11 @@ def chat_main(argv: Sequence[str]) -> int:
 
 def main(command: str, argv: Optional[Sequence[str]] = None) -> int:
     """Run ``ask`` or ``chat``; bad arguments and foreign memories end with exit status 2 and one line."""
+    import torch
+
     try:
-        return (ask_main if command == "ask" else chat_main)(list(argv or []))
+        with torch.no_grad():
+            return (ask_main if command == "ask" else chat_main)(list(argv or []))
     except (UsageError, ValueError, FileNotFoundError) as err:
         print(f"beacon-peft {command}: error: {err}", file=sys.stderr)
         return 2
