@@ -12,6 +12,7 @@ from tiny import ARCHS, perturb_beacons, random_ids, tiny_model
 
 import beacon_peft
 from beacon_peft import BeaconConfig
+from beacon_peft.training.collator import BeaconCollator
 
 W = 16
 
@@ -256,6 +257,59 @@ def test_left_padded_rows_match_each_row_alone(arch, attn):
     for b, row in enumerate(rows):
         alone = model.generate(input_ids=row[None], max_new_tokens=W + 2, do_sample=False, pad_token_id=0)
         assert gen[b, longest:].tolist() == alone[0, len(row) :].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_right_padded_rows_match_each_row_alone(arch, attn):
+    """Right padding (what the training collator makes): each row's logits on its real tokens and its memory are
+    those of the row alone, as for left padding above."""
+    model = beacon_model(arch, attn=attn, sink_size=1)
+    rows = [random_ids(1, n, seed=i)[0] for i, n in enumerate([3 * W + 5, 2 * W - 3, W + 1])]
+    batch = BeaconCollator(pad_token_id=0, window=W, mask_first_window=False)([{"input_ids": r} for r in rows])
+    assert batch["attention_mask"][1:, -1].eq(0).all()  # padded on the right
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for b, row in enumerate(rows):
+            alone = model(input_ids=row[None])
+            torch.testing.assert_close(out.logits[b, : len(row)], alone.logits[0], atol=1e-5, rtol=1e-5)
+            assert out.past_key_values.sizes(b) == alone.past_key_values.sizes(0)
+
+
+@pytest.mark.parametrize("placement", ["interleave", "append"])
+def test_right_padded_training_batch_gives_each_rows_loss_and_gradients(placement):
+    """A training batch from `BeaconCollator` (right-padded, labels blank on padding and, for append, on the first
+    window): its loss over all real predictions is the rows' losses weighted by their predictions, and its gradients
+    are the sum of the rows' own."""
+    config = dict(window=W, ratios=[4], placement=placement, sink_size=1)
+    model = beacon_model("llama", **config).train()
+    rows = [random_ids(1, n, seed=i)[0] for i, n in enumerate([3 * W + 5, 2 * W - 3, W + 6])]
+    collate = BeaconCollator(0, W, BeaconConfig(**config).masks_first_window())
+    batch = collate([{"input_ids": r} for r in rows])
+    counts = [int((collate([{"input_ids": r}])["labels"][0, 1:] != -100).sum()) for r in rows]
+    total = sum(counts)
+    assert int((batch["labels"][:, 1:] != -100).sum()) == total
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    out = model(**batch, num_items_in_batch=torch.tensor(total))  # the Trainer's normaliser: sum / real predictions
+    out.loss.backward()
+    together = grads()
+    losses = []
+    for row, count in zip(rows, counts):
+        alone = model(**collate([{"input_ids": row}]))
+        torch.testing.assert_close(out.logits[len(losses), : len(row)], alone.logits[0], atol=1e-5, rtol=1e-5)
+        (alone.loss * count / total).backward()  # gradients accumulate over the rows
+        losses.append(alone.loss.item())
+    apart = grads()
+    assert together and together.keys() == apart.keys()
+    torch.testing.assert_close(out.loss.item(), sum(loss * c for loss, c in zip(losses, counts)) / total, atol=1e-5,
+                               rtol=1e-5)
+    for name, grad in together.items():
+        torch.testing.assert_close(grad, apart[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_memory_size_formula_and_reading():
