@@ -5,7 +5,8 @@ module's ``q/k/v/o_proj``, optional ``q_norm``/``k_norm``, ``head_dim`` and ``sc
 is forked. Raw tokens use the frozen base projections, beacon tokens use the adapter's beacon projections
 (copies of the base ones, dequantized when the base is 4-bit). Attention runs over
 ``[sink ; compressed beacons ; raw cache ; chunk]`` with the step's mask through transformers' attention
-functions (eager / sdpa, flash-attention for plain causal steps), and the layer hands back its next memory.
+functions (eager / sdpa, flash-attention for plain causal steps: that path has never run here, no GPU with
+flash-attn was available), and the layer hands back its next memory.
 """
 
 from __future__ import annotations
