@@ -3,9 +3,9 @@
 * transformers' ``MaxLengthCriteria`` logs "the current text generation call has exceeded the model's predefined
   maximum length" once a generated sequence is longer than ``max_position_embeddings``. With beacons the positions
   are re-based onto the compressed memory (the model never sees a position beyond its native range), so the
-  reminder is wrong: `NativeLengthReminderFilter` drops it when the latest decoder forward of this thread ran the
-  beacon loop, and lets it through for the base model (adapter disabled or unloaded). transformers logs it once per
-  process (``warning_once``), so a filtered reminder is not repeated for a later base-model call either.
+  reminder is wrong: `NativeLengthReminderFilter` drops it inside a `PeftModel` call (``generate``/``forward``) with
+  an active beacon adapter, and lets it through for any other model and for the base (adapter disabled or unloaded).
+  transformers logs it once per process (``warning_once``), so a filtered reminder is not repeated later either.
 * bitsandbytes logs, at import (and importing PEFT imports it), that an optional CPU 4-bit kernel package
   (``kernels``) is missing; it then uses its own kernels. `quiet_import_notices` raises that one logger's level to
   ERROR unless the application has set a level for it.
@@ -24,15 +24,15 @@ BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 STOPPING_CRITERIA_LOGGER = "transformers.generation.stopping_criteria"
 NATIVE_LENGTH_REMINDER = "exceeded the model's predefined maximum length"
 
-beacons_ran: ContextVar[bool] = ContextVar("beacon_peft_beacons_ran", default=False)
-"""Whether the latest decoder forward of this thread (context) ran the beacon loop; set by the tuner."""
+beacon_call: ContextVar[bool] = ContextVar("beacon_peft_beacon_call", default=False)
+"""True inside a `PeftModel` call with an active beacon adapter (set by `BeaconModel._enable_peft_forward_hooks`)."""
 
 
 class NativeLengthReminderFilter(logging.Filter):
     """Drops transformers' native-length reminder while generation runs through beacons (positions re-based)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (beacons_ran.get() and NATIVE_LENGTH_REMINDER in record.getMessage())
+        return not (beacon_call.get() and NATIVE_LENGTH_REMINDER in record.getMessage())
 
 
 def install_filters() -> None:

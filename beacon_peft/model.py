@@ -24,7 +24,7 @@ from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward
 from .group import Sealing, open_context
 from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
-from .logs import beacons_ran
+from .logs import beacon_call
 from .schedule import RatioPicker
 from .support import check_architecture
 
@@ -33,7 +33,6 @@ def _decoder_forward(tuner: "BeaconModel", original, decoder: nn.Module, *args, 
     """The decoder's ``forward`` while the tuner is attached: the base decoder when the adapter is disabled, else
     the window loop with the active adapter resolved (its ratios are recorded for `ratios_last_call`)."""
     active = tuner.active_beacon()
-    beacons_ran.set(active is not None)
     if active is None:
         return base_decoder_forward(original, decoder, *args, **kwargs)
     output, ratios = beacon_decoder_forward(active, Sealing(original), decoder, *args, **kwargs)
@@ -309,7 +308,11 @@ class BeaconModel(BaseTuner):
                                  f"are not supported: one adapter runs for the whole batch): allowed None; "
                                  f"choose the adapter with set_adapter() "
                                  f"(available: {sorted(self.peft_config)})")
-        yield
+        token = beacon_call.set(self.active_beacon_adapter() is not None)  # for logs.NativeLengthReminderFilter
+        try:
+            yield
+        finally:
+            beacon_call.reset(token)
 
     def forward(self, *args: Any, **kwargs: Any):
         _check_one_cache(kwargs)
