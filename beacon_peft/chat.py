@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .memory import BeaconMemory
-from .reuse import _check_ids, cache_kwargs, read
+from .reuse import as_token_batch, cache_kwargs, read
 
 PLAIN_TURN = "\n\nQuestion: {question}\nAnswer:"  # turn format of a tokenizer without a chat template
 PLAIN_END = "\n"
@@ -115,7 +115,7 @@ class Chat:
     # --- ids ------------------------------------------------------------------------------------------------
     def read_ids(self, ids, progress=None) -> None:
         """Read ``ids`` (1, N) into the memory (the document, or anything said without an answer)."""
-        ids = _check_ids("ids", ids)
+        ids = as_token_batch("ids", ids)
         if ids.shape[0] != 1:
             raise ValueError(f"a chat holds one conversation: ids must have 1 row, got {ids.shape[0]}")
         self.memory = read(self.model, ids, memory=self.memory, progress=progress)
@@ -126,7 +126,7 @@ class Chat:
         """One turn: answer ``prompt_ids`` (1, L) from the memory, then read the answer and ``end_ids`` (the
         end-of-turn tokens; one equal to the answer's last token, e.g. an end-of-turn eos, is not repeated) into
         it. Returns the answer's ids (1, T)."""
-        prompt_ids = _check_ids("prompt_ids", prompt_ids)
+        prompt_ids = as_token_batch("prompt_ids", prompt_ids)
         if prompt_ids.shape[0] != 1:
             raise ValueError(f"a chat holds one conversation: prompt_ids must have 1 row, got {prompt_ids.shape[0]}")
         kwargs = {**self.generate_kwargs, **generate_kwargs}

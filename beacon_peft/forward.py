@@ -72,7 +72,7 @@ def _check_inputs(decoder, input_ids, inputs_embeds, attention_mask, kwargs) -> 
     batch, length = _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs)
     _check_kwargs(kwargs)
     if input_ids is not None:
-        _check_ids(input_ids, decoder.get_input_embeddings())
+        _check_vocabulary(input_ids, decoder.get_input_embeddings())
     else:
         _check_embeds(inputs_embeds, decoder.config.hidden_size)
     return batch, length
@@ -129,7 +129,7 @@ def _check_kwargs(kwargs: dict) -> None:
                         f"re-based onto the memory), use_cache, a cache/past_key_values, and {list(_IGNORED_KWARGS)}")
 
 
-def _check_ids(input_ids: torch.Tensor, embed: torch.nn.Module) -> None:
+def _check_vocabulary(input_ids: torch.Tensor, embed: torch.nn.Module) -> None:
     """Token ids must be integers inside the embedding's vocabulary (checked before any work)."""
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
         raise TypeError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")

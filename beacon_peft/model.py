@@ -260,6 +260,18 @@ class BeaconModel(BaseTuner):
             raise ValueError(f"ratio={ratio} is not one of this adapter's ratios: allowed {config.ratios} or None")
         self._pickers[adapter_name].override = ratio
 
+    @contextmanager
+    def compression_ratio(self, ratio: Optional[int], adapter_name: Optional[str] = None):
+        """``with model.base_model.compression_ratio(8): ...``: `set_compression_ratio` for the block, then the ratio
+        forced before it (or ``ratio_mix``) again, also when the block raises."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        before = self._pickers[adapter_name].override if adapter_name in self._pickers else None
+        self.set_compression_ratio(ratio, adapter_name)
+        try:
+            yield self
+        finally:
+            self._pickers[adapter_name].override = before
+
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
         self.__dict__["_enabled"] = enabled

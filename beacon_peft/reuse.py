@@ -38,7 +38,8 @@ def cache_kwargs(model, memory: Optional[BeaconMemory]) -> dict:
     return {cache_kwarg(lm): memory}
 
 
-def _check_ids(name: str, ids) -> torch.Tensor:
+def as_token_batch(name: str, ids) -> torch.Tensor:
+    """``ids`` as a (batch, length >= 1) tensor of token ids (a 1-D tensor becomes one row); ``name`` in messages."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.LongTensor of token ids (batch, length), got {type(ids).__name__}")
     if ids.dim() == 1:
@@ -67,7 +68,7 @@ def read(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
     after every piece how many tokens were read. Logits are computed for the last position only.
     ``attention_mask`` (B, N) marks left padding with 0 (rows are read over their own tokens).
     """
-    input_ids = _check_ids("input_ids", input_ids)
+    input_ids = as_token_batch("input_ids", input_ids)
     if isinstance(piece_windows, bool) or not isinstance(piece_windows, int) or piece_windows < 1:
         raise ValueError(f"piece_windows={piece_windows!r} must be an int >= 1")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -139,7 +140,7 @@ def ask(model, memory: BeaconMemory, question_ids: torch.Tensor, attention_mask:
     """
     if not isinstance(memory, BeaconMemory):
         raise TypeError(f"memory must be a BeaconMemory from `read` or a forward call, got {type(memory).__name__}")
-    question_ids = _check_ids("question_ids", question_ids)
+    question_ids = as_token_batch("question_ids", question_ids)
     if question_ids.shape[0] != memory.batch_size:
         raise ValueError(f"question_ids has {question_ids.shape[0]} rows but the memory holds {memory.batch_size}")
     if attention_mask is None:

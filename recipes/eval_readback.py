@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     import beacon_peft  # noqa: F401  (registers BEACON)
     from beacon_peft.offline.corpora import essay_split, haystack_ids
     from beacon_peft.offline.weights import load_smollm2
-    from beacon_peft.training.modeling import load_trained
+    from beacon_peft.training import load_trained
     from beacon_peft.training.synthetic import TEMPLATES, retrieval_examples
 
     base, tok = load_smollm2(dtype=resolve_dtype(args.dtype, args.device))

@@ -474,3 +474,32 @@ def test_low_rank_beacon_projections(arch, tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=0, rtol=0)
+
+
+def test_compression_ratio_block_forces_the_ratio_and_restores_what_was_before():
+    """`BeaconModel.compression_ratio(r)`: the block runs at ratio r (the memory holds N/r beacons), then the ratio
+    forced before it (or ratio_mix) is back, also after an exception; a bad ratio is refused before anything."""
+    model = get_peft_model(tiny_model("llama"), BeaconConfig(window=16, ratios=[2, 4, 8])).eval()
+    tuner, ids = model.base_model, random_ids(1, 64)
+
+    def beacons() -> int:
+        with torch.no_grad():
+            return model(input_ids=ids).past_key_values.sizes()["comp"]
+
+    tuner.set_compression_ratio(2)
+    with tuner.compression_ratio(8):
+        assert beacons() == 64 // 8  # every full window is compressed
+        with tuner.compression_ratio(4):
+            assert beacons() == 64 // 4
+        assert beacons() == 64 // 8
+    assert beacons() == 64 // 2
+    with pytest.raises(RuntimeError, match="inside"), tuner.compression_ratio(8):
+        raise RuntimeError("inside")
+    assert beacons() == 64 // 2
+    with pytest.raises(ValueError, match=r"ratio=3 is not one of this adapter's ratios"), tuner.compression_ratio(3):
+        pass
+    assert beacons() == 64 // 2
+    tuner.set_compression_ratio(None)
+    with tuner.compression_ratio(4):
+        assert beacons() == 64 // 4
+    assert tuner._pickers["default"].override is None

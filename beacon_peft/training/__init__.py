@@ -5,8 +5,10 @@ is cheap: each name is imported from its module on first use, so ``import beacon
 
 Modules: `arguments` (the dataclasses the recipe parses), `data` (corpora, tokenization, length filters),
 `collator`, `modeling` (base, 4-bit, base LoRA, beacon adapter), `callbacks` (ratio sampling and recording),
-`trainer` (`BeaconSFTTrainer`, `train`), `saving` (final adapter folder), `card` (model card, `TrainingRecord`),
-`evaluation` (held-out loss), `sizing` (parameter counts and memory estimates on a meta-device model).
+`trainer` (`BeaconSFTTrainer`, `train`), `distributed` (work-arounds for several processes), `saving` (final
+adapter folder), `trained` (loading a trained folder for inference, `load_trained`), `card` (model card,
+`TrainingRecord`), `evaluation` (held-out loss), `sizing` (parameter counts and memory estimates on a meta-device
+model).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ _EXPORTS = {
                   "parse_args", "validate_args"],
     "data": ["load_documents", "tokenize_dataset"],
     "collator": ["BeaconCollator"],
-    "modeling": ["build_model", "load_base_model", "load_tokenizer", "load_trained", "resolve_model_path"],
+    "modeling": ["build_model", "load_base_model", "load_tokenizer", "resolve_model_path"],
+    "trained": ["load_trained", "with_base_lora"],
     "callbacks": ["RatioRecorder", "StepRatioCallback", "step_ratio"],
-    "trainer": ["BeaconSFTTrainer", "train", "use_cpu_for_multiprocess_without_gpu"],
-    "saving": ["atomic_write_dir", "save_final"],
+    "trainer": ["BeaconSFTTrainer", "train"],
+    "distributed": ["use_cpu_for_multiprocess_without_gpu"],
+    "saving": ["save_final"],
     "card": ["TrainingRecord", "card_info", "model_card"],
     "evaluation": ["compare_heldout", "evaluate", "heldout_sequences"],
     "sizing": ["adapter_footprint", "meta_model", "training_memory"],
@@ -44,11 +48,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names resolve lazil
     from .card import TrainingRecord, card_info, model_card
     from .collator import BeaconCollator
     from .data import load_documents, tokenize_dataset
+    from .distributed import use_cpu_for_multiprocess_without_gpu
     from .evaluation import compare_heldout, evaluate, heldout_sequences
-    from .modeling import build_model, load_base_model, load_tokenizer, load_trained, resolve_model_path
-    from .saving import atomic_write_dir, save_final
+    from .modeling import build_model, load_base_model, load_tokenizer, resolve_model_path
+    from .saving import save_final
     from .sizing import adapter_footprint, meta_model, training_memory
-    from .trainer import BeaconSFTTrainer, train, use_cpu_for_multiprocess_without_gpu
+    from .trained import load_trained, with_base_lora
+    from .trainer import BeaconSFTTrainer, train
 
 
 def __getattr__(name: str) -> Any:

@@ -176,21 +176,18 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
     ``info`` is ``trainer.card_info`` (`card_info`); ``record`` the run's figures (default: taken from
     ``trainer`` and ``info`` by `TrainingRecord.from_trainer`).
     """
-    config: BeaconConfig = info["config"]
     record = record or TrainingRecord.from_trainer(trainer, info)
-    base = info["base_model"]
-    trainable = info.get("trainable_params")
-    beacon_bytes = info.get("beacon_bytes")
-    tokens = record.tokens_seen
-    wall = record.wall_time_s
-    args = trainer.args
-    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    lines = (_front_matter(info) + _usage(info) + _settings(info) + _data(info) + _training(trainer.args, info, record)
+             + earlier_stage(info.get("init_adapter"), record))
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _front_matter(info: dict) -> list[str]:
+    """The Hub's YAML header (base model, library, tags, data set)."""
     datasets_meta = f"datasets:\n- {info['dataset']}\n" if info.get("dataset_is_hub") else ""
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in
-                         ("torch", "transformers", "peft", "trl", "accelerate") if _has_dist(p))
-    lines = [
+    return [
         "---",
-        f"base_model: {base}",
+        f"base_model: {info['base_model']}",
         "library_name: peft",
         "tags:",
         "- activation-beacon",
@@ -203,6 +200,14 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
         *([datasets_meta.rstrip("\n")] if datasets_meta else []),
         "---",
         "",
+    ]
+
+
+def _usage(info: dict) -> list[str]:
+    """Title, what the adapter is, and how to load it (with the base LoRA when the run trained one)."""
+    config: BeaconConfig = info["config"]
+    base = info["base_model"]
+    lines = [
         f"# Activation Beacon adapter for `{base}`",
         "",
         *([f"{info['base_note']}.", ""] if info.get("base_note") else []),
@@ -226,7 +231,14 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
         lines += [f"This run also trained a LoRA on the base projections; it is in `{LORA_DIR}/` (a standard PEFT "
                   "LoRA adapter of the base model). Apply it first (`PeftModel.from_pretrained(base, "
                   f"'{LORA_DIR}').merge_and_unload()`), then this adapter (`beacon_peft.training.load_trained`).", ""]
-    lines += [
+    return lines
+
+
+def _settings(info: dict) -> list[str]:
+    """The beacon settings table."""
+    config: BeaconConfig = info["config"]
+    trainable, beacon_bytes = info.get("trainable_params"), info.get("beacon_bytes")
+    return [
         "## Beacon settings",
         "",
         "| setting | value |",
@@ -245,6 +257,12 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
         f"| trainable parameters | {_fmt_int(trainable)} ({info.get('trainable_dtype', '')}"
         f"{', ' + _fmt_bytes(beacon_bytes) if beacon_bytes else ''}) |",
         "",
+    ]
+
+
+def _data(info: dict) -> list[str]:
+    """What the run trained on."""
+    lines = [
         "## Data",
         "",
         f"- dataset: `{info['dataset']}` (stage `{info['stage']}`: {info['stage_help']})",
@@ -255,7 +273,16 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
     ]
     if info["dataset"] in OFFLINE_DATA:
         lines.append("- the held-out essays of `beacon_peft.offline.corpora` (HELD_OUT_ESSAYS) were not trained on")
-    lines += [
+    return lines
+
+
+def _training(args, info: dict, record: TrainingRecord) -> list[str]:
+    """The training figures table and the command that ran."""
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in
+                         ("torch", "transformers", "peft", "trl", "accelerate") if _has_dist(p))
+    wall = record.wall_time_s
+    lines = [
         "",
         "## Training",
         "",
@@ -266,7 +293,7 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
         f"{args.gradient_accumulation_steps} accumulation x {args.world_size} processes) |",
         f"| learning rate | {args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}"
         f", warmup {args.warmup_steps or 0}) |",
-        f"| tokens seen (non-padding) | {_fmt_int(tokens)} |",
+        f"| tokens seen (non-padding) | {_fmt_int(record.tokens_seen)} |",
         f"| wall time of train() | {'n/a' if wall is None else f'{wall:.1f} s'}"
         f"{' (resumed run: this session only)' if info.get('resumed_from') else ''} |",
         f"| final logged training loss | {_fmt_float(record.final_loss)} |",
@@ -277,9 +304,7 @@ def model_card(trainer, info: dict, record: Optional[TrainingRecord] = None) -> 
     ]
     if info.get("resumed_from"):
         lines.append(f"| resumed from | `{info['resumed_from']}` |")
-    lines += ["", "Command:", "", "```bash", info.get("command", ""), "```", ""]
-    lines += earlier_stage(info.get("init_adapter"), record)
-    return "\n".join(line for line in lines if line is not None)
+    return lines + ["", "Command:", "", "```bash", info.get("command", ""), "```", ""]
 
 
 def earlier_stage(folder, record: TrainingRecord) -> list[str]:

@@ -11,22 +11,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
 
 from ..atomic import write_dir
 from .card import TRAINING_LOG, TrainingRecord, model_card
 from .modeling import LORA_DIR, hub_name, save_lora
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_write_dir(final_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a temporary sibling folder and rename it to ``final_dir``, replacing the folder an
-    earlier run left there (`beacon_peft.atomic.write_dir` with ``overwrite=True``).
-
-    An interruption leaves either the previous ``final_dir`` or the new one, never a partial folder.
-    """
-    return write_dir(final_dir, write, overwrite=True)
 
 
 def save_final(trainer, final_dir: Path, model_args, base_name: str) -> None:
@@ -48,6 +38,6 @@ def save_final(trainer, final_dir: Path, model_args, base_name: str) -> None:
                 {"record": record.to_json(), "log_history": trainer.state.log_history,
                  "ratio_history": [list(x) for x in trainer.ratio_history]}, indent=1) + "\n")
 
-        atomic_write_dir(final_dir, write)
+        write_dir(final_dir, write, overwrite=True)  # an interruption leaves the previous folder or the new one
         logger.warning("final adapter written to %s", final_dir)
     trainer.accelerator.wait_for_everyone()

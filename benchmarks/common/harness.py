@@ -29,7 +29,8 @@ BENCH_ROOT = Path(__file__).resolve().parents[1]
 PRESSES = ("snapkv", "streamingllm", "knorm", "expected_attention")
 from beacon_peft.config import BeaconConfig  # noqa: E402
 from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
-from beacon_peft.training.modeling import LORA_DIR, load_trained  # noqa: E402
+from beacon_peft.training.modeling import LORA_DIR  # noqa: E402
+from beacon_peft.training.trained import load_trained  # noqa: E402
 
 
 @dataclass(frozen=True)

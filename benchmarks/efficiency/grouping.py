@@ -101,8 +101,7 @@ def train_step(args) -> list[dict]:
         for name in order:
             total = 0.0
             for ratio in (2, 4, 8):
-                model.base_model.set_compression_ratio(ratio)
-                with method(model, name) as m:
+                with model.base_model.compression_ratio(ratio), method(model, name) as m:
                     t0 = time.perf_counter()
                     loss = m(input_ids=ids, labels=ids).loss
                     loss.backward()
@@ -110,7 +109,6 @@ def train_step(args) -> list[dict]:
                 model.zero_grad(set_to_none=True)
             if rep:  # the first round warms up
                 best[name] = min(best.get(name, float("inf")), total / 3)
-    model.base_model.set_compression_ratio(None)
     loop = best.get("group=1")
     return [dict(kind="train step", method=name, tokens=1024, step_s=best[name],
                  step_vs_loop=best[name] / loop if loop else None) for name in order]

@@ -58,8 +58,7 @@ for arch in (*ARCHS, *MORE_ARCHS):
             ce, n = masked_ce(logits, ids.masked_fill(mask == 0, IGNORE_INDEX))
             kl, m = kl_to_teacher(logits, teacher, mask.bool())
             decoder, head = decoder_and_head(model, ids[:1, :16])  # recipes/train_readback.py's path
-            model.base_model.set_compression_ratio(8)  # both sides compress alike (training draws ratios)
-            with torch.no_grad():
+            with torch.no_grad(), model.base_model.compression_ratio(8):  # both sides compress alike
                 with model.disable_adapter():
                     t_hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
                 full_logits = model(input_ids=ids, attention_mask=mask).logits
@@ -68,7 +67,6 @@ for arch in (*ARCHS, *MORE_ARCHS):
                 s_hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
                 got = head_losses(s_hidden, t_hidden, head, ids.masked_fill(mask == 0, IGNORE_INDEX),
                                   torch.full_like(ids, IGNORE_INDEX), mask.bool(), chunk=64)
-            model.base_model.set_compression_ratio(None)
             for name, w in zip(("text", "kl"), want):
                 gap = abs(float(got[name][0]) - float(w))
                 assert gap <= 1e-3 * max(1.0, abs(float(w))), \
@@ -82,10 +80,9 @@ for arch in (*ARCHS, *MORE_ARCHS):
             with torch.no_grad():
                 gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
                                      do_sample=False, pad_token_id=0)
-                model.base_model.set_compression_ratio(4)
-                gen4 = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-                full = model(input_ids=gen4[:, :-1]).logits[0, 99:].argmax(-1)
-                model.base_model.set_compression_ratio(None)
+                with model.base_model.compression_ratio(4):
+                    gen4 = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+                    full = model(input_ids=gen4[:, :-1]).logits[0, 99:].argmax(-1)
             assert gen.shape[1] == 106, f"generate returned {gen.shape}"
             agree = (full == gen4[0, 100:]).float().mean().item()
             assert agree == 1.0, f"generate vs one forward: {agree:.2f} of greedy ids agree"

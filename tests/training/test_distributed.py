@@ -113,7 +113,7 @@ def test_accelerate_launch_two_cpu_processes(model_dir, text_dir, tmp_path):
 def fsdp_run(model_dir, text_dir, tmp_path_factory):
     """8 steps of 2 processes x batch 1 under FSDP2 (gloo), and the same 8 steps in 1 process x batch 1 x 2
     accumulation steps: the same samples per optimizer step, the same step ratios. Step 6 pairs sequences with
-    different numbers of window steps (a collective mismatch before `trainer.equalize_window_steps`)."""
+    different numbers of window steps (a collective mismatch before `distributed.equalize_window_steps`)."""
     tmp = tmp_path_factory.mktemp("fsdp")
     single = run_script(run_args(model_dir, text_dir, tmp / "single", "--max_steps", "8",
                                  "--gradient_accumulation_steps", "2"))
@@ -139,7 +139,7 @@ def test_fsdp2_two_cpu_processes_match_one_process(fsdp_run):
 
 def test_fsdp2_rows_longer_than_one_pass_get_dummy_rows_and_match_one_process(model_dir, text_dir, tmp_path):
     """With `group_tokens` = one window, rows of different lengths need different numbers of decoder passes, so
-    the shorter process gets a dummy row (`trainer.equalize_window_steps`); the adapter still equals 1 process's.
+    the shorter process gets a dummy row (`distributed.equalize_window_steps`); the adapter still equals 1 process's.
     (At the default budget every row here fits one pass and no dummy row is added: the test above.)"""
     single = run_script(run_args(model_dir, text_dir, tmp_path / "single", "--max_steps", "8",
                                  "--gradient_accumulation_steps", "2", "--group_tokens", str(W)))

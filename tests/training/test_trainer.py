@@ -77,11 +77,8 @@ def test_saved_adapter_reloads_with_the_same_outputs(trained, model_dir, text_di
     ids = torch.tensor([sequences(model_dir, text_dir)[0]])
     model = trainer.model.eval()
     for ratio in (2, 8):
-        model.base_model.set_compression_ratio(ratio)
-        reloaded.base_model.set_compression_ratio(ratio)
-        with torch.no_grad():
+        with torch.no_grad(), model.base_model.compression_ratio(ratio), reloaded.base_model.compression_ratio(ratio):
             torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
-    model.base_model.set_compression_ratio(None)
 
 
 def test_model_card_names_base_settings_data_and_figures(trained, model_dir, text_dir):
@@ -164,12 +161,15 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(ratio_mix, model_
 
 
 def test_final_adapter_is_written_atomically(tmp_path):
+    """`saving.save_final` writes through `atomic.write_dir(..., overwrite=True)`."""
+    from beacon_peft.atomic import write_dir
+
     final = tmp_path / "final"
 
     def good(folder):
         (folder / "adapter_model.safetensors").write_text("v1")
 
-    training.atomic_write_dir(final, good)
+    write_dir(final, good, overwrite=True)
     assert (final / "adapter_model.safetensors").read_text() == "v1"
 
     def interrupted(folder):
@@ -177,10 +177,10 @@ def test_final_adapter_is_written_atomically(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        training.atomic_write_dir(final, interrupted)
+        write_dir(final, interrupted, overwrite=True)
     assert (final / "adapter_model.safetensors").read_text() == "v1"  # the previous adapter is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary folder left
-    training.atomic_write_dir(final, lambda f: (f / "adapter_model.safetensors").write_text("v2"))
+    write_dir(final, lambda f: (f / "adapter_model.safetensors").write_text("v2"), overwrite=True)
     assert (final / "adapter_model.safetensors").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 

@@ -90,15 +90,13 @@ def sequences(model_dir, text_dir, max_length=128):
 
 def eval_loss(model, seqs, ratio: int) -> float:
     model.eval()
-    model.base_model.set_compression_ratio(ratio)
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), model.base_model.compression_ratio(ratio):
         for ids in seqs:
             x = torch.tensor([ids])
             n = len(ids) - 1
             total += model(input_ids=x, labels=x).loss.item() * n
             count += n
-    model.base_model.set_compression_ratio(None)
     return total / count
 
 
