@@ -245,7 +245,8 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
     ``unseen``: each pair states and asks its key in a phrasing composed from the held-out split of
     `beacon_peft.training.phrasings` (no holder, attribute, statement or question pattern any row trains on)
     instead of the pass-key sentence."""
-    from beacon_peft.training.phrasings import as_passkey_template, compose_fact
+    from beacon_peft.facts import as_passkey_template, needle_compressed
+    from beacon_peft.training.phrasings import compose_fact
     from benchmarks.common.needles import passkey_pair
 
     cases, c = [], 0
@@ -262,9 +263,8 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
         if pair is None:
             continue
         own, other = pair
-        reading = length + len(own["question_ids"]) - 1
-        if own["needle_token_end"] > window * (reading // window):
-            continue  # the needle must lie in a completed (compressed) window
+        if not needle_compressed(own, length + len(own["question_ids"]), window, window):
+            continue  # the needle must lie in a completed (compressed) window (stride = window here)
         answer = tokenizer.encode(" " + own["answer"], add_special_tokens=False)
         cases.append(dict(own=own["context_ids"] + own["question_ids"],
                           other=other["context_ids"] + other["question_ids"], answer=answer, length=length))

@@ -25,13 +25,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..facts import PASS_KEY_INTRO, pass_key_fact, random_number
 from ..precision import DTYPE_NAMES, resolve_dtype
 from . import SHIPPED_ADAPTER as SHIPPED
 
 ANSWER_TOKENS = 12
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
-INTRO = "There is a pass key hidden in the text below. Find it and memorize it.\n\n"
-QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 def _mib(n: float) -> str:
@@ -40,13 +38,17 @@ def _mib(n: float) -> str:
 
 
 def build_parts(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[list[int], list[int], str]:
-    """(document ids, question ids, key): ``n_tokens`` in all, held-out essays with the pass key at ``depth``."""
+    """(document ids, question ids, key): ``n_tokens`` in all, held-out essays with the pass key at ``depth``.
+
+    The texts are `beacon_peft.facts`': `facts.PASS_KEY_INTRO`, then the haystack with `facts.pass_key_fact`'s needle
+    (a 5-digit key drawn from ``seed``), then its question."""
     from .corpora import haystack_ids
 
-    key = str(random.Random(seed).randint(10000, 99999))
-    needle = tokenizer.encode(NEEDLE.format(key=key), add_special_tokens=False)
-    intro = tokenizer.encode(INTRO, add_special_tokens=False)
-    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    key = random_number(random.Random(seed), 5)
+    fact = pass_key_fact(key)
+    needle = tokenizer.encode(fact.inserted, add_special_tokens=False)
+    intro = tokenizer.encode(PASS_KEY_INTRO, add_special_tokens=False)
+    question = tokenizer.encode(fact.asked, add_special_tokens=False)
     filler = haystack_ids(tokenizer, n_tokens - len(intro) - len(needle) - len(question), "held_out")
     at = int(len(filler) * depth)
     return intro + filler[:at] + needle + filler[at:], question, key

@@ -16,13 +16,19 @@ number someone stated" rather than a sentence:
 Every part list is split in two by `split`: ``"train"`` draws only from the first part, ``"held_out"`` only from
 the second, so a held-out fact shares no holder, attribute, statement or question pattern with anything trained on
 and scores how the memory generalises. The split is fixed by the lists themselves (every fourth item is held out).
+
+A composed fact is a `beacon_peft.facts.Fact` (re-exported here as `Fact`), the type every needle of the project is.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Sequence
+
+from ..facts import CODE_LETTERS, Fact, as_passkey_template, random_number
+
+__all__ = ["HOLDERS", "ATTRIBUTES", "STATEMENTS", "QUESTIONS", "SPLITS", "Fact", "split_items", "draw_value",
+           "compose_fact", "compose_facts", "as_passkey_template"]
 
 HOLDERS: tuple[str, ...] = (
     "Ingrid", "Tomasz", "Aiko", "Mr. Okafor", "the night porter", "Beatriz", "Dr. Osei", "my landlord", "Farida",
@@ -71,7 +77,6 @@ QUESTIONS: tuple[tuple[str, str], ...] = (
     ("What is the {a} belonging to {h}?", "It is"),
 )
 SPLITS = ("train", "held_out")
-_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 
 
 def split_items(items: Sequence, split: str) -> list:
@@ -85,22 +90,6 @@ def split_items(items: Sequence, split: str) -> list:
     return [x for i, x in enumerate(items) if (i % 4 == 3) == (split == "held_out")]
 
 
-@dataclass(frozen=True)
-class Fact:
-    """One composed fact: ``needle`` states ``value`` (``cue`` is its text before the value, ``rest`` from the
-    value on, so ``needle == cue + " " + rest`` where the value does not open the sentence); ``question`` asks
-    for it and ``lead`` is the answer's lead-in (may be empty); the answer is ``" " + value``."""
-
-    needle: str
-    cue: str
-    rest: str
-    question: str
-    lead: str
-    value: str
-    holder: str
-    attribute: str
-
-
 def _possessive(holder: str) -> str:
     return holder + ("'" if holder.endswith("s") else "'s")
 
@@ -112,9 +101,8 @@ def _cap(text: str) -> str:
 def draw_value(rng: random.Random) -> str:
     """A 3-8 digit number (five times in six) or a letter-digit code such as ``KT-4071``."""
     if rng.random() < 5 / 6:
-        digits = rng.randint(3, 8)
-        return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
-    return f"{rng.choice(_LETTERS)}{rng.choice(_LETTERS)}-{rng.randint(100, 9999)}"
+        return random_number(rng, rng.randint(3, 8))
+    return f"{rng.choice(CODE_LETTERS)}{rng.choice(CODE_LETTERS)}-{rng.randint(100, 9999)}"
 
 
 def compose_fact(rng: random.Random, split: str = "train", holder: str | None = None,
@@ -133,12 +121,7 @@ def compose_fact(rng: random.Random, split: str = "train", holder: str | None = 
     a = attribute if attribute is not None else rng.choice(attributes)
     v = value if value is not None else draw_value(rng)
     parts = dict(H=_cap(h), h=h, Hs=_cap(_possessive(h)), hs=_possessive(h), a=a)
-    needle = statement.format(v=v, **parts)
-    head, _, tail = statement.partition("{v}")
-    cue = head.format(**parts).rstrip()
-    rest = (v + tail).format(**parts)
-    return Fact(needle=needle, cue=cue, rest=rest, question=question.format(**parts), lead=lead.format(**parts),
-                value=v, holder=h, attribute=a)
+    return Fact.from_template(statement, question, lead, v, holder=h, attribute=a, **parts)
 
 
 def compose_facts(rng: random.Random, n: int, split: str = "train") -> list[Fact]:
@@ -160,11 +143,3 @@ def compose_facts(rng: random.Random, n: int, split: str = "train") -> list[Fact
         values.add(v)
         facts.append(compose_fact(rng, split, holder=h, attribute=attribute, value=v))
     return facts
-
-
-def as_passkey_template(fact: Fact) -> tuple[str, str]:
-    """``(needle, question)`` for `benchmarks.common.needles.make_passkey_case`: the needle with ``{key}`` where the
-    value was, framed by spaces, and the question with its lead-in after a blank line."""
-    needle = " " + fact.needle.replace("{", "{{").replace("}", "}}").replace(fact.value, "{key}") + " "
-    question = "\n\n" + fact.question + (" " + fact.lead if fact.lead else "")
-    return needle, question

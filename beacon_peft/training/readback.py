@@ -316,9 +316,8 @@ class MixedRows(torch.utils.data.IterableDataset):
         intro = encode(rng.choice(INTROS))
 
         def sizes(kept):
-            needles = [encode(" " + f.needle + " ") for f in kept]
-            asks = [(encode("\n\n" + f.question + (" " + f.lead if f.lead else "")), encode(" " + f.value + "."))
-                    for f in kept]
+            needles = [encode(f.inserted) for f in kept]
+            asks = [(encode(f.asked), encode(f.completion)) for f in kept]
             return needles, asks, length - len(intro) - sum(map(len, needles)) - sum(len(q) + len(a) for q, a in asks)
 
         needles, asks, n_fill = sizes(facts)

@@ -14,6 +14,9 @@ Phrasings, value kinds (3-7 digit numbers, words, letter-digit codes), the numbe
 other subjects and values), whether the intro or a repeated needle is present, and the depth all vary, so the
 beacons learn to keep *whatever fact* a window holds rather than one template. Everything is a pure function of
 ``seed``. Lengths are exact in tokens of the given tokenizer (up to re-tokenization at the text boundaries).
+
+A needle, its question and answer are a `beacon_peft.facts.Fact`; the pass-key template, the people, the intros and
+the code letters are `beacon_peft.facts`' (shared with the benchmarks and the demo).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from ..facts import CODE_LETTERS, INTROS, NAMES, PASS_KEY, SENTENCE_ENDS, Fact, random_number
+
 # (needle, question, answer lead-in); {s} is the subject, {v} the value. Subject-free templates take no
 # distractors of their own kind.
 TEMPLATES: tuple[tuple[str, str, str], ...] = (
-    ("The pass key is {v}. Remember it. {v} is the pass key.", "What is the pass key?", "The pass key is"),
+    PASS_KEY,  # the paper's pass key, the benchmarks' and the demo's needle
     ("The special magic number is {v}.", "What is the special magic number?", "The special magic number is"),
     ("The secret code for {s} is {v}.", "What is the secret code for {s}?", "The secret code for {s} is"),
     ("The pass key for {s} is {v}. Remember it.", "What is the pass key for {s}?", "The pass key for {s} is"),
@@ -39,21 +44,13 @@ TEMPLATES: tuple[tuple[str, str, str], ...] = (
      "The meeting with {s} is in room"),
 )
 VALUE_KIND = ("number", "number", "number", "number", "number", "code", "word", "word", "city", "number")
-PEOPLE = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Louis",
-          "Maria", "Nathan", "Olivia", "Peter", "Quentin", "Rosa", "Samuel", "Tara", "Umar", "Vera", "Walter", "Yuki")
+PEOPLE = NAMES
 PLACES = ("Lisbon", "Kyoto", "Oslo", "Cairo", "Lima", "Dublin", "Hanoi", "Nairobi", "Quebec", "Tbilisi", "Porto",
           "Zagreb", "Austin", "Bergen", "Seville", "Krakow")
 ACCOUNTS = ("email", "bank", "server", "office", "garage", "archive", "library", "studio")
 WORDS = ("drawer", "garden shed", "blue vase", "glove box", "piano", "old boot", "bread bin", "teapot", "mailbox",
          "toolbox", "bookshelf", "flower pot")
 SIGHTS = ("harbour", "castle", "old market", "botanical garden", "cathedral", "museum", "lighthouse", "bridge")
-INTROS = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about it.\n\n",
-    "Read the following text carefully; a question about it follows.\n\n",
-    "",
-)
-_BOUNDARY_END = (".", "!", "?", "\n")
 
 
 def _subject_pool(template: int) -> Sequence[str]:
@@ -68,11 +65,9 @@ def _subject_pool(template: int) -> Sequence[str]:
 def _value(rng: random.Random, template: int) -> str:
     kind = VALUE_KIND[template]
     if kind == "number":
-        digits = rng.randint(3, 7)
-        return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+        return random_number(rng, rng.randint(3, 7))
     if kind == "code":
-        letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
-        return f"{rng.choice(letters)}{rng.choice(letters)}-{rng.randint(100, 999)}"
+        return f"{rng.choice(CODE_LETTERS)}{rng.choice(CODE_LETTERS)}-{rng.randint(100, 999)}"
     if kind == "city":
         return rng.choice(PLACES)
     pool = SIGHTS if "visit the" in TEMPLATES[template][0] else WORDS
@@ -91,17 +86,21 @@ def template_pool(templates: Sequence[int] | None) -> list[int]:
     return pool
 
 
+def template_fact(template: int, subject: str, value: str) -> Fact:
+    """The `Fact` of `TEMPLATES` ``[template]`` about ``subject`` ("" for a subject-free template) with ``value``."""
+    return Fact.from_template(*TEMPLATES[template], value, holder=subject, s=subject)
+
+
 def draw_fact(rng: random.Random, templates: Sequence[int] | None = None) -> tuple[str, str]:
     """A random needle from ``templates`` (indices into `TEMPLATES`, default all) as ``(cue, rest)``: its text up to
     the value and from the value on, e.g. ``("The secret code for Maria is", "4071.")``; the needle reads
-    ``cue + " " + rest``. The recall rows of the read-back stage quote the cue and score the rest."""
+    ``cue + " " + rest`` (`Fact.cue`, `Fact.rest`). The recall rows of the read-back stage quote the cue and score
+    the rest."""
     pool = template_pool(templates)
     template = rng.choice(pool)
-    needle = TEMPLATES[template][0]
-    subject = rng.choice(_subject_pool(template)) if "{s}" in needle else ""
-    value = _value(rng, template)
-    head, _, tail = needle.partition("{v}")
-    return head.format(s=subject).rstrip(), (value + tail).format(s=subject, v=value)
+    subject = rng.choice(_subject_pool(template)) if "{s}" in TEMPLATES[template][0] else ""
+    fact = template_fact(template, subject, _value(rng, template))
+    return fact.cue, fact.rest
 
 
 _BOUNDARIES: dict[tuple[int, int], frozenset[int]] = {}
@@ -114,7 +113,7 @@ def boundary_ids(tokenizer) -> frozenset[int]:
     key = (id(tokenizer), len(tokenizer))
     if key not in _BOUNDARIES:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _BOUNDARIES[key] = frozenset(i for i, t in enumerate(texts) if t.rstrip(" ").endswith(_BOUNDARY_END))
+        _BOUNDARIES[key] = frozenset(i for i, t in enumerate(texts) if t.rstrip(" ").endswith(SENTENCE_ENDS))
     return _BOUNDARIES[key]
 
 
@@ -184,23 +183,18 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
             v = _value(rng, template)
             if v not in values:
                 values.append(v)
-        facts = [(template, s, v) for s, v in zip(subjects, values)]  # (template, subject, value) per needle
+        facts = [template_fact(template, s, v) for s, v in zip(subjects, values)]
         if not has_subject and rng.random() < 0.3:  # a distractor fact of another kind
             with_subject = [k for k in pool if "{s}" in TEMPLATES[k][0]]
             other = rng.choice(with_subject or [k for k, t in enumerate(TEMPLATES) if "{s}" in t[0]])
-            facts.append((other, rng.choice(_subject_pool(other)), _value(rng, other)))
-        needles = [encode(" " + TEMPLATES[t][0].format(s=s, v=v) + " ") for t, s, v in facts]
+            facts.append(template_fact(other, rng.choice(_subject_pool(other)), _value(rng, other)))
+        needles = [encode(f.inserted) for f in facts]
         query = rng.randrange(n_needles)
-
-        def ask(k: int, facts=facts) -> str:
-            t, s, _ = facts[k]
-            return TEMPLATES[t][1].format(s=s) + " " + TEMPLATES[t][2].format(s=s)
-
         later = [k for k in range(len(facts)) if k != query] if ask_all else []
         rng.shuffle(later)
-        completion = " " + facts[query][2] + "." + "".join(f"\n\n{ask(k)} {facts[k][2]}." for k in later)
+        completion = facts[query].completion + "".join(facts[k].asked + facts[k].completion for k in later)
         intro = encode(rng.choice(INTROS))
-        question = encode("\n\n" + ask(query))
+        question = encode(facts[query].asked)
         extra = len(encode(completion)) - 4 if later else 0  # the later questions and answers, in tokens
         total = rng.randint(min_tokens, max_tokens - 8) - extra
         n_fill = max(16, total - len(intro) - len(question) - sum(map(len, needles)))

@@ -1,8 +1,9 @@
 """Passkey / needle-in-a-haystack prompts built at the token level.
 
 Pure Python; the tokenizer is passed in and only ``encode(text, add_special_tokens=False)``
-and ``decode(ids)`` are used, so this works with any HF tokenizer (in either venv) or a
-hand-made one in tests.
+and ``decode(ids)`` are used, so this works with any HF tokenizer or a hand-made one in tests.
+The texts (pass-key needle, question, intro, names) and `needle_compressed` are the library's
+(`beacon_peft.facts`), so the benchmarks ask what the training data and the demo ask.
 
 Layout of a case (all token ids, ``len(context_ids) == context_tokens`` exactly)::
 
@@ -20,41 +21,30 @@ from __future__ import annotations
 
 import random
 import re
-import string
 
-INTRO = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it.\n\n"
+from beacon_peft import facts
+from beacon_peft.facts import (
+    QUIZ_INTRO,
+    SENTENCE_ENDS,
+    check_phrasing,
+    named_pass_key_fact,
+    needle_compressed,  # noqa: F401
+    pass_key_fact,
+    random_number,
 )
-PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
-PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
-MULTIKEY_NEEDLE = " The pass key for {name} is {key}. Remember it. {key} is the pass key for {name}. "
-MULTIKEY_QUESTION = "\n\nWhat is the pass key for {name}? The pass key for {name} is"
-NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry",
-         "Irene", "Jack", "Karen", "Louis", "Maria", "Nathan", "Olivia", "Peter")
-_BOUNDARY_END = (".", "!", "?", "\n")
 
-
-def check_phrasing(needle: str, question: str) -> None:
-    """Raise ``ValueError`` unless ``needle`` is a template whose only field is ``{key}`` and ``question`` is text."""
-    if not isinstance(needle, str) or not isinstance(question, str):
-        raise TypeError(f"needle={needle!r}, question={question!r}: allowed strings")
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(needle) if f is not None]
-    except ValueError:  # unbalanced braces
-        fields = []
-    if not fields or set(fields) != {"key"}:
-        raise ValueError(f"needle={needle!r}: allowed a template whose only field is {{key}} (at least once)")
-    if not question.strip():
-        raise ValueError(f"question={question!r}: allowed non-empty text")
+# The texts of a case are `beacon_peft.facts`' (the library's one copy), here under the names the runners use;
+# `needle_compressed` is re-exported for them too.
+INTRO = QUIZ_INTRO
+PASSKEY_NEEDLE = pass_key_fact("{key}").inserted  # " The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = pass_key_fact("{key}").asked  # "\n\nWhat is the pass key? The pass key is"
+MULTIKEY_NEEDLE = named_pass_key_fact("{name}", "{key}").inserted
+MULTIKEY_QUESTION = named_pass_key_fact("{name}", "{key}").asked
+NAMES = facts.NAMES[:16]  # the multi-key cases draw their names from these 16 (as when their results were recorded)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _random_key(rng: random.Random, digits: int) -> str:
-    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
 def _filler(haystack_ids: list[int], n: int, offset: int) -> list[int]:
@@ -74,7 +64,7 @@ def snap_to_boundary(filler_ids: list[int], tokenizer, pos: int, window: int) ->
     pos = min(max(pos, 0), n)
     best = None
     for i in range(max(0, pos - window), min(n, pos + window) + 1):
-        if i in (0, n) or tokenizer.decode([filler_ids[i - 1]]).rstrip(" ").endswith(_BOUNDARY_END):
+        if i in (0, n) or tokenizer.decode([filler_ids[i - 1]]).rstrip(" ").endswith(SENTENCE_ENDS):
             if best is None or abs(i - pos) < abs(best - pos):
                 best = i
     return pos if best is None else best
@@ -135,7 +125,7 @@ def make_passkey_case(
     """
     check_phrasing(needle, question)
     rng = random.Random(seed)
-    key = _random_key(rng, key_digits)
+    key = random_number(rng, key_digits)
     needle_ids = _encode(tokenizer, needle.format(key=key))
     context, starts, depths = _assemble(
         haystack_ids, tokenizer, context_tokens, [(depth, needle_ids)], intro, filler_offset, snap_window
@@ -178,7 +168,7 @@ def make_multikey_case(
     names = rng.sample(NAMES, n_keys)
     keys: list[str] = []
     while len(keys) < n_keys:
-        k = _random_key(rng, key_digits)
+        k = random_number(rng, key_digits)
         if k not in keys:
             keys.append(k)
     if query_index is None:
@@ -187,14 +177,14 @@ def make_multikey_case(
         depths = [(i + 0.5) / n_keys for i in range(n_keys)]
     if len(depths) != n_keys:
         raise ValueError("len(depths) must equal n_keys")
-    needle_ids = [_encode(tokenizer, MULTIKEY_NEEDLE.format(name=n, key=k)) for n, k in zip(names, keys)]
+    needle_ids = [_encode(tokenizer, named_pass_key_fact(n, k).inserted) for n, k in zip(names, keys)]
     context, starts, actual = _assemble(
         haystack_ids, tokenizer, context_tokens, list(zip(depths, needle_ids)), intro, filler_offset, snap_window
     )
     q = query_index
     return dict(
         context_ids=context,
-        question_ids=_encode(tokenizer, MULTIKEY_QUESTION.format(name=names[q])),
+        question_ids=_encode(tokenizer, named_pass_key_fact(names[q], keys[q]).asked),
         answer=keys[q],
         needle_token_start=starts[q],
         needle_token_end=starts[q] + len(needle_ids[q]),
@@ -221,15 +211,6 @@ def passkey_pair(haystack_ids: list[int], tokenizer, context_tokens: int, depth:
     if other["answer"] == own["answer"] or other["needle_token_start"] != own["needle_token_start"]:
         return None
     return own, other
-
-
-def needle_compressed(case: dict, n_prompt: int, window: int, stride: int) -> bool:
-    """Whether the needle lies in a completed (compressed) window when the token after ``n_prompt`` prompt tokens
-    is predicted: windows cover raw tokens ``[k * stride, k * stride + window)``, and a completed window keeps its
-    last ``window - stride`` raw activations (overlap) as the start of the next one."""
-    reading = n_prompt - 1  # the position whose output predicts the first answer token
-    completed_end = stride * (reading // stride) - (window - stride)
-    return case["needle_token_end"] <= completed_end
 
 
 def score_answer(generated_text: str, answer: str) -> bool:
