@@ -22,6 +22,7 @@ import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from . import metrics
 from .config import PROJECTIONS
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -167,8 +168,7 @@ def field_mismatches(saved: dict[str, tuple[int, ...]], base_config, config) -> 
     q) and ``num_key_value_heads x head_dim`` (beacon k/v)."""
     hidden, layers = base_config.hidden_size, base_config.num_hidden_layers
     heads = base_config.num_attention_heads
-    kv_heads = getattr(base_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(base_config, "head_dim", None) or hidden // heads
+    kv_heads, head_dim = metrics.kv_heads(base_config), metrics.head_dim(base_config)
     reasons = []
     embedding = next((shape for key, shape in saved.items() if "beacon_embedding" in key), None)
     width = embedding[-1] if embedding else next((w[1] for p in PROJECTIONS if (w := _out_width(saved, p))), None)

@@ -15,7 +15,7 @@ This module is the one place those texts live: the `Fact` type, the pass-key fac
 the benchmarks, the demo and the read-back probe), the intros put before a haystack, the names and the letters that
 facts are drawn from, and `needle_compressed`, whether a needle lies in a completed (compressed) window when the
 answer is read. The training data (`beacon_peft.training.synthetic`, `beacon_peft.training.phrasings`,
-`beacon_peft.training.readback`), the benchmarks (``benchmarks/common/needles.py``) and ``beacon-peft demo`` build
+`beacon_peft.training.readback`), the benchmarks (``beacon_peft/needles.py``) and ``beacon-peft demo`` build
 their facts from it, so one phrasing change shows in all of them at once.
 """
 
@@ -36,7 +36,7 @@ PASS_KEY_INTRO = "There is a pass key hidden in the text below. Find it and memo
 INTROS = (QUIZ_INTRO, "Read the following text carefully; a question about it follows.\n\n", "")
 
 # People a fact can be about: the synthetic templates draw from all of them, the multi-key benchmark from the first
-# 16 (`benchmarks.common.needles.NAMES`).
+# 16 (`beacon_peft.needles.NAMES`).
 NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Louis",
          "Maria", "Nathan", "Olivia", "Peter", "Quentin", "Rosa", "Samuel", "Tara", "Umar", "Vera", "Walter", "Yuki")
 # The letters of letter-digit codes such as ``KT-4071`` (no I and no O, which read as 1 and 0).
@@ -113,7 +113,7 @@ def random_number(rng: random.Random, digits: int) -> str:
 
 
 def as_passkey_template(fact: Fact) -> tuple[str, str]:
-    """``(needle, question)`` for `benchmarks.common.needles.make_passkey_case`: ``fact``'s `Fact.inserted` with
+    """``(needle, question)`` for `beacon_peft.needles.make_passkey_case`: ``fact``'s `Fact.inserted` with
     ``{key}`` where the value was (other braces escaped), and its `Fact.asked`."""
     needle = " " + fact.needle.replace("{", "{{").replace("}", "}}").replace(fact.value, "{key}") + " "
     return needle, fact.asked

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
-from . import memory_file
+from . import memory_file, metrics
 from .fingerprint import adapter_fingerprint, base_fingerprint, differences
 from .rope import apply_rope, unapply_rope
 
@@ -174,11 +174,10 @@ def memory_signature(decoder: torch.nn.Module, config) -> dict:
     """What a memory must agree on with the model and adapter that continue it: the layout of its K/V (layers,
     K/V heads, head size) and the settings that define its positions and windows."""
     cfg = decoder.config
-    heads = cfg.num_attention_heads
     return {
         "num_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "num_key_value_heads": metrics.kv_heads(cfg),
+        "head_dim": metrics.head_dim(cfg),
         "window": config.window,
         "stride": config.stride,
         "ratios": list(config.ratios),

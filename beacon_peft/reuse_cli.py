@@ -135,10 +135,9 @@ def _load(args):
 
 
 def _kv_line(model, memory) -> str:
-    cfg = model.get_base_model().config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = memory.kv_tensors()[0].element_size()
-    per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
+    from .metrics import kv_bytes_per_entry
+
+    per_entry = kv_bytes_per_entry(model.get_base_model().config, memory.kv_tensors()[0].dtype)
     s = memory.sizes()
     full = s["tokens"] * per_entry
     return (f"KV held: {s['total']:,} entries (sink {s['sink']} + beacons {s['comp']:,} + open window {s['raw']}) = "

@@ -1,8 +1,8 @@
 """Run every benchmark (language modelling, retrieval, memory probe, efficiency) in one invocation.
 
-    python benchmarks/run.py --quick                  # a few minutes on 2 CPU cores with SmolLM2-135M
-    python benchmarks/run.py --full --model DIR       # long contexts (up to 128K tokens): meant for a GPU
-    python benchmarks/run.py --quick --adapter adapters/smollm2-135m-beacon --only efficiency
+    python -m benchmarks.run --quick                  # a few minutes on 2 CPU cores with SmolLM2-135M
+    python -m benchmarks.run --full --model DIR       # long contexts (up to 128K tokens): meant for a GPU
+    python -m benchmarks.run --quick --adapter adapters/smollm2-135m-beacon --only efficiency
 
 The model is loaded once; each benchmark compares full attention, beacon adapters (``--adapter``, else a fresh
 untrained one) at ``--ratios`` and the kvpress presses at the same KV budget, writes
@@ -13,18 +13,14 @@ untrained one) at ``--ratios`` and the kvpress presses at the same KV budget, wr
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common.harness import Bench, add_common_args  # noqa: E402
-from benchmarks.efficiency import run as efficiency  # noqa: E402
-from benchmarks.language_modeling import run as language_modeling  # noqa: E402
-from benchmarks.memory_probe import run as memory_probe  # noqa: E402
-from benchmarks.retrieval import run as retrieval  # noqa: E402
+from benchmarks.common.harness import Bench, add_common_args
+from benchmarks.efficiency import run as efficiency
+from benchmarks.language_modeling import run as language_modeling
+from benchmarks.memory_probe import run as memory_probe
+from benchmarks.retrieval import run as retrieval
 
 BENCHMARKS = {"language_modeling": language_modeling, "retrieval": retrieval, "memory_probe": memory_probe,
               "efficiency": efficiency}

@@ -1,15 +1,15 @@
 """Quick read-back evaluation of a beacon adapter (GPU or CPU): pass key and synthetic needles, held-out text.
 
-* pass key (`benchmarks.common.needles`) at each ``--lengths`` with ``--cases`` keys over depths 0.05-0.85, at
+* pass key (`beacon_peft.needles`) at each ``--lengths`` with ``--cases`` keys over depths 0.05-0.85, at
   ``--ratio``; full attention beside it where the length fits the base model's positions;
 * synthetic needles (`beacon_peft.training.synthetic`) built from the held-out essays, split into the phrasings
   the read-back stage trained on and those it held out (``held_out_templates`` of the adapter's
   ``readback_args.json``).
 
-Greedy answers, scored by `needles.score_answer`. Each case records whether its needle sits in a compressed window
-when the answer is read (``compressed``, `needles.needle_compressed`); the table scores those cases apart from all
-cases, since a needle in the open window is read from raw tokens, not from the memory. Writes ``--out`` (json) and
-prints a markdown table.
+Greedy answers, scored by `beacon_peft.metrics.score_answer`. Each case records whether its needle sits in a
+compressed window when the answer is read (``compressed``, `beacon_peft.needles.needle_compressed`); the table
+scores those cases apart from all cases, since a needle in the open window is read from raw tokens, not from the
+memory. Writes ``--out`` (json) and prints a markdown table.
 
     python recipes/eval_readback.py --adapter outputs/readback/final --lengths 4096 8192 16384 32768
 """
@@ -18,23 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
-from benchmarks.common.needles import (  # noqa: E402
-    digit_similarity,
-    make_passkey_case,
-    needle_compressed,
-    score_answer,
-)
+from beacon_peft.metrics import digit_similarity, score_answer
+from beacon_peft.needles import make_passkey_case, needle_compressed
+from beacon_peft.precision import DTYPE_NAMES, resolve_dtype
 
 
 def greedy_text(model, tokenizer, ids: list[int], device, new: int = 12) -> str:

@@ -31,18 +31,14 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from beacon_peft.atomic import write_dir  # noqa: E402
-from beacon_peft.config import BeaconConfig  # noqa: E402
-from beacon_peft.offline.weights import hub_id  # noqa: E402
-from beacon_peft.training.modeling import LORA_DIR  # noqa: E402
+from beacon_peft.atomic import write_dir
+from beacon_peft.config import BeaconConfig
+from beacon_peft.offline.weights import hub_id
+from beacon_peft.training.modeling import LORA_DIR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS = "adapter_model.safetensors"

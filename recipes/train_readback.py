@@ -29,18 +29,14 @@ import argparse
 import json
 import random
 import re
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from beacon_peft.atomic import write_dir  # noqa: E402
-from beacon_peft.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
+from beacon_peft.atomic import write_dir
+from beacon_peft.precision import DTYPE_NAMES, resolve_dtype
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -246,8 +242,8 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
     `beacon_peft.training.phrasings` (no holder, attribute, statement or question pattern any row trains on)
     instead of the pass-key sentence."""
     from beacon_peft.facts import as_passkey_template, needle_compressed
+    from beacon_peft.needles import passkey_pair
     from beacon_peft.training.phrasings import compose_fact
-    from benchmarks.common.needles import passkey_pair
 
     cases, c = [], 0
     while len(cases) < n and c < 20 * n:
@@ -275,26 +271,24 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
 def key_readback(model, probe: list[dict], device, ratio: int = 8) -> dict[str, float]:
     """What the memory gives back of each probe key, at compression ``ratio``:
 
-    - ``information``: mean NLL(key | other context) - NLL(key | own context), nats per key token;
+    - ``information``: mean NLL(key | other context) - NLL(key | own context), nats per key token
+      (`beacon_peft.metrics.key_information`);
     - ``token_accuracy``: share of key tokens that are the argmax after their own context and the key's earlier
       tokens (teacher forcing);
     - ``exact``: share of keys whose every token is that argmax, i.e. the keys greedy decoding writes exactly.
     """
+    from beacon_peft.metrics import key_information
+
     model.eval()
     model.base_model.set_compression_ratio(ratio)
     gaps, hits, exact, n_tokens = [], 0, 0, 0
     try:
         for case in probe:
-            nll = {}
-            target = torch.tensor(case["answer"], device=device)
-            for side in ("own", "other"):
-                ids = torch.tensor([case[side] + case["answer"]], device=device)
-                logits = model(input_ids=ids, logits_to_keep=len(case["answer"]) + 1).logits[0, :-1].float()
-                nll[side] = float(torch.nn.functional.cross_entropy(logits, target))
-                if side == "own":
-                    right = logits.argmax(-1) == target  # (answer tokens,)
-                    hits, exact, n_tokens = hits + int(right.sum()), exact + int(right.all()), n_tokens + len(right)
-            gaps.append(nll["other"] - nll["own"])
+            key = key_information(model, case["own"], case["other"], case["answer"], device)
+            target = torch.tensor(case["answer"], device=key.own_logits.device)
+            right = key.own_logits.argmax(-1) == target  # (answer tokens,)
+            hits, exact, n_tokens = hits + int(right.sum()), exact + int(right.all()), n_tokens + len(right)
+            gaps.append(key.information)
     finally:
         model.base_model.set_compression_ratio(None)
         model.train()
@@ -316,17 +310,15 @@ def make_text_probe(hay: list[int], n: int, length: int = 2048, seed: int = 4321
 @torch.no_grad()
 def context_gain(model, stretches: list[list[int]], device, ratio: int = 8, tail: int = 64) -> float:
     """Mean over the stretches of NLL(tail | only the token before it) - NLL(tail | the whole stretch), nats per
-    token: what the compressed earlier windows are worth to the prediction."""
-    from benchmarks.common.measure import tail_nll
+    token: what the compressed earlier windows are worth to the prediction (`beacon_peft.metrics.context_gain`)."""
+    from beacon_peft.metrics import context_gain as gain_of
 
     model.eval()
     model.base_model.set_compression_ratio(ratio)
     gains = []
     try:
         for ids in stretches:
-            alone = tail_nll(model, ids[-tail - 1 :], tail, device)[0] / tail
-            with_context = tail_nll(model, ids, tail, device)[0] / tail
-            gains.append(alone - with_context)
+            gains.append(gain_of(model, ids, tail, device).gain)
     finally:
         model.base_model.set_compression_ratio(None)
         model.train()

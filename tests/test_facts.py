@@ -58,9 +58,9 @@ def test_the_pass_key_fact_reads_as_the_demo_and_the_benchmarks_wrote_it():
 
 
 def test_the_benchmarks_demo_and_training_use_the_modules_texts():
+    from beacon_peft import needles
     from beacon_peft.offline import demo
     from beacon_peft.training import phrasings, synthetic
-    from benchmarks.common import needles
 
     assert (needles.PASSKEY_NEEDLE, needles.PASSKEY_QUESTION) == (OLD_PASSKEY_NEEDLE, OLD_PASSKEY_QUESTION)
     assert (needles.MULTIKEY_NEEDLE, needles.MULTIKEY_QUESTION) == (OLD_MULTIKEY_NEEDLE, OLD_MULTIKEY_QUESTION)
@@ -212,7 +212,7 @@ def test_the_demos_prompt_is_pinned(tokenizer, held_out):
 
 
 def test_the_benchmarks_cases_are_pinned(tokenizer, held_out):
-    from benchmarks.common.needles import make_multikey_case, make_passkey_case
+    from beacon_peft.needles import make_multikey_case, make_passkey_case
 
     case = make_passkey_case(held_out, tokenizer, 1000, 0.4, 3)
     assert (case["answer"], case["needle_token_start"], case["needle_token_end"]) == ("41190", 412, 438)

@@ -78,7 +78,7 @@ def test_composed_facts_have_distinct_holders_and_values_and_bad_counts_are_refu
 
 
 def test_a_composed_fact_becomes_a_pass_key_case(tokenizer):
-    from benchmarks.common.needles import make_passkey_case
+    from beacon_peft.needles import make_passkey_case
 
     hay = tokenizer.encode(DOCS[0] + DOCS[1], add_special_tokens=False)
     for seed in range(5):

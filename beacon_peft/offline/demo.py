@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -116,7 +115,9 @@ def _load(parser: argparse.ArgumentParser, args):
 
 
 def _verdict(text: str, key: str) -> str:
-    return "CORRECT" if re.search(rf"(?<!\d){key}(?!\d)", text) else "wrong"
+    from ..metrics import score_answer
+
+    return "CORRECT" if score_answer(text, key) else "wrong"
 
 
 def _line(label: str, text: str, key: str, entries: int, nbytes: int, seconds: float) -> str:
@@ -153,15 +154,15 @@ def _beacons(model, tokenizer, document: list[int], question: list[int], bar: bo
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..metrics import kv_bytes_per_entry
+
     parser = _parser()
     args = parser.parse_args(argv)
     _check(parser, args)
     torch.manual_seed(args.seed)
     model, tokenizer, adapter_line = _load(parser, args)
     cfg = model.get_base_model().config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = next(model.get_base_model().parameters()).element_size()
-    per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize  # K and V, every layer
+    per_entry = kv_bytes_per_entry(cfg, next(model.get_base_model().parameters()).dtype)  # K and V, every layer
     native = cfg.max_position_embeddings
 
     print(f"SmolLM2-135M-Instruct ({native:,} native positions) with {adapter_line}.")

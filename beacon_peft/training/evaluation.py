@@ -12,18 +12,9 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..config import BeaconConfig
-
-
-def sequence_losses(model, ids: torch.Tensor, window: int) -> tuple[float, float, int, int]:
-    """(sum of losses over all predictions, sum after the first window, counts) for one (1, L) sequence."""
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1].float()  # (L - 1, V)
-    nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")  # prediction of token t+1 from tokens <= t
-    after = nll[window:]  # predictions of tokens window+1 .. L-1: their context includes a completed window
-    return nll.sum().item(), after.sum().item(), nll.numel(), after.numel()
+from ..metrics import sequence_losses
 
 
 def evaluate(model, sequences: list[torch.Tensor], window: int) -> dict:

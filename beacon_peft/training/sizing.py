@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import BeaconConfig
+from ..metrics import head_dim
 
 # Meta-Llama-3-8B(-Instruct) config.json: 32 layers, hidden 4096, q 4096x4096, k/v 1024x4096 (8 KV heads)
 LLAMA3_8B: dict[str, Any] = dict(
@@ -108,8 +109,7 @@ def activation_bytes(model_config, config: BeaconConfig, length: int, ratio: int
     window, one per group of windows otherwise).
     """
     layers, hidden = model_config.num_hidden_layers, model_config.hidden_size
-    head_dim = getattr(model_config, "head_dim", None) or hidden // model_config.num_attention_heads
-    kv_dim = model_config.num_key_value_heads * head_dim
+    kv_dim = model_config.num_key_value_heads * head_dim(model_config)
     beacons = config.window // ratio  # per window
     chunk = config.window + beacons  # entries of one window step
     steps = -(-length // config.window)

@@ -127,6 +127,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="name of the result files (default: the mode, quick or full): <tag>.json, <tag>.md, ...")
 
 
+def command_line() -> str:
+    """The command that started this process, as typed at the repository root: ``python -m benchmarks.x.run ARGS``
+    for a runner started as a module (``sys.argv[0]`` is then the file's full path), else ``python ARGV``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["-m", spec.name] if spec is not None and spec.name not in ("", "__main__") else sys.argv[:1]
+    return " ".join(["python", *program, *sys.argv[1:]])
+
+
 def runner_main(argv, description: str, add_args, settings_from, run, extra_ratios=lambda settings: ()) -> int:
     """The command line of one benchmark runner: the common options plus its own (``add_args(parser)``), its
     settings (``settings_from(args)``), the model loaded once (with ``extra_ratios(settings)`` besides
@@ -298,7 +306,7 @@ class Bench:
         kv = "" if self.args.no_kvpress else f", kvpress {(self.header()['versions']['kvpress'] or {}).get('kvpress')}"
         if kv and self.device.type != "cpu":
             kv += " (its worker runs on the CPU: the job schema has no device)"
-        return (f"- command: `{' '.join(['python'] + sys.argv)}`\n"
+        return (f"- command: `{command_line()}`\n"
                 f"- model: `{self.model_name}` ({self.dtype_name}, {self.device}, {torch.get_num_threads()} threads), "
                 f"native positions {self.native_positions}\n"
                 f"- beacon adapters: {self._adapters_text()}\n"

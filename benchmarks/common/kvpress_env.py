@@ -166,6 +166,7 @@ def run_kvpress_job(job: dict, timeout: float | None = None, *, venv: str | os.P
         env = dict(os.environ, PYTHONNOUSERSITE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # never leak the main venv's packages into the worker
+        env.pop("PYTHONSAFEPATH", None)  # the worker imports its sibling metrics.py from its own folder
         proc = subprocess.Popen([str(py), str(WORKER), str(job_path), str(res_path)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
 

@@ -1,7 +1,8 @@
 """Run kvpress measurements; executed INSIDE the kvpress venv (transformers<5.3).
 
 Usage: ``python kvpress_worker.py JOB.json RESULT.json`` (``kvpress_env.run_kvpress_job`` does
-this). Must not import beacon_peft; imports only its pure-python sibling ``metrics``.
+this). Must not import beacon_peft; imports only its pure-python sibling ``metrics``; mirrors
+``beacon_peft.metrics.tail_nll`` for the compressed caches of kvpress.
 Progress lines go to stderr; the result is written as JSON to RESULT.json.
 
 Job::
@@ -52,8 +53,7 @@ import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import metrics  # noqa: E402  (sibling module, pure python)
+import metrics  # the sibling module (pure python): a script's folder is the first entry of sys.path
 
 PRESS_CLASSES = {
     "snapkv": "SnapKVPress",

@@ -4,13 +4,15 @@ Every function takes a model that behaves like a transformers causal LM (``model
 logits_to_keep=k, cache=...)``, ``past_key_values=`` before transformers 5.24) and plain token-id lists, and
 mirrors the definition the kvpress worker uses for the same measurement, so numbers from both sides are comparable:
 
-- ``tail_nll``: summed next-token NLL of the last ``tail`` tokens given everything before them (the first
-  tail token is predicted from the context's last position).
 - ``greedy``: greedy continuation of a prompt (``model.generate``, stopping at EOS).
 - ``prefill_decode``: prefill time, KV bytes held after it, greedy decode time per token, peak RSS.
 
+The scores themselves (tail NLL, key information, context gain, answer scores, KV bytes per entry) are the
+library's, `beacon_peft.metrics`.
+
 KV accounting: ``cache_tensors`` yields the K/V tensors a cache really holds (a ``BeaconMemory`` or an HF
-``DynamicCache``); ``bytes_per_entry`` and ``beacon_entries`` give what they should hold.
+``DynamicCache``); ``beacon_entries`` gives how many entries a beacon memory should hold (times
+`beacon_peft.metrics.kv_bytes_per_entry`: its bytes).
 """
 
 from __future__ import annotations
@@ -49,21 +51,6 @@ def _ids(ids: list[int], device) -> torch.Tensor:
     return torch.tensor([list(ids)], dtype=torch.long, device=device)
 
 
-def tail_nll(model, ids: list[int], tail: int, device="cpu") -> tuple[float, int]:
-    """``(sum_nll, count)`` of the last ``tail`` tokens of ``ids`` given the tokens before them (nats).
-
-    One forward over the whole sequence with ``logits_to_keep=tail + 1``: position ``N - tail - 1 + i``
-    predicts token ``N - tail + i``. For a beacon adapter this equals prefilling the context and feeding
-    the tail through the memory (windows are counted from the sequence start either way).
-    """
-    if not 0 < tail < len(ids):
-        raise ValueError(f"tail={tail} must be in [1, {len(ids) - 1}] for {len(ids)} tokens")
-    with torch.inference_mode():
-        logits = model(input_ids=_ids(ids, device), logits_to_keep=tail + 1).logits[0, :tail].float()
-        targets = _ids(ids[-tail:], logits.device)[0]
-        return float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")), tail
-
-
 def greedy(model, prompt: list[int], max_new_tokens: int, pad_token_id: int, device="cpu") -> list[int]:
     """Greedy continuation of ``prompt`` (new token ids only; generation stops at the model's EOS)."""
     ids = _ids(prompt, device)
@@ -89,14 +76,6 @@ def cache_entries(cache) -> int:
     if hasattr(cache, "num_entries"):
         return int(cache.num_entries()[0])
     return int(max(layer.keys.shape[-2] for layer in cache.layers))
-
-
-def bytes_per_entry(config, dtype: torch.dtype) -> int:
-    """Bytes one token's K and V take over all layers: ``2 * layers * kv_heads * head_dim * itemsize``."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
 
 def beacon_entries(n_tokens: int, window: int, ratio: int, sink: int = 0) -> int:

@@ -9,8 +9,8 @@ training step (forward + backward of the language-modelling loss) of the CPU rec
 (recipes/configs/smollm2-135m-cpu.yaml: 1024-token rows, window 256, one ratio per step from 2, 4, 8) at each
 setting. Writes results/<tag>.{json,md,png}.
 
-    python benchmarks/efficiency/grouping.py --lengths 8192 --layers 30 --repeats 3 --train --tag cpu-8k
-    python benchmarks/efficiency/grouping.py --lengths 8192 32768 --layers 4 --tag cpu-8k-32k-4layers
+    python -m benchmarks.efficiency.grouping --lengths 8192 --layers 30 --repeats 3 --train --tag cpu-8k
+    python -m benchmarks.efficiency.grouping --lengths 8192 32768 --layers 4 --tag cpu-8k-32k-4layers
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.common import measure, metrics, report  # noqa: E402
-from benchmarks.efficiency.launches import smollm2_shape  # noqa: E402
+from benchmarks.common import measure, metrics, report
+from benchmarks.efficiency.launches import smollm2_shape
 
 RESULTS = Path(__file__).parent / "results"
 MIB = 2**20
@@ -115,7 +112,7 @@ def train_step(args) -> list[dict]:
 
 
 def markdown(args, rows: list[dict]) -> str:
-    head = (f"# Grouped execution, CPU ({args.tag})\n\n- command: `python benchmarks/efficiency/grouping.py "
+    head = (f"# Grouped execution, CPU ({args.tag})\n\n- command: `python -m benchmarks.efficiency.grouping "
             f"{' '.join(sys.argv[1:])}`\n- {'tiny Llama (hidden 64)' if args.tiny else 'SmolLM2-135M shape'}, "
             f"{args.layers} layers, random weights, fp32, sdpa, "
             f"{torch.get_num_threads()} threads; {metrics.hardware_string()}; commit `{metrics.git_commit()}`\n"

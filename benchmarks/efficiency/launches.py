@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 class OpCounter(TorchDispatchMode):

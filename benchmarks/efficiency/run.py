@@ -9,24 +9,21 @@ exact entry count and shown next to the usual estimate ``sink + N/r + window``. 
 high-water mark from just before the prefill (weights included; Linux), the minimum over repeats. Full
 attention and kvpress run where the context fits the native positions (the few decode steps may go past).
 
-    python benchmarks/efficiency/run.py --quick     # or --full (GPU), --lengths 4096 8192 --no-kvpress ...
+    python -m benchmarks.efficiency.run --quick     # or --full (GPU), --lengths 4096 8192 --no-kvpress ...
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
+from beacon_peft.metrics import kv_bytes_per_entry
+from benchmarks.common import measure, report
+from benchmarks.common.harness import Bench, Method, runner_main, with_overrides
 
 BENCHMARK = "efficiency"
 KVPRESS_FULL = Method("full-kvpress-venv", "kvpress", 1, press="none")
@@ -102,7 +99,7 @@ def _keep_min(rows: dict, m: Method, n: int, res: dict) -> None:
 
 
 def _per_entry(bench: Bench) -> int:
-    return measure.bytes_per_entry(bench.config, bench.dtype)
+    return kv_bytes_per_entry(bench.config, bench.dtype)
 
 
 def _row(bench: Bench, m: Method, n: int, r: dict, rows: dict) -> dict:

@@ -8,24 +8,21 @@ curves show what extra context buys. Two sweeps: N over ``lengths`` at ``--ratio
 ``sweep_ratios`` at ``sweep_length``. Full attention and kvpress only run where N fits the model's native
 positions; beacons run at every length.
 
-    python benchmarks/language_modeling/run.py --quick      # or --full (GPU), --lengths 1024 4096 ...
+    python -m benchmarks.language_modeling.run --quick      # or --full (GPU), --lengths 1024 4096 ...
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.common import measure, metrics, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
+from beacon_peft.metrics import tail_nll
+from benchmarks.common import metrics, report
+from benchmarks.common.harness import Bench, Method, runner_main, with_overrides
 
 BENCHMARK = "language_modeling"
 
@@ -79,7 +76,7 @@ def run(bench: Bench, s: Settings) -> str:
     for n, m in local:
         with bench.use(m) as model:
             for ids in seqs[n]:
-                total, count = measure.tail_nll(model, ids, s.tail, bench.device)
+                total, count = tail_nll(model, ids, s.tail, bench.device)
                 acc = nll.setdefault((m.name, n), [0.0, 0])
                 acc[0] += total
                 acc[1] += count

@@ -3,19 +3,21 @@
 Two measurements per method and context length, each the difference of two negative log-likelihoods (nats per
 token), so they are near 0 when the memory holds nothing and they grow as it holds more:
 
-- **key information**: a pass-key case (``needles.make_passkey_case``, held-out essays) is scored twice on the
-  same answer, the key's tokens: once after its own context, once after the same context whose needle holds
-  another key. ``other - own`` is what the context tells about the key (full attention: about 2.3 nats, the
-  cost of a random digit). Beacon cases count only where the needle sits in a compressed window when the answer
-  is read (``compressed`` in the json); with the needle in the open window the raw tokens answer directly.
-- **context gain**: the last ``tail`` tokens of a held-out stretch are scored after the whole stretch and after
-  only the token before them. ``alone - with`` is what the earlier context is worth to the prediction.
+- **key information** (``beacon_peft.metrics.key_information``): a pass-key case
+  (``beacon_peft.needles.make_passkey_case``, held-out essays) is scored twice on the same answer, the key's tokens:
+  once after its own context, once after the same context whose needle holds another key. ``other - own`` is what
+  the context tells about the key (full attention: about 2.3 nats, the cost of a random digit). Beacon cases count
+  only where the needle sits in a compressed window when the answer is read (``compressed`` in the json); with the
+  needle in the open window the raw tokens answer directly.
+- **context gain** (``beacon_peft.metrics.context_gain``): the last ``tail`` tokens of a held-out stretch are scored
+  after the whole stretch and after only the token before them. ``alone - with`` is what the earlier context is
+  worth to the prediction.
 
 A trained adapter that retrieves has a key information close to full attention's; one that only condenses the
 gist of a window has a context gain above 0 and a key information near 0. Full attention runs where the
 sequence fits the native positions; the kvpress presses are not probed (their worker scores no answers).
 
-    python benchmarks/memory_probe/run.py --quick --adapter shipped=adapters/smollm2-135m-beacon --with-untrained
+    python -m benchmarks.memory_probe.run --quick --adapter shipped=adapters/smollm2-135m-beacon --with-untrained
 """
 
 from __future__ import annotations
@@ -23,30 +25,27 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import (  # noqa: E402
-    Bench,
-    Method,
-    earlier_result,
-    runner_main,
-    with_overrides,
-)
-from benchmarks.common.needles import (  # noqa: E402
+from beacon_peft.metrics import context_gain, key_information
+from beacon_peft.needles import (
     INTRO,
     PASSKEY_NEEDLE,
     PASSKEY_QUESTION,
     check_phrasing,
     needle_compressed,
     passkey_pair,
+)
+from benchmarks.common import report
+from benchmarks.common.harness import (
+    Bench,
+    Method,
+    earlier_result,
+    runner_main,
+    with_overrides,
 )
 
 BENCHMARK = "memory_probe"
@@ -93,11 +92,6 @@ def make_cases(bench: Bench, s: Settings) -> tuple[list[dict], dict[int, list[li
     return pairs, texts
 
 
-def _nll_per_token(model, ids: list[int], tail: int, device) -> float:
-    total, count = measure.tail_nll(model, ids, tail, device)
-    return total / count
-
-
 def run(bench: Bench, s: Settings) -> str:
     """Measure, write results/<mode>.{json,md} and the two plots, add summary records; returns the markdown."""
     pairs, texts = make_cases(bench, s)
@@ -120,21 +114,20 @@ def run(bench: Bench, s: Settings) -> str:
             compressed = config is not None and needle_compressed(p["own"], len(own_ids), config.window,
                                                                   config.stride)
             with bench.use(m) as model:
-                own = _nll_per_token(model, own_ids + answer, len(answer), bench.device)
-                other = _nll_per_token(model, other_ids + answer, len(answer), bench.device)
+                key = key_information(model, own_ids, other_ids, answer, bench.device)
             rows.append(dict(method=m.name, kind="key", context_tokens=p["length"], depth=p["depth"],
-                             answer=p["own"]["answer"], compressed=compressed, own_nll=own, other_nll=other,
-                             key_information=other - own))
+                             answer=p["own"]["answer"], compressed=compressed, own_nll=key.own_nll,
+                             other_nll=key.other_nll, key_information=key.information))
         for length, stretches in texts.items():
             if m.kind == "full" and not bench.fits(length):
                 continue
             tail = min(s.tail, length // 2)
             with bench.use(m) as model:
                 for ids in stretches:
-                    with_ctx = _nll_per_token(model, ids, tail, bench.device)
-                    alone = _nll_per_token(model, ids[-tail - 1:], tail, bench.device)
+                    gain = context_gain(model, ids, tail, bench.device)
                     rows.append(dict(method=m.name, kind="text", context_tokens=length, tail=tail,
-                                     with_context_nll=with_ctx, alone_nll=alone, context_gain=alone - with_ctx))
+                                     with_context_nll=gain.with_context_nll, alone_nll=gain.alone_nll,
+                                     context_gain=gain.gain))
 
     table = summarize(rows)
     names = [m.name for m in methods]

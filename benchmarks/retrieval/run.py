@@ -1,19 +1,19 @@
 """Retrieval: pass key (one needle, context length x depth grid) and multi-key (4 named needles, one asked).
 
-Cases come from ``benchmarks/common/needles.py`` over held-out essays: ``context_tokens`` tokens exactly (intro,
-filler, needle(s)), then the question; the answer is read greedily (``max_new_tokens``, stopping at EOS) and is
-correct when the key appears in it as a whole number; a pass key also gets partial credit, its digit
-similarity (``needles.digit_similarity``: 1 - edit distance of the first digit run / key length). Full attention
-and beacons run in this process (``model.generate``), kvpress presses in their worker (context compressed,
-question and answer not). Full attention and kvpress only run where context + question + answer fit the model's
-native positions.
+Cases come from ``beacon_peft/needles.py`` over held-out essays: ``context_tokens`` tokens exactly (intro, filler,
+needle(s)), then the question; the answer is read greedily (``max_new_tokens``, stopping at EOS) and is correct when
+the key appears in it as a whole number (``beacon_peft.metrics.score_answer``); a pass key also gets partial credit,
+its digit similarity (``beacon_peft.metrics.digit_similarity``: 1 - edit distance of the first digit run / key
+length). Full attention and beacons run in this process (``model.generate``), kvpress presses in their worker
+(context compressed, question and answer not). Full attention and kvpress only run where context + question + answer
+fit the model's native positions.
 
 Full attention is deterministic and does not depend on the adapters, so a run that compares adapters may take its
 answers from an earlier result file (``--full-from RESULT.json``) made with the same model folder, hardware, dtype,
 device, threads, seed, new-token budget and torch / transformers versions, for the same cases (checked case by case;
 anything else is a ValueError before any work); cases the file lacks are run. The result says where they came from.
 
-    python benchmarks/retrieval/run.py --quick      # or --full (GPU), --lengths 1024 4096 ...
+    python -m benchmarks.retrieval.run --quick      # or --full (GPU), --lengths 1024 4096 ...
 """
 
 from __future__ import annotations
@@ -21,28 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import (  # noqa: E402
+from beacon_peft.metrics import digit_similarity, score_answer
+from beacon_peft.needles import make_multikey_case, make_passkey_case
+from benchmarks.common import measure, report
+from benchmarks.common.harness import (
     Bench,
     Method,
     earlier_result,
     runner_main,
     with_overrides,
-)
-from benchmarks.common.needles import (  # noqa: E402
-    digit_similarity,
-    make_multikey_case,
-    make_passkey_case,
-    score_answer,
 )
 
 BENCHMARK = "retrieval"

@@ -10,7 +10,7 @@ question that was re-read must get exactly the fork's answer (checked, and a mis
 is also saved (fp32 and bf16 storage) and loaded: file sizes against a full KV cache of the same tokens, save
 and load times.
 
-    python benchmarks/reuse/run.py --adapter adapters/smollm2-135m-beacon --lengths 8192 --no-kvpress
+    python -m benchmarks.reuse.run --adapter adapters/smollm2-135m-beacon --lengths 8192 --no-kvpress
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.common import measure, report  # noqa: E402
-from benchmarks.common.harness import Bench, Method, runner_main, with_overrides  # noqa: E402
+from beacon_peft.metrics import kv_bytes_per_entry
+from benchmarks.common import measure, report
+from benchmarks.common.harness import Bench, Method, runner_main, with_overrides
 
 BENCHMARK = "reuse"
 FILE_COLUMNS = ["tokens", "entries", "file MiB (fp32)", "file MiB (bf16)", "full KV MiB", "full KV / file", "save s",
@@ -116,7 +114,7 @@ def run(bench: Bench, s: Settings) -> str:
                     load_s = time.perf_counter() - t0
                     size = sum(p.stat().st_size for p in (Path(tmp) / name).iterdir())
                     files[name] = dict(bytes=size, save_s=save_s, load_s=load_s)
-            full_kv = n * measure.bytes_per_entry(bench.config, bench.dtype)
+            full_kv = n * kv_bytes_per_entry(bench.config, bench.dtype)
             mean_reread = sum(reread_s) / len(reread_s)
             for q in s.questions:
                 measured = reread_s[:q]

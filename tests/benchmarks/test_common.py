@@ -11,29 +11,21 @@ import json
 import math
 import random
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import metrics  # noqa: E402
-from benchmarks.common.needles import (  # noqa: E402
+from beacon_peft.needles import (
     INTRO,
     MULTIKEY_NEEDLE,
     MULTIKEY_QUESTION,
     PASSKEY_NEEDLE,
     PASSKEY_QUESTION,
-    digit_similarity,
     make_multikey_case,
     make_passkey_case,
     passkey_pair,
-    score_answer,
 )
+from benchmarks.common import metrics
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -233,31 +225,6 @@ def test_multikey_case():
     other = make_multikey_case(HAYSTACK, TOK, 1800, seed=5, n_keys=3, depths=[0.9, 0.1, 0.5], query_index=0)
     depths = other["depths_actual"]
     assert other["query_index"] == 0 and depths[0] > depths[2] > depths[1]
-
-
-def test_score_answer():
-    assert score_answer(" 68213. The pass key", "68213")
-    assert score_answer("68213", "68213")
-    assert not score_answer(" 682130", "68213")
-    assert not score_answer(" 6821", "68213")
-    assert score_answer("it is Alice's", "Alice")
-    assert score_answer(" Lighthouse.", "lighthouse")  # case does not matter for words
-    assert score_answer("in PORTO, then", "Porto")
-    assert not score_answer(" lighthousekeeper", "lighthouse")  # nor does a longer word count
-    assert not score_answer(" Portobello", "Porto")
-    assert score_answer("a blue teapot", "blue teapot")  # several words
-
-
-def test_digit_similarity_is_one_minus_the_edit_distance_of_the_first_digit_run():
-    assert digit_similarity(" 68213. Remember it", "68213") == 1.0
-    assert digit_similarity(" 9376. Remember it", "93765") == pytest.approx(0.8)  # one digit dropped
-    assert digit_similarity(" 9199.", "91519") == pytest.approx(0.6)  # 5 dropped, 1 -> 9: two edits
-    assert digit_similarity(" 267. 12345", "26755") == pytest.approx(0.6)  # only the first run counts
-    assert digit_similarity(" 68312", "68213") == pytest.approx(0.6)  # two substitutions
-    assert digit_similarity("the way that you want", "68213") == 0.0
-    assert digit_similarity(" 1234567890123", "68213") == 0.0  # floored at 0
-    with pytest.raises(ValueError, match="answer='Alice'"):
-        digit_similarity("Alice", "Alice")
 
 
 def test_needles_with_a_real_hf_style_tokenizer_interface():

@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import beacon_peft  # noqa: E402
-from benchmarks import run as run_all  # noqa: E402
-from benchmarks.common import measure, metrics, report  # noqa: E402
-from benchmarks.common.harness import Method, parse_adapters, press_method  # noqa: E402
-from benchmarks.efficiency import run as efficiency  # noqa: E402
-from benchmarks.language_modeling import run as language_modeling  # noqa: E402
-from benchmarks.memory_probe import run as memory_probe  # noqa: E402
-from benchmarks.retrieval import run as retrieval  # noqa: E402
+import beacon_peft
+import beacon_peft.metrics
+from beacon_peft.metrics import kv_bytes_per_entry, tail_nll
+from benchmarks import run as run_all
+from benchmarks.common import measure, metrics, report
+from benchmarks.common.harness import Method, parse_adapters, press_method
+from benchmarks.efficiency import run as efficiency
+from benchmarks.language_modeling import run as language_modeling
+from benchmarks.memory_probe import run as memory_probe
+from benchmarks.retrieval import run as retrieval
 
 NATIVE = 768  # tiny model's positions: 512 tokens fit, 1024 do not
 FAST = ["--window", "64", "--threads", "1", "--seed", "3"]
@@ -91,14 +88,14 @@ def test_tail_nll_known_logits():
     # the tail follows the rule (p = 3 / (3 + 9) = 1/4), the context does not: only the tail is scored,
     # and its first token is predicted from the last context position
     ctx, tail = [5, 5, 5, 5, 9], [0, 1, 2, 3]
-    total, count = measure.tail_nll(model, ctx + tail, len(tail))
+    total, count = tail_nll(model, ctx + tail, len(tail))
     assert count == 4 and total == pytest.approx(4 * math.log(4.0))
     assert metrics.perplexity(total, count) == pytest.approx(4.0)
     # a tail token off the rule has p = 1/12: geometric mean of 4, 4, 12
-    total, count = measure.tail_nll(model, [1, 2, 3, 7], 3)
+    total, count = tail_nll(model, [1, 2, 3, 7], 3)
     assert metrics.perplexity(total, count) == pytest.approx((4 * 4 * 12) ** (1 / 3))
     with pytest.raises(ValueError):
-        measure.tail_nll(model, [1, 2, 3], 3)
+        tail_nll(model, [1, 2, 3], 3)
 
 
 def test_tail_nll_matches_cross_entropy_and_prefill_then_tail(tiny_dir):
@@ -112,10 +109,10 @@ def test_tail_nll_matches_cross_entropy_and_prefill_then_tail(tiny_dir):
     with torch.no_grad():
         logits = base(input_ids=ids).logits[0]
     expected = torch.nn.functional.cross_entropy(logits[-T - 1 : -1], ids[0, -T:], reduction="sum")
-    assert measure.tail_nll(base, ids[0].tolist(), T)[0] == pytest.approx(float(expected), rel=1e-5)
+    assert tail_nll(base, ids[0].tolist(), T)[0] == pytest.approx(float(expected), rel=1e-5)
 
     model = get_peft_model(base, beacon_peft.BeaconConfig(window=64, ratios=[4])).eval()
-    total, _ = measure.tail_nll(model, ids[0].tolist(), T)
+    total, _ = tail_nll(model, ids[0].tolist(), T)
     with torch.no_grad():
         first = model(input_ids=ids[:, :-T], logits_to_keep=1)
         rest = model(input_ids=ids[:, -T:], past_key_values=first.past_key_values).logits[0, :-1]
@@ -126,8 +123,8 @@ def test_tail_nll_matches_cross_entropy_and_prefill_then_tail(tiny_dir):
 def test_kv_bytes_of_a_dynamic_cache(tiny_dir):
     model = _tiny(tiny_dir)
     per_entry = 2 * 2 * 2 * 16 * 4  # K+V x 2 layers x 2 KV heads x head_dim 16 x fp32
-    assert measure.bytes_per_entry(model.config, torch.float32) == per_entry
-    assert measure.bytes_per_entry(model.config, torch.bfloat16) == per_entry // 2
+    assert kv_bytes_per_entry(model.config, torch.float32) == per_entry
+    assert kv_bytes_per_entry(model.config, torch.bfloat16) == per_entry // 2
     res = measure.prefill_decode(model, list(range(3, 203)), n_decode=3)
     assert res["kv_entries"] == 200 and res["kv_bytes"] == 200 * per_entry
     assert res["prefill_s"] > 0 and res["decode_s_per_token"] > 0 and res["peak_rss_bytes"] > 0
@@ -171,7 +168,7 @@ def test_beacon_memory_bytes_match_the_formula(tiny_dir, n):
     base = _tiny(tiny_dir)
     model = get_peft_model(base, beacon_peft.BeaconConfig(window=64, ratios=[8])).eval()
     res = measure.prefill_decode(model, [3 + i % 250 for i in range(n)], n_decode=0)
-    per_entry = measure.bytes_per_entry(base.config, torch.float32)
+    per_entry = kv_bytes_per_entry(base.config, torch.float32)
     assert res["kv_entries"] == measure.beacon_entries(n, 64, 8)
     assert res["kv_bytes"] == measure.beacon_entries(n, 64, 8) * per_entry
     assert res["kv_bytes"] <= measure.beacon_bound_entries(n, 64, 8) * per_entry
@@ -296,10 +293,11 @@ def test_runners_quick_end_to_end(tiny_dir, tmp_path, capsys):
     assert _numbers(_summary(again)) == first
 
 
-def _count_calls(monkeypatch, name: str) -> list:
-    """Patch ``measure.<name>`` to append to the returned list on every call (then do its work)."""
-    calls, fn = [], getattr(measure, name)
-    monkeypatch.setattr(measure, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
+def _count_calls(monkeypatch, name: str, module=measure) -> list:
+    """Patch ``module.<name>`` (``measure`` by default) to append to the returned list on every call (then do its
+    work)."""
+    calls, fn = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
     return calls
 
 
@@ -342,7 +340,7 @@ def test_memory_probe_full_from_reuses_full_attention_and_refuses_other_settings
     scoring."""
     common = ["--quick", "--no-kvpress", "--model", str(tiny_dir), *FAST, "--ratios", "8", "--lengths", "512",
               "--cases", "2", "--tail", "32"]
-    calls = _count_calls(monkeypatch, "tail_nll")  # NLLs scored
+    calls = _count_calls(monkeypatch, "tail_logits", beacon_peft.metrics)  # NLLs scored (one forward each)
     assert memory_probe.main([*common, "--out-root", str(tmp_path / "a")]) == 0
     made = tmp_path / "a" / "memory_probe" / "results" / "quick.json"
     first, ran = json.loads(made.read_text()), len(calls)
@@ -562,7 +560,7 @@ def test_tail_nll_same_on_both_sides(kvpress_ready, tiny_dir):
     job = dict(model_dir=str(tiny_dir), threads=1, measurements=[dict(
         kind="tail_nll", id=0, context_ids=ids[:-40], tail_ids=ids[-40:], presses=[dict(name="none")])])
     theirs = run_kvpress_job(job)["measurements"][0]["results"][0]
-    ours, count = measure.tail_nll(_tiny(tiny_dir), ids, 40)
+    ours, count = tail_nll(_tiny(tiny_dir), ids, 40)
     assert theirs["count"] == count and theirs["sum_nll"] == pytest.approx(ours, rel=1e-4)
 
 

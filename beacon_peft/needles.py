@@ -20,10 +20,9 @@ deterministic given ``seed``: key digits come from ``random.Random(seed)``.
 from __future__ import annotations
 
 import random
-import re
 
-from beacon_peft import facts
-from beacon_peft.facts import (
+from . import facts
+from .facts import (
     QUIZ_INTRO,
     SENTENCE_ENDS,
     check_phrasing,
@@ -212,35 +211,4 @@ def passkey_pair(haystack_ids: list[int], tokenizer, context_tokens: int, depth:
         return None
     return own, other
 
-
-def score_answer(generated_text: str, answer: str) -> bool:
-    """True when ``answer`` appears in the generated text as a whole token: an all-digit answer must not be part of a
-    longer digit run ("68213" is not found in "682130"), a word answer matches regardless of case but not inside a
-    longer word ("lighthouse" is found in "Lighthouse." but not in "lighthousekeeper")."""
-    answer = str(answer).strip()
-    if answer.isdigit():
-        return re.search(rf"(?<!\d){re.escape(answer)}(?!\d)", generated_text) is not None
-    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", generated_text, flags=re.IGNORECASE) is not None
-
-
-def digit_similarity(generated_text: str, answer: str) -> float:
-    """Partial credit for a numeric key: ``1 - edit_distance(first digit run, answer) / len(answer)``, floored at 0
-    (1.0: the key exactly; "9376" for "93765": 0.8; no digits: 0.0). It shows a memory that carries most of a key
-    before greedy answers are exactly right.
-
-    Raises:
-        ValueError: ``answer`` is not all digits.
-    """
-    answer = str(answer).strip()
-    if not answer.isdigit():
-        raise ValueError(f"answer={answer!r}: digit_similarity scores an all-digit key")
-    found = re.search(r"\d+", generated_text)
-    got = found.group(0) if found else ""
-    prev = list(range(len(got) + 1))  # Levenshtein distance, one row at a time
-    for i, a in enumerate(answer, 1):
-        row = [i]
-        for j, b in enumerate(got, 1):
-            row.append(min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a != b)))
-        prev = row
-    return max(0.0, 1.0 - prev[-1] / len(answer))
 
