@@ -7,6 +7,7 @@ Modules: `arguments` (the dataclasses the recipe parses), `data` (corpora, token
 `collator`, `modeling` (base, 4-bit, base LoRA, beacon adapter), `callbacks` (ratio sampling and recording),
 `trainer` (`BeaconSFTTrainer`, `train`), `saving` (final adapter folder), `card` (model card, `TrainingRecord`),
 `evaluation` (held-out loss), `sizing` (parameter counts and memory estimates on a meta-device model).
+The read-back stage (its own plain PyTorch loop, behind ``recipes/train_readback.py``) is the `readback` package.
 """
 
 from __future__ import annotations
