@@ -155,7 +155,8 @@ def test_needle_compressed_on_hand_computed_boundaries(end, n_prompt, window, st
 
 
 def test_needle_compressed_is_the_read_back_probes_old_inline_check():
-    """recipes/train_readback.py's probe skipped a pair when ``end > window * ((n_prompt - 1) // window)``."""
+    """The read-back probe (before `facts.needle_compressed`) skipped a pair when
+    ``end > window * ((n_prompt - 1) // window)``."""
     for window in (16, 64, 512):
         for n_prompt in range(1, 4 * window):
             for end in range(0, n_prompt + 1, 7):

@@ -8,6 +8,7 @@ import string
 
 import pytest
 
+from beacon_peft.labels import IGNORE_INDEX
 from beacon_peft.training import phrasings
 from beacon_peft.training.phrasings import (
     ATTRIBUTES,
@@ -20,7 +21,7 @@ from beacon_peft.training.phrasings import (
     compose_facts,
     split_items,
 )
-from beacon_peft.training.readback import IGNORE_INDEX, MixedRows
+from beacon_peft.training.readback.rows import MixedRows
 from tests.test_readback import DOCS, _tiny_run_args
 
 
@@ -131,7 +132,8 @@ def test_recall_rows_mix_composed_needles_in_when_composed_rows_are_on(tokenizer
 
 
 def test_the_training_curve_probes_unseen_phrasings_when_composed_rows_are_on(tmp_path, tokenizer):
-    from recipes.train_readback import main, make_probe
+    from beacon_peft.training.readback.probes import make_probe
+    from recipes.train_readback import main
 
     hay = tokenizer.encode((DOCS[0] + DOCS[1]) * 3, add_special_tokens=False)
     seen, unseen = make_probe(tokenizer, hay, 3, 512), make_probe(tokenizer, hay, 3, 512, unseen=True)

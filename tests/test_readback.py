@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from readback_reference import kl_to_teacher, masked_ce
 
-from beacon_peft.training import readback
-from beacon_peft.training.readback import IGNORE_INDEX, MixedRows, collate_rows, kl_to_teacher, masked_ce
+from beacon_peft.labels import IGNORE_INDEX
+from beacon_peft.training.readback import losses as readback
+from beacon_peft.training.readback.rows import MixedRows, collate_rows
 from beacon_peft.training.synthetic import TEMPLATES, retrieval_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +130,7 @@ def _tiny_beacon(tokenizer=None):
 
 
 def test_training_losses_from_the_decoder_and_head_equal_those_from_the_models_logits():
-    """train_readback calls the decoder and head_losses instead of the model's logits: same losses, same
+    """The read-back loop calls the decoder and head_losses instead of the model's logits: same losses, same
     gradients in the adapter, for the compressed student (three windows) and the disabled-adapter teacher."""
     model = _tiny_beacon()
     model.train()
@@ -274,14 +276,14 @@ def test_draw_fact_splits_a_needle_at_its_value():
 
 @pytest.mark.parametrize("path", READBACK_CONFIGS, ids=lambda p: p.name)
 def test_readback_configs_parse(path):
-    from recipes.train_readback import parse_args
+    from beacon_peft.training.readback import parse_args
 
     args = parse_args(["--config", str(path)])
     assert args.max_tokens <= 8192 and args.probe_ratio in args.ratios
 
 
 def test_readback_arguments_are_checked(tmp_path):
-    from recipes.train_readback import parse_args
+    from beacon_peft.training.readback import parse_args
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1.0\n")
@@ -319,6 +321,64 @@ def _tiny_run_args(tmp_path, tokenizer) -> list[str]:
             "--hidden_weight", "1.0", "--log_every", "1", "--probe_ratio", "4"]
 
 
+def test_a_checkpoint_restores_the_training_state_exactly_and_is_read_without_unpickling(tmp_path):
+    """Three steps, checkpoint, two more; against a fresh model and optimizer restored from the checkpoint, the same
+    two steps: equal adapter weights, Adam moments and RNG draws, bit for bit (the resume is exact). The state is
+    read with ``torch.load(weights_only=True)``: a state.pt holding any other object (here a class instance, whose
+    unpickling could run code) is refused before anything is restored."""
+    import pickle
+    import random
+
+    from beacon_peft.training.readback.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+
+    def run(model, optimizer, steps: int) -> None:  # steps on batches drawn from `random` and torch
+        for _ in range(steps):
+            ids = torch.randint(0, 97, (2, 40 + random.randrange(10)))
+            loss = model(input_ids=ids, labels=ids).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def adam(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return params, torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+
+    model = _tiny_beacon()
+    model.train()
+    params, optimizer = adam(model)
+    random.seed(5)
+    torch.manual_seed(5)
+    run(model, optimizer, 3)
+    save_checkpoint(model, optimizer, 3, 123, tmp_path)
+    run(model, optimizer, 2)
+    straight = [p.detach().clone() for p in params]
+    moments = optimizer.state_dict()["state"]
+    draws = (random.random(), torch.rand(3))
+
+    fresh = _tiny_beacon()  # the same start as `model` before training (seeded), as a resumed process builds it
+    fresh.train()
+    fresh_params, fresh_optimizer = adam(fresh)
+    random.seed(99)
+    torch.manual_seed(99)  # whatever the new process drew before resuming
+    assert load_checkpoint(fresh, fresh_optimizer, tmp_path, "cpu", base_lora=False) == (3, 123)
+    run(fresh, fresh_optimizer, 2)
+    assert all(torch.equal(a, b) for a, b in zip(straight, fresh_params))
+    restored = fresh_optimizer.state_dict()["state"]
+    assert restored.keys() == moments.keys() and all(
+        torch.equal(restored[i][k], moments[i][k]) for i in moments for k in moments[i])
+    again = (random.random(), torch.rand(3))
+    assert again[0] == draws[0] and torch.equal(again[1], draws[1])
+    assert load_checkpoint(fresh, fresh_optimizer, tmp_path / "nowhere", "cpu", base_lora=False) is None
+
+    state = torch.load(tmp_path / "checkpoint" / STATE_FILE, weights_only=True)  # tensors and containers only
+    state["step"] = Path("/somewhere")  # an object a weights-only load may not rebuild
+    torch.save(state, tmp_path / "checkpoint" / STATE_FILE)
+    before = [p.detach().clone() for p in fresh_params]
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(fresh, fresh_optimizer, tmp_path, "cpu", base_lora=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh_params))
+
+
 def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     """Two steps, stop; resume to three: the resumed run starts from the checkpoint's step and weights (with every
     loss term on, the layer-wise hidden-state distance included)."""
@@ -328,7 +388,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
 
     common = _tiny_run_args(tmp_path, tokenizer)
     main(common + ["--max_steps", "2"])
-    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
     assert state["step"] == 2 and state["tokens"] > 0
     snapshot = tmp_path / "run" / "checkpoint" / "adapter"  # the checkpoint as a loadable adapter folder
     stored = load_file(str(snapshot / "adapter_model.safetensors"))
@@ -340,7 +400,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     curve_path.write_text(json.dumps(json.loads(curve_path.read_text()) + [dict(step=9, tokens=1, key_information=0.0,
                                                                                 context_gain=0.0)]))
     final = main(common + ["--max_steps", "3", "--resume"])  # drops the point after the checkpoint (a killed run's)
-    resumed = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
     assert resumed["step"] == 3 and resumed["tokens"] > state["tokens"]
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [c["step"] for c in curve] == [0, 2, 3] and all(c["ratio"] == 4 for c in curve)  # --probe_ratio
@@ -363,7 +423,9 @@ def test_init_adapter_can_grow_beacon_o_and_starts_computing_what_the_folder_did
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from recipes.train_readback import check_init_keys, load, main, parse_args
+    from beacon_peft.training.readback import parse_args
+    from beacon_peft.training.readback.modeling import check_init_keys, load
+    from recipes.train_readback import main
 
     common = _tiny_run_args(tmp_path, tokenizer)
     folder = main(common + ["--max_steps", "1", "--lr", "0.05"])  # a q/k/v adapter that moved off its start
@@ -409,11 +471,13 @@ def test_a_base_lora_trains_with_the_beacons_leaves_the_teacher_the_base_and_rou
     from transformers import AutoModelForCausalLM
 
     from beacon_peft.training import load_trained
-    from recipes.train_readback import load, main, parse_args
+    from beacon_peft.training.readback import parse_args
+    from beacon_peft.training.readback.modeling import load
+    from recipes.train_readback import main
 
     common = _tiny_run_args(tmp_path, tokenizer) + ["--base_lora_r", "4", "--base_lora_targets", "q_proj", "v_proj"]
     folder = main(common + ["--max_steps", "2", "--lr", "0.05"])
-    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
     lora_b = [k for k in state["base_lora"] if "lora_B" in k]
     assert len(lora_b) == 2 * 2 and all(state["base_lora"][k].abs().sum() > 0 for k in lora_b)  # 2 layers x q, v
     assert not any("lora" in k for k in state["adapter"])  # the beacon adapter's weights stay apart
@@ -437,7 +501,7 @@ def test_a_base_lora_trains_with_the_beacons_leaves_the_teacher_the_base_and_rou
             torch.testing.assert_close(trained(input_ids=ids).logits, base(input_ids=ids).logits)
 
     resumed = main(common + ["--max_steps", "3", "--resume"])
-    after = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    after = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=True)
     assert after["step"] == 3 and json.loads((resumed / "readback_args.json").read_text())["step"] == 3
     assert any(not torch.equal(state["base_lora"][k], after["base_lora"][k]) for k in lora_b)
     plain = _tiny_run_args(tmp_path, tokenizer)

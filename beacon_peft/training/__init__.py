@@ -9,6 +9,7 @@ Modules: `arguments` (the dataclasses the recipe parses), `data` (corpora, token
 adapter folder), `trained` (loading a trained folder for inference, `load_trained`), `card` (model card,
 `TrainingRecord`), `evaluation` (held-out loss), `sizing` (parameter counts and memory estimates on a meta-device
 model).
+The read-back stage (its own plain PyTorch loop, behind ``recipes/train_readback.py``) is the `readback` package.
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ def boundary_ids(tokenizer) -> frozenset[int]:
     return _BOUNDARIES[key]
 
 
-def _token_stream(tokenizer, documents: Sequence[str], n: int, min_tokens: int, longest: int,
-                  stream: Sequence[int] | None = None) -> Sequence[int]:
+def token_stream(tokenizer, documents: Sequence[str], n: int, min_tokens: int, longest: int,
+                 stream: Sequence[int] | None = None) -> Sequence[int]:
     """The non-empty ``documents`` as one token stream (each followed by a blank line), after checking the sizes:
     ``n >= 1`` rows of ``min_tokens``..``longest`` tokens (``min_tokens >= 64``)."""
     if n < 1:
@@ -164,7 +164,7 @@ def retrieval_examples(tokenizer, documents: Sequence[str], n: int, min_tokens: 
     pool = template_pool(templates)
     if not 1 <= max_needles <= len(ACCOUNTS):
         raise ValueError(f"max_needles={max_needles} must be in [1, {len(ACCOUNTS)}]")
-    stream = _token_stream(tokenizer, documents, n, min_tokens, max_tokens - 8, stream)
+    stream = token_stream(tokenizer, documents, n, min_tokens, max_tokens - 8, stream)
     boundaries = boundary_ids(tokenizer)
     rng = random.Random(seed)
 
@@ -232,7 +232,7 @@ def plain_text_examples(tokenizer, documents: Sequence[str], n: int, min_tokens:
     Raises:
         ValueError: ``n < 1``, ``min_tokens`` not in [64, max_tokens - 1], or no document text.
     """
-    stream = _token_stream(tokenizer, documents, n, min_tokens, max_tokens - 1)
+    stream = token_stream(tokenizer, documents, n, min_tokens, max_tokens - 1)
     rng = random.Random(seed)
     rows = []
     for _ in range(n):

@@ -3,8 +3,8 @@ base + fp32 adapter, sdpa and eager.
 
 Checks on the device what the CPU suite checks on the CPU, in seconds: compression off equals the base model;
 a training step (CE + KL to the full-attention teacher) gives finite gradients in adapter parameters only, and the
-read-back loop's chunked losses (`readback.head_losses` from the decoder's last hidden states) equal those from the
-model's full logits;
+read-back loop's chunked losses (`readback.losses.head_losses` from the decoder's last hidden states) equal those
+from the model's full logits (tests/readback_reference.py);
 generate() continues from the memory (greedy ids equal one forward over the whole sequence, step by step).
 Prints one line per check and exits non-zero on the first failure.
 
@@ -17,11 +17,12 @@ from functools import partial
 
 import torch
 from peft import get_peft_model
+from readback_reference import kl_to_teacher, masked_ce
 from tiny import ARCHS, MORE_ARCHS, random_ids, tiny_auto, tiny_model
 
 import beacon_peft
 from beacon_peft.labels import IGNORE_INDEX
-from beacon_peft.training.readback import decoder_and_head, head_losses, kl_to_teacher, masked_ce
+from beacon_peft.training.readback.losses import decoder_and_head, head_losses
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 print("device", device, torch.cuda.get_device_name(0) if device == "cuda" else "", "torch", torch.__version__,
@@ -57,7 +58,7 @@ for arch in (*ARCHS, *MORE_ARCHS):
             logits = model(input_ids=ids, attention_mask=mask).logits
             ce, n = masked_ce(logits, ids.masked_fill(mask == 0, IGNORE_INDEX))
             kl, m = kl_to_teacher(logits, teacher, mask.bool())
-            decoder, head = decoder_and_head(model, ids[:1, :16])  # recipes/train_readback.py's path
+            decoder, head = decoder_and_head(model, ids[:1, :16])  # the read-back loop's path
             with torch.no_grad(), model.base_model.compression_ratio(8):  # both sides compress alike
                 with model.disable_adapter():
                     t_hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
