@@ -8,7 +8,7 @@ from . import logs
 
 logs.quiet_import_notices()  # before PEFT (and with it bitsandbytes) is imported
 
-from . import compat, reuse  # noqa: E402, F401  (beacon_peft.reuse.read / ask / fork)
+from . import compat, reuse  # noqa: E402, F401  (beacon_peft.reuse.read / ask)
 from .config import BeaconConfig, BeaconPeftType  # noqa: E402
 from .convert import convert_official  # noqa: E402
 from .memory import BeaconMemory  # noqa: E402

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -36,7 +37,7 @@ from . import memory_file, metrics
 from .fingerprint import adapter_fingerprint, base_fingerprint, differences
 from .rope import apply_rope, unapply_rope
 
-PARTS = ("sink", "comp", "raw")
+PARTS = ("sink", "comp", "raw")  # attention sink, compressed memory (the beacons' K/V), raw cache
 
 
 @dataclass
@@ -278,13 +279,18 @@ class BeaconMemory(Cache):
         return sum(t.numel() * t.element_size() for t in self.kv_tensors())
 
     def layer_kv(self, layer: int, part: str, row: int = 0, pre_rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(H_kv, T, D)`` of one part (``"sink"``, ``"comp"``/``"beacon"``, ``"raw"``) of a row.
+        """Keys and values ``(H_kv, T, D)`` of one part (``"sink"``, ``"comp"``, ``"raw"``) of a row.
 
-        Keys are returned before RoPE (compressed keys are un-rotated from their stored positions).
+        Keys are returned before RoPE (compressed keys are un-rotated from their stored positions). ``"beacon"``, a
+        second name for ``"comp"``, is deprecated (removed in 0.2).
         """
         if part not in PARTS + ("beacon",):
-            raise ValueError(f"part={part!r} is not allowed: choose one of {list(PARTS)} (or 'beacon')")
-        part = "comp" if part == "beacon" else part
+            raise ValueError(f"part={part!r} is not allowed: choose one of {list(PARTS)}")
+        if part == "beacon":
+            warnings.warn("layer_kv(part='beacon') is deprecated and will be removed in beacon_peft 0.2: the "
+                          "compressed memory (the beacons' keys and values) is part 'comp'", FutureWarning,
+                          stacklevel=2)
+            part = "comp"
         self._check_index("layer", layer, self.num_layers)
         self._check_index("row", row, self.batch_size)
         lm = self.state.layers[layer]

@@ -26,7 +26,7 @@ from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
 from .logs import beacon_call
 from .schedule import RatioPicker
-from .support import check_architecture
+from .support import check_architecture, decoder_of
 
 
 def _decoder_forward(tuner: "BeaconModel", original, decoder: nn.Module, *args, **kwargs):
@@ -100,7 +100,7 @@ class BeaconModel(BaseTuner):
         exactly as it was.
         """
         config = self.peft_config[adapter_name]
-        decoder = self._decoder(model)
+        decoder = decoder_of(model)
         check_architecture(model, decoder)
         self._check_beacon_layers(decoder, config)
         _embed_token_id(decoder, config)
@@ -169,16 +169,6 @@ class BeaconModel(BaseTuner):
             param.requires_grad_(flag)
         self.targeted_module_names[:] = snapshot["targeted"]
 
-    @staticmethod
-    def _decoder(model: nn.Module) -> nn.Module:
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if decoder is None or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "layers"):
-            raise TypeError(
-                f"{type(model).__name__} is not a supported decoder-only causal LM: beacon_peft needs a decoder "
-                "(`model.get_decoder()`) with `layers` and a shared `rotary_emb` (Llama, Mistral, Qwen2, Qwen3, ...)"
-            )
-        return decoder
-
     def _add_beacon_embedding(self, decoder: nn.Module, adapter_name: str, config: BeaconConfig) -> None:
         if "beacon_embedding" not in self._modules:
             self.beacon_embedding = nn.ParameterDict()
@@ -194,7 +184,7 @@ class BeaconModel(BaseTuner):
         if isinstance(target, BeaconAttention):
             target.update_layer(adapter_name, peft_config, with_projections)
             return
-        last_layer = layer_idx == self._decoder(self.model).config.num_hidden_layers - 1
+        last_layer = layer_idx == decoder_of(self.model).config.num_hidden_layers - 1
         new_module = BeaconAttention(target, adapter_name, peft_config, with_projections, last_layer)
         new_module.register_forward_pre_hook(open_context, with_kwargs=True)
         if adapter_name not in self.active_adapters:

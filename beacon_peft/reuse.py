@@ -21,6 +21,7 @@ alone and no mask, it would slice them by the memory's length and feed nothing).
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -119,9 +120,11 @@ def _first_window_end(config, memory: Optional[BeaconMemory], attention_mask, in
 
 
 def fork(memory: BeaconMemory) -> BeaconMemory:
-    """`BeaconMemory.copy`: an independent memory sharing ``memory``'s K/V tensors."""
+    """Deprecated (removed in 0.2): a fork is ``memory.copy()`` (`BeaconMemory.copy`), the one name for it."""
     if not isinstance(memory, BeaconMemory):
         raise TypeError(f"memory must be a BeaconMemory, got {type(memory).__name__}")
+    warnings.warn("beacon_peft.reuse.fork(memory) is deprecated and will be removed in beacon_peft 0.2: "
+                  "use memory.copy()", FutureWarning, stacklevel=2)
     return memory.copy()
 
 

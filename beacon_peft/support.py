@@ -35,6 +35,18 @@ KNOWN_ATTENTION_CHILDREN = ATTENTION_PARTS + ("q_norm", "k_norm")
 ROPE_FN = "apply_rotary_pos_emb"
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (``model.get_decoder()``), the part whose forward the window loop replaces;
+    a TypeError when it has no ``layers`` or no shared ``rotary_emb``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "layers"):
+        raise TypeError(
+            f"{type(model).__name__} is not a supported decoder-only causal LM: beacon_peft needs a decoder "
+            "(`model.get_decoder()`) with `layers` and a shared `rotary_emb` (Llama, Mistral, Qwen2, Qwen3, ...)"
+        )
+    return decoder
+
+
 def check_architecture(model: nn.Module, decoder: nn.Module) -> None:
     """Refuse (TypeError) a decoder the beacon loop would run wrongly; see the module docstring."""
     name = type(model).__name__

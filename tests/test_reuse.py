@@ -93,6 +93,24 @@ def test_forks_answer_independently(arch):
     assert a_branch.get_seq_length() == columns + q_a.shape[1] + GEN["max_new_tokens"] - 1
 
 
+def test_second_names_are_deprecated():
+    """`reuse.fork` (a second name for `BeaconMemory.copy`) still forks and ``layer_kv(part="beacon")`` (for
+    ``"comp"``) still reads, each with a FutureWarning naming the one name."""
+    from beacon_peft.reuse import fork
+
+    memory = read(beacon_model(), doc_and_question("inside")[0])
+    with pytest.warns(FutureWarning, match=r"use memory\.copy\(\)"):
+        forked = fork(memory)
+    assert forked is not memory and all(x is y for x, y in zip(forked.kv_tensors(), memory.kv_tensors()))
+    assert forked.get_seq_length() == memory.get_seq_length()
+    with pytest.raises(TypeError, match="BeaconMemory"):
+        fork([memory])
+    with pytest.warns(FutureWarning, match="part 'comp'"):  # the compressed memory's second name, also deprecated
+        old = memory.layer_kv(0, "beacon")
+    new = memory.layer_kv(0, "comp")
+    assert new[0].numel() and all(torch.equal(a, b) for a, b in zip(old, new))
+
+
 def test_generate_consumes_a_passed_memory():
     """generate() commits every step into the memory object it is handed (question + answer but its last token)."""
     model = beacon_model()

@@ -122,10 +122,10 @@ def decoder_and_head(model, sample: torch.Tensor) -> tuple[torch.nn.Module, torc
     `head_losses`. Checked first on ``sample`` (1, n) token ids, with the adapter disabled and in eval mode: the
     causal LM's logits must be ``head(decoder(ids).last_hidden_state)``, else (a logit scale or soft-cap the
     chunked losses would miss) a ValueError, so a model or library change cannot alter the losses silently."""
-    from ...model import BeaconModel
+    from ...support import decoder_of
 
     lm = model.get_base_model()
-    decoder, head = BeaconModel._decoder(lm), lm.get_output_embeddings()
+    decoder, head = decoder_of(lm), lm.get_output_embeddings()
     if head is None:
         raise TypeError(f"{type(lm).__name__} has no output embeddings (get_output_embeddings() is None)")
     was_training = model.training
