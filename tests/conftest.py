@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """The offline SmolLM2 tokenizer (the read-back rows' and composed phrasings' tests)."""
+    """The offline SmolLM2 tokenizer (rows, phrasings, facts and synthetic data are built with it)."""
     from transformers import AutoTokenizer
 
     from beacon_peft.offline import weights

@@ -168,18 +168,6 @@ def test_needle_compressed_is_the_read_back_probes_old_inline_check():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from beacon_peft.offline import weights
-
-    try:
-        return AutoTokenizer.from_pretrained(str(weights.smollm2_dir()))
-    except RuntimeError as err:  # the offline weights are an optional package
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
 def held_out(tokenizer):
     from beacon_peft.offline.corpora import haystack_ids
 

@@ -8,18 +8,8 @@ import re
 import pytest
 
 from beacon_peft import BeaconConfig, training
-from beacon_peft.offline import corpora, weights
+from beacon_peft.offline import corpora
 from beacon_peft.training.synthetic import ACCOUNTS, PEOPLE, PLACES, TEMPLATES, plain_text_examples, retrieval_examples
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(weights.smollm2_dir()))
-    except RuntimeError as err:  # the offline weights are an optional package
-        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")
