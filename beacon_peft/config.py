@@ -155,7 +155,13 @@ class BeaconConfig(PeftConfig):
         if self.target_modules is None:
             self.target_modules = ["self_attn"]
         if isinstance(self.target_modules, (list, tuple, set)):
+            if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
+                raise TypeError(f"target_modules={self.target_modules!r} must be None (every 'self_attn'), a regex "
+                                "string or a non-empty list of module names (str)")
             self.target_modules = sorted(set(self.target_modules))
+        elif not isinstance(self.target_modules, str):
+            raise TypeError(f"target_modules={self.target_modules!r} must be None (every 'self_attn'), a regex string "
+                            "or a non-empty list of module names (str)")
         if self.stride is None:
             self.stride = self.window
         _check_int("window", self.window, 1)
@@ -182,6 +188,8 @@ class BeaconConfig(PeftConfig):
                 f"stride={self.stride} != window={self.window} needs placement='append': interleaved beacons "
                 "cannot cover overlapping windows"
             )
+        if not isinstance(self.inference_mode, bool):
+            raise TypeError(f"inference_mode must be a bool, got {self.inference_mode!r}")
         if not isinstance(self.attend_prev, bool):
             raise TypeError(f"attend_prev must be a bool, got {self.attend_prev!r}")
         _check_int("sink_size", self.sink_size, 0, self.window)

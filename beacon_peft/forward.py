@@ -95,6 +95,10 @@ def _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
             raise ValueError(f"attention_mask must be 2-D (batch={batch}, >= {length} columns) with 1 for tokens "
                              f"and 0 for padding, got shape {tuple(attention_mask.shape)}")
+        if attention_mask.dtype != torch.bool:
+            odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)]  # values that are neither
+            if odd.numel():
+                raise ValueError(f"attention_mask holds {odd[0].item()!r}: allowed 1 (a token) or 0 (padding)")
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True is not supported with an active beacon adapter (a raw token attends "
                          "to the memory's beacons, not to the earlier tokens, so there is no full attention map); "
@@ -166,8 +170,15 @@ def _resolve_memory(cache, batch: int, signature: dict) -> BeaconMemory | None:
             return None  # generate() hands an empty cache of its own to a fresh sequence
         raise ValueError(f"the cache must be a BeaconMemory from an earlier call (or None), got "
                          f"{type(cache).__name__} holding {cache.get_seq_length()} tokens")
-    raise TypeError(f"the cache must be a BeaconMemory from an earlier call (or None), got {type(cache).__name__}"
-                    + (" (legacy tuple caches are not supported)" if isinstance(cache, (tuple, list)) else ""))
+    check_cache_type(cache)
+
+
+def check_cache_type(cache) -> None:
+    """A TypeError unless ``cache`` is None, a `BeaconMemory` or a transformers ``Cache`` (generate() hands an empty
+    one to a fresh sequence; `_resolve_memory` refuses one holding tokens)."""
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(f"the cache must be a BeaconMemory from an earlier call (or None), got {type(cache).__name__}"
+                        + (" (legacy tuple caches are not supported)" if isinstance(cache, (tuple, list)) else ""))
 
 
 def base_decoder_forward(original_forward: Callable, decoder: torch.nn.Module, *args,

@@ -20,9 +20,9 @@ from torch import nn
 from .checkpoint import check_adapter_weights
 from .compat import CACHE_NAMES
 from .config import BeaconConfig
-from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward
+from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward, check_cache_type
 from .group import Sealing, open_context
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, check_labels
 from .layer import BeaconAttention
 from .logs import beacon_call
 from .schedule import RatioPicker
@@ -310,16 +310,32 @@ class BeaconModel(BaseTuner):
                                  f"are not supported: one adapter runs for the whole batch): allowed None; "
                                  f"choose the adapter with set_adapter() "
                                  f"(available: {sorted(self.peft_config)})")
-        token = beacon_call.set(self.active_beacon_adapter() is not None)  # for logs.NativeLengthReminderFilter
+        active = self.active_beacon_adapter() is not None
+        if active:  # before generate() starts: it would fail on a cache of another type deep inside
+            for name in CACHE_NAMES:
+                check_cache_type(kwargs.get(name))
+        token = beacon_call.set(active)  # for logs.NativeLengthReminderFilter
         try:
             yield
         finally:
             beacon_call.reset(token)
 
+    def _check_labels(self, labels, args: tuple, kwargs: dict) -> None:
+        """`labels.check_labels` against the call's input (``input_ids`` or ``inputs_embeds``) and the output head."""
+        x = kwargs.get("input_ids", args[0] if args else None)
+        x = x if x is not None else kwargs.get("inputs_embeds")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            return  # the decoder's own checks name the bad input
+        head = self.model.get_output_embeddings()
+        vocab = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
+        check_labels(labels, x.shape[0], x.shape[1], vocab)
+
     def forward(self, *args: Any, **kwargs: Any):
         _check_one_cache(kwargs)
         labels = kwargs.get("labels")
         adapter = self.active_beacon_adapter()
+        if labels is not None and adapter is not None:
+            self._check_labels(labels, args, kwargs)
         if labels is not None and adapter is not None and self.model.training:
             config = self.peft_config[adapter]
             if config.masks_first_window():

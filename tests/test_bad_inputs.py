@@ -93,6 +93,11 @@ CONFIG_CASES = [
     (dict(beacon_layers=[]), TypeError, r"beacon_layers=\[\] must be None or a non-empty list"),
     (dict(beacon_layers=[1.5]), TypeError, "beacon_layers entry must be an int, got 1.5"),
     (dict(task_type="SEQ_CLS"), ValueError, "task_type='SEQ_CLS' is not supported"),
+    (dict(inference_mode="yes"), TypeError, "inference_mode must be a bool, got 'yes'"),
+    (dict(inference_mode=1), TypeError, "inference_mode must be a bool, got 1"),
+    (dict(target_modules=3), TypeError, "target_modules=3 must be None .every 'self_attn'., a regex string"),
+    (dict(target_modules=[]), TypeError, r"target_modules=\[\] must be None"),
+    (dict(target_modules=["self_attn", 0]), TypeError, r"target_modules=\['self_attn', 0\] must be None"),
 ]
 
 
@@ -152,6 +157,22 @@ CALL_CASES = [
      "the cache must be a BeaconMemory.*got str"),
     ("int cache", lambda: dict(input_ids=ids(), past_key_values=3), TypeError,
      "the cache must be a BeaconMemory.*got int"),
+    ("mask value 0.5", lambda: dict(input_ids=ids(), attention_mask=torch.full((1, 8), 0.5)), ValueError,
+     r"attention_mask holds 0.5: allowed 1 \(a token\) or 0 \(padding\)"),
+    ("mask value 2", lambda: dict(input_ids=ids(), attention_mask=torch.full((1, 8), 2)), ValueError,
+     "attention_mask holds 2: allowed 1"),
+    ("float labels", lambda: dict(input_ids=ids(), labels=ids().float()), TypeError,
+     r"labels must be an integer tensor \(torch.long\), got dtype torch.float32"),
+    ("list labels", lambda: dict(input_ids=ids(), labels=ids()[0].tolist()), TypeError,
+     "labels must be a tensor of token ids.*got list"),
+    ("short labels", lambda: dict(input_ids=ids(), labels=ids(5)), ValueError,
+     r"labels must have the input's shape \(batch=1, length=8\), got shape \(1, 5\)"),
+    ("labels batch 2", lambda: dict(input_ids=ids(), labels=ids(8, batch=2)), ValueError,
+     r"labels must have the input's shape \(batch=1, length=8\), got shape \(2, 8\)"),
+    ("label = vocab", lambda: dict(input_ids=ids(4), labels=torch.tensor([[3, -100, 128, 5]])), ValueError,
+     r"labels hold 128: allowed token ids in \[0, 127\] or -100 \(ignored\)"),
+    ("label -1", lambda: dict(input_ids=ids(4), labels=torch.tensor([[3, -1, 4, 5]])), ValueError,
+     r"labels hold -1: allowed token ids in \[0, 127\] or -100"),
 ]
 
 
@@ -159,6 +180,33 @@ CALL_CASES = [
 def test_call_input_refused(model, name, make, error, match):
     with torch.no_grad(), pytest.raises(error, match=match):
         model(**make())
+
+
+def test_labels_are_checked_before_any_window_is_read(model, monkeypatch):
+    """Bad labels fail before the decoder runs (they used to fail in the loss, after the whole forward); labels of
+    embeds are checked against their (batch, length) too."""
+    import beacon_peft.model as beacon_model
+
+    calls = []
+    monkeypatch.setattr(beacon_model, "beacon_decoder_forward", lambda *a, **k: calls.append(1))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"labels must have the input's shape \(batch=1, length=8\)"):
+        model(inputs_embeds=torch.zeros(1, 8, 64), labels=ids(7))
+    with torch.no_grad(), pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model(input_ids=ids(), labels=ids().float())
+    assert not calls
+
+
+def test_generate_refuses_a_cache_of_another_type_before_generating(model, monkeypatch):
+    """generate(past_key_values="x") got an AttributeError from deep inside transformers; now a TypeError naming the
+    allowed caches, before any forward."""
+    import beacon_peft.model as beacon_model
+
+    calls = []
+    monkeypatch.setattr(beacon_model, "beacon_decoder_forward", lambda *a, **k: calls.append(1))
+    for bad in ("memory", [(torch.zeros(1, 2, 3, 16),) * 2]):
+        with pytest.raises(TypeError, match="the cache must be a BeaconMemory from an earlier call .or None., got"):
+            model.generate(input_ids=ids(), past_key_values=bad, max_new_tokens=2)
+    assert not calls
 
 
 def test_non_empty_dynamic_cache_refused(model):
