@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union, get_args
 
 import torch
@@ -216,6 +216,31 @@ class BeaconConfig(PeftConfig):
             for index in layers:
                 _check_int("beacon_layers entry", index, 0)
             self.beacon_layers = sorted(set(layers))
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """A saved config (``adapter_config.json``) may hold only `BeaconConfig` fields. PEFT drops keys it does not
+        know with a warning; for a beacon adapter a dropped setting would change what it computes silently, so an
+        unknown key is a ValueError naming it (before anything is loaded)."""
+        cls._refuse_unknown(kwargs)
+        return super().check_kwargs(**kwargs)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """`PeftConfig.from_peft_type`, refusing keys that are not `BeaconConfig` fields (see `check_kwargs`)."""
+        if kwargs.get("peft_type", BeaconPeftType.BEACON) == BeaconPeftType.BEACON:
+            cls._refuse_unknown(kwargs)
+        return super().from_peft_type(**kwargs)
+
+    @classmethod
+    def _refuse_unknown(cls, kwargs: dict) -> None:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in kwargs if k not in known)
+        if unknown:
+            raise ValueError(f"the beacon adapter config holds {unknown}, which this beacon_peft does not understand "
+                             f"(a newer version's setting, or a typo): allowed the BeaconConfig fields "
+                             f"{sorted(known - set(PeftConfig.__dataclass_fields__))} and PEFT's common ones; "
+                             "upgrade beacon_peft or remove the key")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):

@@ -98,10 +98,12 @@ def tamper(kind: str, folder):
         else:
             tensors["base_model.beacon_embedding"] = torch.zeros(2, 64)
         save_file(tensors, weights)
-    elif kind in ("rank in config only", "no rank in config", "beacon_layers beyond depth", "bad window"):
+    elif kind in ("rank in config only", "no rank in config", "beacon_layers beyond depth", "bad window",
+                  "unknown key"):
         config = json.loads((folder / "adapter_config.json").read_text())
         config.update({"rank in config only": {"beacon_rank": 4}, "no rank in config": {"beacon_rank": None},
-                       "beacon_layers beyond depth": {"beacon_layers": [5]}, "bad window": {"window": 0}}[kind])
+                       "beacon_layers beyond depth": {"beacon_layers": [5]}, "bad window": {"window": 0},
+                       "unknown key": {"beacon_window": 8}}[kind])
         (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
@@ -119,6 +121,8 @@ LOAD_CASES = [
     ("llama", "beacon_layers beyond depth", "llama", ValueError,
      r"beacon_layers=\[5\] names layer\(s\) \[5\] beyond the model's depth: allowed \[0, 1\]"),
     ("llama", "bad window", "llama", ValueError, "window=0 is out of range"),
+    ("llama", "unknown key", "llama", ValueError,
+     r"holds \['beacon_window'\], which this beacon_peft does not understand.*allowed the BeaconConfig fields"),
     ("qwen2", None, "llama", ValueError, "has beacon projection biases.*this model's projections have none"),
     ("llama", None, "qwen2", ValueError, "this model's projections have biases"),
     ("llama", None, "one_layer", ValueError, "layers up to 1.*num_hidden_layers=1"),
@@ -171,6 +175,21 @@ def test_failed_load_adapter_leaves_peft_model_untouched(saved, tmp_path, kind):
     assert_unchanged(model.base_model.model, before)  # same modules, every tensor and flag equal, same logits
     for name, (value, grad) in embeddings.items():  # the beacon embedding lives on the tuner, outside the LM
         assert torch.equal(tuner.beacon_embedding[name], value) and tuner.beacon_embedding[name].requires_grad == grad
+
+
+def test_config_keys_beacon_peft_does_not_understand_are_refused(saved):
+    """PEFT drops unknown config keys with a warning; a dropped beacon setting would change the computation
+    silently, so `BeaconConfig` refuses them on every route (folder, `from_peft_type`, `PeftConfig.from_pretrained`),
+    and a config that is all fields loads as before."""
+    from peft import PeftConfig
+
+    with pytest.raises(ValueError, match=r"holds \['windw'\], which this beacon_peft does not understand"):
+        BeaconConfig.from_peft_type(peft_type="BEACON", window=W, ratios=[4], windw=8)
+    with pytest.raises(ValueError, match=r"holds \['windw'\]"):
+        BeaconConfig.from_peft_type(window=W, ratios=[4], windw=8)
+    assert BeaconConfig.from_peft_type(peft_type="BEACON", window=W, ratios=[4]).window == W
+    loaded = PeftConfig.from_pretrained(saved["llama"])
+    assert isinstance(loaded, BeaconConfig) and loaded.window == W
 
 
 def test_low_rank_adapter_loads_under_its_saved_name(saved):
