@@ -415,6 +415,26 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tokenizer):
     assert args["step"] == 3 and args["tokens"] == resumed["tokens"]
 
 
+def test_a_fresh_run_into_an_earlier_runs_folder_is_refused(tmp_path, tokenizer):
+    """Without --resume, an output_dir holding a run (checkpoint/, final/, curve.json, train_log.jsonl) is refused
+    before anything is loaded, files unchanged; --overwrite_output_dir starts afresh (the log holds only the new
+    run's steps)."""
+    from recipes.train_readback import main
+
+    common = _tiny_run_args(tmp_path, tokenizer)
+    main(common + ["--max_steps", "2"])
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint, final, curve.json, train_log.jsonl\): "
+                                         "allowed --resume to continue it, --overwrite_output_dir to replace it"):
+        main(common + ["--max_steps", "1"])
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    main(common + ["--max_steps", "1", "--overwrite_output_dir"])
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1]
+    assert [c["step"] for c in json.loads((run / "curve.json").read_text())] == [0, 1]
+
+
 def test_init_adapter_can_grow_beacon_o_and_starts_computing_what_the_folder_did(tmp_path, tokenizer):
     """--beacon_projections q k v o from a q/k/v adapter: the new beacon_o copies start as the base's o_proj, so
     the grown model's compressed logits equal the folder's adapter's; a folder missing anything else, or holding

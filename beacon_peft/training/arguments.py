@@ -98,6 +98,12 @@ class ScriptArguments:
     final_dir: Optional[str] = field(
         default=None, metadata={"help": "Where the final adapter goes (default: <output_dir>/final)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir (or final_dir) that holds an earlier run's checkpoints or adapter, "
+                          "replacing them; without it such a run is refused (continue one with "
+                          "--resume_from_checkpoint)."},
+    )
 
 
 def config_field(name: str, help: Optional[str] = None, **metadata):

@@ -105,6 +105,19 @@ def resolve_resume(value, output_dir: str) -> Optional[str]:
     return value
 
 
+def refuse_earlier_run(output_dir: str, final_dir: Optional[str]) -> None:
+    """A fresh run must not write over (or, by rotating checkpoints, delete) an earlier run's files: refuse an
+    ``output_dir`` holding ``checkpoint-*`` folders or a final adapter, before anything is loaded or written."""
+    out = Path(output_dir)
+    final = Path(final_dir) if final_dir else out / "final"
+    found = sorted(p.name for p in out.glob("checkpoint-*")) if out.is_dir() else []
+    found += [str(final)] if final.is_dir() and any(final.iterdir()) else []
+    if found:
+        raise ValueError(f"output_dir={output_dir} holds an earlier run ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): allowed --resume_from_checkpoint to continue it, "
+                         "--overwrite_output_dir true to replace it, or another --output_dir")
+
+
 def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_args, model_args: ModelArguments,
           command: str = "") -> BeaconSFTTrainer:
     """Train and save; returns the trainer (``trainer.final_dir`` is the saved adapter folder).
@@ -116,6 +129,8 @@ def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_a
     config = validate_args(script_args, beacon_args, training_args, model_args)
     prepare_training_args(training_args)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume is None and not script_args.overwrite_output_dir:
+        refuse_earlier_run(training_args.output_dir, script_args.final_dir)
 
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args, training_args)

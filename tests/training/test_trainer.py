@@ -160,6 +160,28 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(ratio_mix, model_
     assert "resumed from" in card and "checkpoint-3" in card
 
 
+def test_a_fresh_run_into_an_earlier_runs_folder_is_refused(trained, model_dir, text_dir, tmp_path, monkeypatch):
+    """A run without --resume_from_checkpoint into an output_dir holding checkpoint-* folders or a final adapter is
+    refused before anything is loaded (the Trainer would write over them, or rotate them away); listing and bytes
+    unchanged. --overwrite_output_dir true replaces the final adapter."""
+    import beacon_peft.training.trainer as trainer_module
+
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    shutil.copytree(trained[0].final_dir, out / "final")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(trainer_module, "load_tokenizer", lambda *a: pytest.fail("loaded before refusing"))
+    with pytest.raises(ValueError, match=r"output_dir=.*run holds an earlier run \(checkpoint-3, .*final\): allowed "
+                                         "--resume_from_checkpoint to continue it, --overwrite_output_dir true"):
+        run_script(base_args(model_dir, text_dir, out, "--max_steps", "1"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    shutil.rmtree(out / "checkpoint-3")
+    redone = run_script(base_args(model_dir, text_dir, out, "--max_steps", "1", "--overwrite_output_dir", "true"))
+    assert redone.state.global_step == 1 and (out / "final" / "adapter_model.safetensors").is_file()
+
+
 def test_final_adapter_is_written_atomically(tmp_path):
     """`saving.save_final` writes through `atomic.write_dir(..., overwrite=True)`."""
     from beacon_peft.atomic import write_dir

@@ -83,6 +83,9 @@ class ReadbackArguments:
     seed: int = 0
     output_dir: Path = Path("outputs/readback")
     resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoint"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start afresh in an output_dir holding an earlier run (checkpoint/, final/, curve.json), replacing "
+        "it; without it (or --resume) such a run is refused"})
     gradient_checkpointing: bool = False
     logit_chunk: int = field(default=0, metadata={
         "help": "positions whose vocabulary-sized logits exist at once in the losses, each chunk recomputed in the "

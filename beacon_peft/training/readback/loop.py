@@ -35,10 +35,16 @@ TERMS = ("text", "answer", "kl", "hidden")  # the loss terms `train_log.jsonl` r
 def train(args: ReadbackArguments) -> Path:
     """Train (or, with ``args.resume``, continue from ``output_dir/checkpoint``) until ``max_steps`` or
     ``max_minutes``; returns the final adapter folder, ``output_dir/final``."""
+    out = args.output_dir
+    earlier = [name for name in ("checkpoint", "final", "curve.json", "train_log.jsonl") if (out / name).exists()]
+    if earlier and not args.resume and not args.overwrite_output_dir:
+        raise ValueError(f"output_dir={out} holds an earlier run ({', '.join(earlier)}): allowed --resume to continue "
+                         "it, --overwrite_output_dir to replace it, or another --output_dir")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    if earlier and not args.resume:  # --overwrite_output_dir: the new run's log starts empty (a resume appends)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
     device = torch.device(args.device)
     model, tokenizer = load(args)
     params = [p for p in model.parameters() if p.requires_grad]
