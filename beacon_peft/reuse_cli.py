@@ -93,6 +93,8 @@ def _check_args(args, chat: bool) -> str | None:
             raise UsageError(f"--memory {args.memory} is not a saved beacon memory (no valid memory.json)")
     elif args.file is None:
         raise UsageError("give a text FILE to read (or --memory DIR)")
+    elif Path(args.file).is_dir():
+        raise UsageError(f"{args.file} is a folder: give a text file (or --memory DIR for a saved memory)")
     elif not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
     if args.save_memory is not None:

@@ -73,6 +73,7 @@ def test_ask_save_reload_and_chat_in_a_pipe(document, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["ask", "missing.txt", "-q", "hi"], "missing.txt: no such file"),
+    (["ask", "{busy}", "-q", "hi"], "{busy} is a folder: give a text file (or --memory DIR for a saved memory)"),
     (["ask", "README.md"], "at least one question"),
     (["ask", "README.md", "-q", "  "], "question 1 is empty"),
     (["ask", "README.md", "-q", "hi", "--ratio", "3"], "--ratio=3 is not one of the adapter's ratios"),
