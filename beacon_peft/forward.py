@@ -158,7 +158,10 @@ def _resolve_memory(cache, batch: int, signature: dict) -> BeaconMemory | None:
         return None
     if isinstance(cache, BeaconMemory):
         if cache.batch_size != batch:
-            raise ValueError(f"the memory holds {cache.batch_size} rows but the input has {batch}")
+            hint = ("; generate() with num_beams or num_return_sequences > 1 repeats the input's rows but not a "
+                    "memory's: use beacon_peft.reuse.ask, or pass a copy expanded with batch_repeat_interleave"
+                    if batch > cache.batch_size and batch % cache.batch_size == 0 else "")
+            raise ValueError(f"the memory holds {cache.batch_size} rows but the input has {batch}{hint}")
         differs = {k: (cache.signature.get(k), v) for k, v in signature.items()
                    if cache.signature and cache.signature.get(k) != v}
         if differs:

@@ -101,6 +101,10 @@ class BeaconModel(BaseTuner):
         """
         config = self.peft_config[adapter_name]
         decoder = decoder_of(model)
+        if "_beacon_original_forward" in decoder.__dict__ and self._patched_decoder is not decoder:
+            raise ValueError("this model already carries a beacon adapter (get_peft_model was given a PEFT model, or "
+                             "a model another BeaconModel patched): add a second adapter with add_adapter() or "
+                             "load_adapter() on that PEFT model, or unload() it first")
         check_architecture(model, decoder)
         self._check_beacon_layers(decoder, config)
         _embed_token_id(decoder, config)

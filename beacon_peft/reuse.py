@@ -51,7 +51,11 @@ def as_token_batch(name: str, ids) -> torch.Tensor:
 
 
 def _tuner_config(model):
-    tuner = model.base_model
+    """The active beacon adapter's config of a PEFT model (TypeError for any other model, ValueError when disabled)."""
+    tuner = getattr(model, "base_model", None)
+    if not hasattr(tuner, "active_beacon_adapter"):
+        raise TypeError(f"model must be a PEFT model with a beacon adapter (get_peft_model(model, BeaconConfig(...)) "
+                        f"or PeftModel.from_pretrained), got {type(model).__name__}")
     adapter = tuner.active_beacon_adapter()
     if adapter is None:
         raise ValueError("the beacon adapter is disabled: enable it to read into or answer from a memory")
@@ -128,6 +132,20 @@ def fork(memory: BeaconMemory) -> BeaconMemory:
     return memory.copy()
 
 
+def _generate_expansion(model, generate_kwargs: dict) -> int:
+    """How many rows generate() makes of each input row: ``max(num_beams, num_return_sequences)``, from the call's
+    keywords, else its ``generation_config``, else the model's."""
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    sizes = []
+    for name in ("num_beams", "num_return_sequences"):
+        value = generate_kwargs.get(name, getattr(config, name, None))
+        value = 1 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is not allowed: an int >= 1")
+        sizes.append(value)
+    return max(sizes)
+
+
 @torch.no_grad()
 def ask(model, memory: BeaconMemory, question_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
         return_memory: bool = False, **generate_kwargs):
@@ -139,8 +157,11 @@ def ask(model, memory: BeaconMemory, question_ids: torch.Tensor, attention_mask:
     (``max_new_tokens``, ``do_sample``, ...). With ``return_memory=True`` returns ``(new_ids, fork)``: the fork
     then holds the question and the answer but its last token (generate never feeds that one back).
 
-    The answer equals that of ``model.generate`` over the whole document followed by the question.
+    The answer equals that of ``model.generate`` over the whole document followed by the question, beam search and
+    several returned sequences included (the fork is expanded to ``max(num_beams, num_return_sequences)`` rows
+    per row, as generate() expands the question; the answer then has that many rows per question).
     """
+    _tuner_config(model)
     if not isinstance(memory, BeaconMemory):
         raise TypeError(f"memory must be a BeaconMemory from `read` or a forward call, got {type(memory).__name__}")
     question_ids = as_token_batch("question_ids", question_ids)
@@ -155,6 +176,9 @@ def ask(model, memory: BeaconMemory, question_ids: torch.Tensor, attention_mask:
         if key in generate_kwargs:
             raise TypeError(f"ask() takes the memory and question itself: do not pass {key}=")
     branch = memory.copy()
+    expand = _generate_expansion(model, generate_kwargs)
+    if expand > 1:  # generate() repeats input_ids rows for beams / several sequences, but not a cache's rows
+        branch.batch_repeat_interleave(expand)
     past = attention_mask.new_ones(question_ids.shape[0], branch.get_seq_length())
     # generate reads input_ids as new tokens when the mask is longer (it covers the memory's columns too)
     out = model.generate(input_ids=question_ids, attention_mask=torch.cat((past, attention_mask), dim=1),

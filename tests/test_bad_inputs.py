@@ -285,6 +285,18 @@ def test_cache_passed_twice_with_different_objects_refused(model, memory):
     assert out.past_key_values is other
 
 
+def test_get_peft_model_over_a_beacon_model_is_refused_untouched():
+    """get_peft_model(peft_model, BeaconConfig) would patch the decoder a second time (each call then recursing
+    into the other): refused before any change, the first adapter still computing what it did."""
+    first = get_peft_model(tiny_model("llama"), BeaconConfig(window=W, ratios=[4])).eval()
+    with torch.no_grad():
+        before = first(input_ids=ids(40)).logits
+    with pytest.raises(ValueError, match="this model already carries a beacon adapter.*add_adapter"):
+        get_peft_model(first, BeaconConfig(window=W, ratios=[4]))
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=ids(40)).logits, before)
+
+
 def test_memory_with_disabled_adapter_refused(model, memory):
     before = snapshot(memory)
     with torch.no_grad(), model.disable_adapter(), pytest.raises(ValueError, match="adapter is disabled"):

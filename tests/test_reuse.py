@@ -93,6 +93,43 @@ def test_forks_answer_independently(arch):
     assert a_branch.get_seq_length() == columns + q_a.shape[1] + GEN["max_new_tokens"] - 1
 
 
+def test_ask_with_beams_or_several_sequences_equals_generate_over_the_whole_input():
+    """generate() repeats the question's rows for beams and returned sequences but not the memory's: `ask` expands
+    its fork, so beam search and sampled sequences equal generate() over document + question (the memory keeps its
+    one row). A bad count is refused before generating; generate() handed the memory directly names the fix."""
+    model = beacon_model()
+    doc, _, q = doc_and_question("inside")
+    memory = read(model, doc)
+    whole = torch.cat((doc, q), 1)
+    for kwargs in (dict(num_beams=3), dict(num_beams=3, num_return_sequences=2)):
+        got = ask(model, memory, q, **GEN, **kwargs)
+        want = model.generate(input_ids=whole, **GEN, **kwargs)[:, whole.shape[1]:]
+        assert got.shape[0] == kwargs.get("num_return_sequences", 1) and torch.equal(got, want)
+    torch.manual_seed(0)
+    got = ask(model, memory, q, max_new_tokens=4, do_sample=True, num_return_sequences=3, pad_token_id=0)
+    torch.manual_seed(0)
+    want = model.generate(input_ids=whole, max_new_tokens=4, do_sample=True, num_return_sequences=3, pad_token_id=0)
+    assert got.shape[0] == 3 and torch.equal(got, want[:, whole.shape[1]:])
+    assert memory.batch_size == 1
+    with pytest.raises(ValueError, match="num_beams=0 is not allowed: an int >= 1"):
+        ask(model, memory, q, num_beams=0)
+    with pytest.raises(ValueError, match="repeats the input's rows but not a memory's: use beacon_peft.reuse.ask"):
+        model.generate(input_ids=q, attention_mask=torch.ones(1, memory.get_seq_length() + q.shape[1],
+                                                              dtype=torch.long),
+                       past_key_values=memory.copy(), num_beams=2, max_new_tokens=2)
+
+
+def test_read_and_ask_refuse_a_model_without_a_beacon_adapter():
+    from peft import LoraConfig
+
+    memory = read(beacon_model(), random_ids(1, 20))
+    for other in (tiny_model(), get_peft_model(tiny_model(), LoraConfig(target_modules=["q_proj"]))):
+        with pytest.raises(TypeError, match="model must be a PEFT model with a beacon adapter"):
+            read(other, random_ids(1, 20))
+        with pytest.raises(TypeError, match="model must be a PEFT model with a beacon adapter"):
+            ask(other, memory, random_ids(1, 3))
+
+
 def test_second_names_are_deprecated():
     """`reuse.fork` (a second name for `BeaconMemory.copy`) still forks and ``layer_kv(part="beacon")`` (for
     ``"comp"``) still reads, each with a FutureWarning naming the one name."""
