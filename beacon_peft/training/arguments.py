@@ -282,4 +282,18 @@ def validate_args(script_args, beacon_args, training_args, model_args) -> Beacon
     seed = beacon_args.optimizer_step_ratio_seed
     if seed is not None and seed < 0:
         raise ValueError(f"optimizer_step_ratio_seed={seed} must be >= 0")
+    _check_schedule(training_args)
     return config
+
+
+def _check_schedule(training_args) -> None:
+    """What the Trainer takes without a word but cannot train with: no step, no example, a negative rate."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise ValueError(f"{name}={getattr(training_args, name)} is out of range: allowed >= 1")
+    if not training_args.learning_rate > 0:
+        raise ValueError(f"learning_rate={training_args.learning_rate} is out of range: allowed > 0")
+    if training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+        raise ValueError(f"max_steps={training_args.max_steps} and num_train_epochs={training_args.num_train_epochs} "
+                         "train nothing: allowed max_steps >= 1, or max_steps -1 (the default) with "
+                         "num_train_epochs > 0")

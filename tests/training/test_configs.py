@@ -73,6 +73,11 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
         (["--packing", "true"], "packing"),
         (["--min_length", "16"], "min_length=16 must exceed window"),
         (["--ratios", "3"], "does not divide"),
+        (["--learning_rate", "-1"], r"learning_rate=-1.0 is out of range: allowed > 0"),
+        (["--learning_rate", "0"], r"learning_rate=0.0 is out of range"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0 is out of range: allowed >= 1"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps=0 is out of range: allowed >= 1"),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "max_steps=-1 and num_train_epochs=0.0 train nothing"),
     ],
 )
 def test_bad_arguments_raise(extra, match, tmp_path):
