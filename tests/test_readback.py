@@ -297,6 +297,11 @@ def test_readback_arguments_are_checked(tmp_path):
         parse_args(["--hidden_weight", "-1"])
     with pytest.raises(ValueError, match="logit_chunk=-1: allowed >= 0"):
         parse_args(["--logit_chunk", "-1"])
+    for flag, value, allowed in (("batch_size", "0", ">= 1"), ("max_steps", "0", ">= 1"), ("eval_every", "0", ">= 1"),
+                                 ("warmup_steps", "-1", ">= 0"), ("lr", "0", "> 0"), ("lr", "-0.001", "> 0"),
+                                 ("temperature", "0", "> 0"), ("save_minutes", "0", "> 0")):
+        with pytest.raises(ValueError, match=f"{flag}=.* is out of range: allowed {allowed}"):
+            parse_args([f"--{flag}", value])
     assert parse_args(["--logit_chunk", "0"]).logit_chunk == 0
     with pytest.raises(ValueError, match=r"probe_ratio=2: .*allowed one of ratios \[4, 8\]"):
         parse_args(["--ratios", "4", "8", "--probe_ratio", "2"])

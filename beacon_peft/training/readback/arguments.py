@@ -109,6 +109,13 @@ class ReadbackArguments:
         for name in ("answer_weight", "kl_weight", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: a loss weight: allowed >= 0")
+        for name, low in (("batch_size", 1), ("max_steps", 1), ("eval_every", 1), ("log_every", 1),
+                          ("probe_cases", 1), ("warmup_steps", 0), ("workers", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range: allowed >= {low}")
+        for name in ("lr", "temperature", "max_minutes", "save_minutes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range: allowed > 0")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r}: allowed 'cpu', 'cuda' or 'cuda:N'")
 
