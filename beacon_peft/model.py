@@ -35,6 +35,8 @@ def _decoder_forward(tuner: "BeaconModel", original, decoder: nn.Module, *args, 
     active = tuner.active_beacon()
     if active is None:
         return base_decoder_forward(original, decoder, *args, **kwargs)
+    if not decoder.training:
+        active.picker.warn_random_inference()
     output, ratios = beacon_decoder_forward(active, Sealing(original), decoder, *args, **kwargs)
     tuner._last_ratios[active.name] = ratios
     return output

@@ -19,6 +19,7 @@ kernel launch), and a step's tensors are made only when something reads them (`S
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Optional
@@ -219,6 +220,25 @@ class RatioPicker:
         self.max_positions = max_positions
         self.rng = random.Random(config.ratio_seed) if config.ratio_seed is not None else random
         self.override: Optional[int] = None
+        self.warned_random_inference = False  # `warn_random_inference` speaks once per adapter
+
+    def draws_at_random(self) -> bool:
+        """Whether calls draw their ratios at random: no forced ratio, several ratios, a random ``ratio_mix``."""
+        cfg = self.config
+        return self.override is None and len(set(cfg.ratios)) > 1 and cfg.ratio_mix in ("step-random",
+                                                                                          "instance-random")
+
+    def warn_random_inference(self) -> None:
+        """An inference call (eval mode) that draws its ratios at random gives different outputs for the same input
+        (the official semantics; training wants it): say so once, with the way to force one ratio."""
+        if self.warned_random_inference or not self.draws_at_random():
+            return
+        self.warned_random_inference = True
+        warnings.warn(f"beacon_peft: ratio_mix={self.config.ratio_mix!r} draws a compression ratio from "
+                      f"{sorted(set(self.config.ratios))} at random in inference too (the official semantics), so "
+                      "two calls on the same input can differ; for reproducible outputs force one with "
+                      "model.base_model.set_compression_ratio(r) (or `with model.base_model.compression_ratio(r):`)",
+                      UserWarning, stacklevel=2)
 
     def _adapt(self, sequence_length: int) -> int:
         cfg = self.config

@@ -93,6 +93,35 @@ def test_filters_installed_once_and_bitsandbytes_level_left_alone_when_set():
         bnb.setLevel(before)
 
 
+RANDOM_RATIO = "draws a compression ratio from .* at random in inference too"
+
+
+@pytest.mark.parametrize("config, forced, training, warns", [
+    (dict(ratios=[2, 4]), None, False, True),  # step-random in eval: outputs vary between calls
+    (dict(ratios=[2, 4], ratio_mix="instance-random"), None, False, True),
+    (dict(ratios=[2, 4]), 4, False, False),  # a forced ratio: reproducible
+    (dict(ratios=[2, 4]), None, True, False),  # training draws on purpose
+    (dict(ratios=[4]), None, False, False),
+    (dict(ratios=[2, 4], ratio_mix="adapt"), None, False, False),
+])
+def test_random_ratios_at_inference_are_announced_once(config, forced, training, warns):
+    """Two eval calls on one input differ when ratios are drawn at random (the official semantics): a UserWarning
+    says so once per adapter, with the way to force one ratio; nothing is said where outputs are reproducible."""
+    import warnings
+
+    model = get_peft_model(tiny_model(), BeaconConfig(window=16, **config))
+    model.train(training)
+    ids = torch.randint(3, 100, (1, 40))
+    with warnings.catch_warnings(record=True) as caught, model.base_model.compression_ratio(forced):
+        warnings.simplefilter("always")
+        model(input_ids=ids)
+        model(input_ids=ids)
+    said = [w for w in caught if re.search(RANDOM_RATIO, str(w.message))]
+    assert len(said) == (1 if warns else 0)
+    if warns:
+        assert "set_compression_ratio(r)" in str(said[0].message) and said[0].category is UserWarning
+
+
 def test_import_prints_nothing():
     """`import beacon_peft` imports PEFT and with it bitsandbytes: its notice about `kernels` must not show."""
     done = subprocess.run([sys.executable, "-c", "import beacon_peft"], capture_output=True, text=True, timeout=120)
