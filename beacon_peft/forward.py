@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from .compat import cache_kwarg, model_output, take_cache
 from .config import BeaconConfig
 from .group import GroupContext, GroupPlan
+from .labels import IGNORE_INDEX
 from .layer import min_run_for
 from .memory import BeaconMemory, memory_signature
 from .schedule import RatioPicker, Scheduler
@@ -135,13 +136,42 @@ def _check_kwargs(kwargs: dict) -> None:
 
 def _check_vocabulary(input_ids: torch.Tensor, embed: torch.nn.Module) -> None:
     """Token ids must be integers inside the embedding's vocabulary (checked before any work)."""
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
-        raise TypeError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
+    _require_integer("input_ids", input_ids)
     vocab = embed.num_embeddings if hasattr(embed, "num_embeddings") else embed.weight.shape[0]
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
-        bad = low if low < 0 else high
+    bad = _outside_vocabulary(input_ids, vocab)
+    if bad is not None:
         raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary: allowed [0, {vocab - 1}]")
+
+
+def check_labels(labels, batch: int, length: int, vocab: int) -> None:
+    """``labels`` of a call over ``batch`` rows of ``length`` new tokens: an integer tensor of that shape holding
+    token ids in ``[0, vocab)`` or `IGNORE_INDEX`; else a TypeError/ValueError naming what is wrong, raised before
+    any window is read (the loss would otherwise fail, or mean something else, after the whole forward)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor of token ids (batch, length), got {type(labels).__name__}")
+    _require_integer("labels", labels)
+    if tuple(labels.shape) != (batch, length):
+        raise ValueError(f"labels must have the input's shape (batch={batch}, length={length}), got shape "
+                         f"{tuple(labels.shape)}")
+    bad = _outside_vocabulary(labels, vocab, exempt=IGNORE_INDEX)
+    if bad is not None:
+        raise ValueError(f"labels hold {bad}: allowed token ids in [0, {vocab - 1}] or {IGNORE_INDEX} (ignored)")
+
+
+def _require_integer(name: str, ids: torch.Tensor) -> None:
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got dtype {ids.dtype}")
+
+
+def _outside_vocabulary(ids: torch.Tensor, vocab: int, exempt: int | None = None) -> int | None:
+    """The id to report when ``ids`` (``exempt`` aside) leave ``[0, vocab)``: the lowest if one is negative, else the
+    highest; None when all are inside. Two kernels (min and max in one) and one host sync."""
+    if exempt is not None:
+        ids = ids.masked_fill(ids == exempt, 0)  # an exempt position reads as id 0, inside any vocabulary
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
+    if low < 0:
+        return low
+    return high if high >= vocab else None
 
 
 def _check_embeds(inputs_embeds: torch.Tensor, hidden: int) -> None:

@@ -20,9 +20,9 @@ from torch import nn
 from .checkpoint import check_adapter_weights
 from .compat import CACHE_NAMES
 from .config import BeaconConfig
-from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward, check_cache_type
+from .forward import ActiveBeacon, base_decoder_forward, beacon_decoder_forward, check_cache_type, check_labels
 from .group import Sealing, open_context
-from .labels import IGNORE_INDEX, check_labels
+from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
 from .logs import beacon_call
 from .schedule import RatioPicker
@@ -327,7 +327,7 @@ class BeaconModel(BaseTuner):
             beacon_call.reset(token)
 
     def _check_labels(self, labels, args: tuple, kwargs: dict) -> None:
-        """`labels.check_labels` against the call's input (``input_ids`` or ``inputs_embeds``) and the output head."""
+        """`forward.check_labels` against the call's input (``input_ids`` or ``inputs_embeds``) and the output head."""
         x = kwargs.get("input_ids", args[0] if args else None)
         x = x if x is not None else kwargs.get("inputs_embeds")
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
