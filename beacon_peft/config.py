@@ -154,14 +154,13 @@ class BeaconConfig(PeftConfig):
             raise ValueError(f"task_type={self.task_type!r} is not supported: Activation Beacon needs 'CAUSAL_LM'")
         if self.target_modules is None:
             self.target_modules = ["self_attn"]
-        if isinstance(self.target_modules, (list, tuple, set)):
-            if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
-                raise TypeError(f"target_modules={self.target_modules!r} must be None (every 'self_attn'), a regex "
-                                "string or a non-empty list of module names (str)")
-            self.target_modules = sorted(set(self.target_modules))
-        elif not isinstance(self.target_modules, str):
-            raise TypeError(f"target_modules={self.target_modules!r} must be None (every 'self_attn'), a regex string "
-                            "or a non-empty list of module names (str)")
+        names = self.target_modules
+        listed = isinstance(names, (list, tuple, set)) and bool(names) and all(isinstance(m, str) for m in names)
+        if not (listed or isinstance(names, str)):
+            raise TypeError(f"target_modules={names!r} must be None (every 'self_attn'), a regex string or a non-empty "
+                            "list of module names (str)")
+        if listed:
+            self.target_modules = sorted(set(names))
         if self.stride is None:
             self.stride = self.window
         _check_int("window", self.window, 1)
@@ -218,16 +217,10 @@ class BeaconConfig(PeftConfig):
             self.beacon_layers = sorted(set(layers))
 
     @classmethod
-    def check_kwargs(cls, **kwargs):
-        """A saved config (``adapter_config.json``) may hold only `BeaconConfig` fields. PEFT drops keys it does not
-        know with a warning; for a beacon adapter a dropped setting would change what it computes silently, so an
-        unknown key is a ValueError naming it (before anything is loaded)."""
-        cls._refuse_unknown(kwargs)
-        return super().check_kwargs(**kwargs)
-
-    @classmethod
     def from_peft_type(cls, **kwargs):
-        """`PeftConfig.from_peft_type`, refusing keys that are not `BeaconConfig` fields (see `check_kwargs`)."""
+        """`PeftConfig.from_peft_type` (which `from_pretrained` ends in), refusing keys that are not `BeaconConfig`
+        fields: PEFT drops keys it does not know with a warning, and for a beacon adapter a dropped setting would
+        change what it computes silently, so an unknown key is a ValueError naming it, before anything is loaded."""
         if kwargs.get("peft_type", BeaconPeftType.BEACON) == BeaconPeftType.BEACON:
             cls._refuse_unknown(kwargs)
         return super().from_peft_type(**kwargs)
