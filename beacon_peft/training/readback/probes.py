@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 import torch
 
@@ -47,6 +48,18 @@ def make_probe(tokenizer, hay: list[int], n: int, window: int, seed: int = 1234,
     return cases
 
 
+@contextmanager
+def _measuring(model, ratio: int):
+    """Eval mode at compression ``ratio`` for a probe, then training mode and the earlier ratio setting again (also
+    when the probe raises)."""
+    model.eval()
+    try:
+        with model.base_model.compression_ratio(ratio):
+            yield
+    finally:
+        model.train()
+
+
 @torch.no_grad()
 def key_readback(model, probe: list[dict], device, ratio: int = 8) -> dict[str, float]:
     """What the memory gives back of each probe key, at compression ``ratio``:
@@ -59,18 +72,14 @@ def key_readback(model, probe: list[dict], device, ratio: int = 8) -> dict[str, 
     """
     from beacon_peft.metrics import key_information as information_of
 
-    model.eval()
     gaps, hits, exact, n_tokens = [], 0, 0, 0
-    try:
-        with model.base_model.compression_ratio(ratio):
-            for case in probe:
-                key = information_of(model, case["own"], case["other"], case["answer"], device)
-                target = torch.tensor(case["answer"], device=key.own_logits.device)
-                right = key.own_logits.argmax(-1) == target  # (answer tokens,)
-                hits, exact, n_tokens = hits + int(right.sum()), exact + int(right.all()), n_tokens + len(right)
-                gaps.append(key.information)
-    finally:
-        model.train()
+    with _measuring(model, ratio):
+        for case in probe:
+            key = information_of(model, case["own"], case["other"], case["answer"], device)
+            target = torch.tensor(case["answer"], device=key.own_logits.device)
+            right = key.own_logits.argmax(-1) == target  # (answer tokens,)
+            hits, exact, n_tokens = hits + int(right.sum()), exact + int(right.all()), n_tokens + len(right)
+            gaps.append(key.information)
     return dict(information=sum(gaps) / max(1, len(gaps)), token_accuracy=hits / max(1, n_tokens),
                 exact=exact / max(1, len(probe)))
 
@@ -92,17 +101,13 @@ def context_gain(model, stretches: list[list[int]], device, ratio: int = 8, tail
     token: what the compressed earlier windows are worth to the prediction (`beacon_peft.metrics.context_gain`)."""
     from beacon_peft.metrics import context_gain as gain_of
 
-    model.eval()
-    try:
-        with model.base_model.compression_ratio(ratio):
-            gains = [gain_of(model, ids, tail, device).gain for ids in stretches]
-    finally:
-        model.train()
+    with _measuring(model, ratio):
+        gains = [gain_of(model, ids, tail, device).gain for ids in stretches]
     return sum(gains) / max(1, len(gains))
 
 
 def probe_point(model, probe: list[dict], texts: list[list[int]], device, step: int, tokens: int,
-             unseen: list[dict] | None = None, ratio: int = 8) -> dict:
+                unseen: list[dict] | None = None, ratio: int = 8) -> dict:
     """One point of the training curve at compression ``ratio`` (recorded in the point), held-out texts: key
     information, the share of key tokens and of whole keys read back exactly (`key_readback`), context gain;
     with ``unseen``, also the key information of held-out composed phrasings (``key_information_unseen``)."""
