@@ -3,7 +3,8 @@
 A converted adapter or base model (`convert`), the final adapter of a training run (`training.saving`), a saved
 memory (`memory_file`), the SmolLM2 cache (`offline.weights`) and the read-back recipe's checkpoint are all written
 by `write_dir`: into a temporary sibling folder first, renamed into place only once complete. An interruption
-therefore leaves the previous folder or the new one, never a half-written one.
+therefore leaves the previous folder or the new one, never a half-written one. `refuse_earlier_run` keeps a
+training run from writing over an earlier run's folder unasked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from typing import Callable, Union
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["write_dir"]
+__all__ = ["refuse_earlier_run", "write_dir"]
+
+
+def refuse_earlier_run(output_dir: PathLike, found: list[str], resume_flag: str, overwrite_flag: str) -> None:
+    """A fresh training run must not write over (or, by rotating checkpoints, delete) an earlier run's files: a
+    ValueError naming what ``output_dir`` holds of one (``found``) and the flags that continue or replace it."""
+    if found:
+        raise ValueError(f"output_dir={output_dir} holds an earlier run ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): allowed {resume_flag} to continue it, "
+                         f"{overwrite_flag} to replace it, or another --output_dir")
 
 
 def _refuse(final: Path, overwrite: bool) -> None:

@@ -14,6 +14,7 @@ from typing import Optional
 
 from trl import SFTTrainer
 
+from ..atomic import refuse_earlier_run
 from ..precision import autocast_off_without_gpu
 from .arguments import BeaconArguments, ModelArguments, ScriptArguments, validate_args
 from .callbacks import LORA_CKPT_FILE, RatioRecorder, make_callbacks
@@ -105,17 +106,12 @@ def resolve_resume(value, output_dir: str) -> Optional[str]:
     return value
 
 
-def refuse_earlier_run(output_dir: str, final_dir: Optional[str]) -> None:
-    """A fresh run must not write over (or, by rotating checkpoints, delete) an earlier run's files: refuse an
-    ``output_dir`` holding ``checkpoint-*`` folders or a final adapter, before anything is loaded or written."""
+def earlier_run(output_dir: str, final_dir: Optional[str]) -> list[str]:
+    """What ``output_dir`` holds of an earlier run: its ``checkpoint-*`` folders and a non-empty final adapter."""
     out = Path(output_dir)
     final = Path(final_dir) if final_dir else out / "final"
     found = sorted(p.name for p in out.glob("checkpoint-*")) if out.is_dir() else []
-    found += [str(final)] if final.is_dir() and any(final.iterdir()) else []
-    if found:
-        raise ValueError(f"output_dir={output_dir} holds an earlier run ({', '.join(found[:4])}"
-                         f"{', ...' if len(found) > 4 else ''}): allowed --resume_from_checkpoint to continue it, "
-                         "--overwrite_output_dir true to replace it, or another --output_dir")
+    return found + ([str(final)] if final.is_dir() and any(final.iterdir()) else [])
 
 
 def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_args, model_args: ModelArguments,
@@ -130,7 +126,8 @@ def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_a
     prepare_training_args(training_args)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is None and not script_args.overwrite_output_dir:
-        refuse_earlier_run(training_args.output_dir, script_args.final_dir)
+        refuse_earlier_run(training_args.output_dir, earlier_run(training_args.output_dir, script_args.final_dir),
+                           "--resume_from_checkpoint", "--overwrite_output_dir true")
 
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args, training_args)

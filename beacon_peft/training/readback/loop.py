@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ...atomic import refuse_earlier_run
 from .arguments import ReadbackArguments
 from .checkpoint import load_checkpoint, save_checkpoint, write_final_adapter
 from .losses import HEAD_TERMS, decoder_and_head, head_losses, hidden_distance
@@ -37,9 +38,8 @@ def train(args: ReadbackArguments) -> Path:
     ``max_minutes``; returns the final adapter folder, ``output_dir/final``."""
     out = args.output_dir
     earlier = [name for name in ("checkpoint", "final", "curve.json", "train_log.jsonl") if (out / name).exists()]
-    if earlier and not args.resume and not args.overwrite_output_dir:
-        raise ValueError(f"output_dir={out} holds an earlier run ({', '.join(earlier)}): allowed --resume to continue "
-                         "it, --overwrite_output_dir to replace it, or another --output_dir")
+    if not args.resume and not args.overwrite_output_dir:
+        refuse_earlier_run(out, earlier, "--resume", "--overwrite_output_dir")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
