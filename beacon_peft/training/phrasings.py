@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from ..eval_facts import check_training_fact
 from ..facts import CODE_LETTERS, Fact, as_passkey_template, random_number
 
 __all__ = ["HOLDERS", "ATTRIBUTES", "STATEMENTS", "QUESTIONS", "SPLITS", "Fact", "split_items", "draw_value",
@@ -121,7 +122,8 @@ def compose_fact(rng: random.Random, split: str = "train", holder: str | None = 
     a = attribute if attribute is not None else rng.choice(attributes)
     v = value if value is not None else draw_value(rng)
     parts = dict(H=_cap(h), h=h, Hs=_cap(_possessive(h)), hs=_possessive(h), a=a)
-    return Fact.from_template(statement, question, lead, v, holder=h, attribute=a, **parts)
+    fact = Fact.from_template(statement, question, lead, v, holder=h, attribute=a, **parts)
+    return check_training_fact(fact)  # never the retrieval evaluation's held-out phrasings (beacon_peft.eval_facts)
 
 
 def compose_facts(rng: random.Random, n: int, split: str = "train") -> list[Fact]:
