@@ -13,7 +13,8 @@ documentation prose badly (issue 39). This module holds the facts of the evaluat
   fact in held-out phrasings only. No training row may use them: `check_training_fact` refuses a training fact whose
   needle or question matches a held-out phrasing (`held_out_match`), and the training generators
   (`beacon_peft.training.synthetic.template_fact`, `beacon_peft.training.phrasings.compose_fact`) call it on every
-  fact they make; `training_phrasings` lists every phrasing a training row can hold, so a test can check them all.
+  fact they make; `beacon_peft.training.phrasings.training_phrasings` lists every phrasing a training row can hold,
+  so a test can check them all.
 
 `template_leak` finds, in a generated answer, text of a training template that the case itself did not contain (the
 ``"Remember it."`` of the pass-key needle going on after an answer): the evaluation reports the share of answers that
@@ -29,8 +30,8 @@ from typing import Iterable, Sequence
 from .facts import Fact, random_number
 
 __all__ = ["KINDS", "SPLITS", "HELD_OUT_INDICES", "THINGS", "STATEMENTS", "QUESTIONS", "EVAL_INTRO", "split_items",
-           "draw_value", "eval_fact", "held_out_match", "check_training_fact", "training_phrasings",
-           "template_fragments", "template_leak", "extract_answer", "units_in_place"]
+           "draw_value", "eval_fact", "held_out_match", "check_training_fact", "template_fragments", "template_leak",
+           "extract_answer", "units_in_place"]
 
 KINDS = ("number", "name", "date", "code")
 SPLITS = ("train", "held_out")
@@ -241,22 +242,6 @@ def check_training_fact(fact: Fact) -> Fact:
             raise ValueError(f"training fact {text!r} uses the evaluation's held-out phrasing {found!r} "
                              "(beacon_peft.eval_facts): no training row may")
     return fact
-
-
-def training_phrasings(evaluation: bool = True) -> list[str]:
-    """Every needle, question and answer lead-in template a training row can hold (fields as ``{...}``): the
-    synthetic templates (all ten: ``recipes/train.py``'s retrieval data uses every one), the composed phrasings of
-    both splits, the pass-key facts, and (``evaluation``) this module's training split, which no training row uses
-    yet but may."""
-    from .facts import NAMED_PASS_KEY, PASS_KEY
-    from .training import phrasings, synthetic
-
-    out = [t for template in (*synthetic.TEMPLATES, PASS_KEY, NAMED_PASS_KEY) for t in template]
-    out += list(phrasings.STATEMENTS) + [t for pair in phrasings.QUESTIONS for t in pair]
-    for kind in KINDS if evaluation else ():
-        out += split_items(STATEMENTS[kind], "train")
-        out += [t for pair in split_items(QUESTIONS[kind], "train") for t in pair]
-    return out
 
 
 def template_fragments(templates: Iterable[str], min_words: int = 2, min_chars: int = 9) -> list[str]:

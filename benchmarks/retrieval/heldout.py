@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from beacon_peft import eval_facts
 from beacon_peft.facts import needle_compressed
 from beacon_peft.needles import make_fact_case
+from beacon_peft.training import phrasings
 from benchmarks.common import measure, report
 from benchmarks.common.harness import Bench, Method, runner_main, with_overrides
 
@@ -121,7 +122,7 @@ def run(bench: Bench, s: Settings) -> str:
     if bench.args.methods and len(methods) < len(set(bench.args.methods)):
         known = [m.name for m in [Method("full", "full"), *bench.beacon_methods(bench.ratios)]]
         raise SystemExit(f"--methods {bench.args.methods}: allowed names {known}")
-    fragments = eval_facts.template_fragments(eval_facts.training_phrasings(evaluation=False))
+    fragments = eval_facts.template_fragments(phrasings.training_phrasings(evaluation=False))
     pad = bench.tokenizer.pad_token_id if bench.tokenizer.pad_token_id is not None else bench.tokenizer.eos_token_id
     todo = [(m, c) for m in methods for c in cases
             if m.kind != "full" or bench.fits(len(c["context_ids"]) + len(c["question_ids"]) + s.max_new_tokens)]
