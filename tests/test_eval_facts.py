@@ -149,3 +149,21 @@ def test_the_plan_rotates_kinds_and_corpora_and_is_seeded():
     assert all(held_out_match(p["fact"].needle) for p in plan)
     assert not any(held_out_match(p["fact"].needle) for p in heldout.case_plan(heldout.Settings([2048], split="train"),
                                                                                seed=0))
+
+
+def test_kinds_rows_hold_the_evaluations_training_phrasings_only(tokenizer):
+    """``kinds_fraction``: composed and recall rows draw facts of the evaluation's training part (all four kinds
+    over a block), never a held-out one; 0 (the default) leaves the rows of earlier configs unchanged."""
+    kw = dict(seed=6, text_fraction=0.0, recall_fraction=0.5, window=64, composed_fraction=0.5, block=16)
+    rows = MixedRows(tokenizer, DOCS, 200, 320, kinds_fraction=1.0, **kw)
+    texts = [tokenizer.decode(r["input_ids"]) for r in next(iter(rows.blocks()))]
+    assert not [t for t in texts if held_out_match(t)]
+    things = {kind: [t for t in eval_facts.THINGS[kind] if any(t in x for x in texts)] for kind in KINDS}
+    assert all(things.values()), things
+    base = MixedRows(tokenizer, DOCS, 200, 320, **kw)
+    assert next(iter(base.blocks())) == next(iter(MixedRows(tokenizer, DOCS, 200, 320, kinds_fraction=0.0,
+                                                            **kw).blocks()))
+    assert not any(t in tokenizer.decode(r["input_ids"]) for r in next(iter(base.blocks()))
+                   for kind in KINDS for t in eval_facts.THINGS[kind])
+    with pytest.raises(ValueError, match="kinds_fraction=1.5 must be in \\[0, 1\\]"):
+        MixedRows(tokenizer, DOCS, 200, 320, kinds_fraction=1.5, **kw)
