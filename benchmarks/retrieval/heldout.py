@@ -140,6 +140,8 @@ def run(bench: Bench, s: Settings) -> str:
                             depth=c["depth_actual"], kind=c["kind"], corpus=c["corpus"], value=c["answer"],
                             needle=c["fact"].needle, question=c["fact"].asked.strip(), generated=text,
                             compressed=compressed, **score(text, c, fragments)))
+        # every answer so far, in case the run is stopped: the final write below replaces it (complete: true)
+        bench.write(BENCHMARK, dict(settings=vars(s), answers=answers, complete=False), "(incomplete: see the json)\n")
     names = list(dict.fromkeys(a["method"] for a in answers))
     by_method = {m.name: m for m in methods}
     for (name, length), rows in _groups(answers, "method", "context_tokens").items():
@@ -147,7 +149,7 @@ def run(bench: Bench, s: Settings) -> str:
         bench.record(BENCHMARK, by_method[name], length, "heldout_in_place", _mean(rows, "in_place"))
         bench.record(BENCHMARK, by_method[name], length, "heldout_leak", _share(rows, "leak"))
     markdown = tables(bench, s, names, answers)
-    out = bench.write(BENCHMARK, dict(settings=vars(s), answers=answers), markdown)
+    out = bench.write(BENCHMARK, dict(settings=vars(s), answers=answers, complete=True), markdown)
     grids = {m: [[_cell(answers, m, n, di) for n in s.lengths] for di in range(len(s.depths))] for m in names}
     report.heatmaps(out / f"{bench.stem}_heatmap.png", grids, xticks=[report.tokens(n) for n in s.lengths],
                     yticks=[f"{d:g}" for d in s.depths], xlabel="context tokens", ylabel="depth",

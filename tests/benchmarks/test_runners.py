@@ -620,7 +620,7 @@ def test_heldout_retrieval_end_to_end(tiny_dir, tmp_path):
     answers = data["answers"]
     assert {(a["method"], a["context_tokens"]) for a in answers} == {
         ("full", 512), ("beacon-untrained-r8", 512), ("beacon-untrained-r8", 1024)}  # 1024 > 768 positions
-    assert len(answers) == 3 * 2 and data["settings"]["split"] == "held_out"
+    assert len(answers) == 3 * 2 and data["settings"]["split"] == "held_out" and data["complete"]
     for a in answers:
         assert a["exact"] == (a["extracted"] == a["value"]) and 0.0 <= a["in_place"] <= 1.0
         assert (a["compressed"] is None) == (a["method"] == "full")
