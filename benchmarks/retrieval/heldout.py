@@ -124,9 +124,16 @@ def run(bench: Bench, s: Settings) -> str:
         raise SystemExit(f"--methods {bench.args.methods}: allowed names {known}")
     fragments = eval_facts.template_fragments(phrasings.training_phrasings(evaluation=False))
     pad = bench.tokenizer.pad_token_id if bench.tokenizer.pad_token_id is not None else bench.tokenizer.eos_token_id
-    todo = [(m, c) for m in methods for c in cases
+    # length by length, each case by every method in turn: a run stopped early holds like-for-like answers
+    todo = [(m, c) for c in cases for m in methods
             if m.kind != "full" or bench.fits(len(c["context_ids"]) + len(c["question_ids"]) + s.max_new_tokens)]
-    answers = []
+    answers = _earlier_answers(bench.args.from_json, s) if bench.args.from_json else []
+    values = {(c["length"], c["cell"], c["case"]): c["answer"] for c in cases}
+    if any(values.get((a["context_tokens"], a["cell"], a["case"])) != a["value"] for a in answers):
+        raise SystemExit(f"--from-json {bench.args.from_json}: its cases hold other values (another seed?)")
+    answers = [a for a in answers if a["method"] in {m.name for m in methods}]
+    done = {(a["method"], a["context_tokens"], a["cell"], a["case"]) for a in answers}
+    todo = [(m, c) for m, c in todo if (m.name, c["length"], c["cell"], c["case"]) not in done]
     for m, c in tqdm(todo, desc="held-out retrieval", unit="case"):
         with bench.use(m) as model:
             ids = measure.greedy(model, c["context_ids"] + c["question_ids"], s.max_new_tokens, pad, bench.device)
@@ -137,9 +144,9 @@ def run(bench: Bench, s: Settings) -> str:
             compressed = needle_compressed(c, len(c["context_ids"]) + len(c["question_ids"]), config.window,
                                            config.stride)
         answers.append(dict(method=m.name, compression=m.ratio, context_tokens=c["length"], cell=c["cell"],
-                            depth=c["depth_actual"], kind=c["kind"], corpus=c["corpus"], value=c["answer"],
-                            needle=c["fact"].needle, question=c["fact"].asked.strip(), generated=text,
-                            compressed=compressed, **score(text, c, fragments)))
+                            case=c["case"], depth=c["depth_actual"], kind=c["kind"], corpus=c["corpus"],
+                            value=c["answer"], needle=c["fact"].needle, question=c["fact"].asked.strip(),
+                            generated=text, compressed=compressed, **score(text, c, fragments)))
         # every answer so far, in case the run is stopped: the final write below replaces it (complete: true)
         bench.write(BENCHMARK, dict(settings=vars(s), answers=answers, complete=False), "(incomplete: see the json)\n")
     names = list(dict.fromkeys(a["method"] for a in answers))
@@ -155,6 +162,17 @@ def run(bench: Bench, s: Settings) -> str:
                     yticks=[f"{d:g}" for d in s.depths], xlabel="context tokens", ylabel="depth",
                     title=f"{bench.model_name}: held-out needles, exact answers (grey: not run)")
     return markdown
+
+
+def _earlier_answers(path, s: Settings) -> list[dict]:
+    """The answers of an earlier (possibly stopped) run's json (``--from-json``), checked to be of these settings:
+    its cases are not run again."""
+    import json
+
+    data = json.loads(open(path).read())
+    if data.get("settings", {}).get("split") != s.split or data["settings"].get("max_new_tokens") != s.max_new_tokens:
+        raise SystemExit(f"--from-json {path}: made with other settings ({data.get('settings')})")
+    return [a for a in data["answers"] if a["context_tokens"] in s.lengths and a["cell"] < len(s.depths)]
 
 
 def _groups(answers: list[dict], *keys: str) -> dict[tuple, list[dict]]:
@@ -245,6 +263,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=eval_facts.SPLITS, default=None,
                         help="phrasings: held_out (default; never trained on) or train (the evaluation's other part)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer length (default 16)")
+    parser.add_argument("--from-json", default=None, metavar="RESULT.json",
+                        help="keep the answers of an earlier (e.g. stopped) run of the same settings and run only the "
+                        "cases it lacks (its file may be this run's own: it is rewritten)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="run only these methods (e.g. full v3-r8 beacon-untrained-r8)")
 
