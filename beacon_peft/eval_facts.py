@@ -30,8 +30,8 @@ from typing import Iterable, Sequence
 from .facts import Fact, random_number
 
 __all__ = ["KINDS", "SPLITS", "HELD_OUT_INDICES", "THINGS", "STATEMENTS", "QUESTIONS", "EVAL_INTRO", "split_items",
-           "draw_value", "eval_fact", "held_out_match", "check_training_fact", "template_fragments", "template_leak",
-           "extract_answer", "units_in_place"]
+           "draw_value", "eval_fact", "held_out_match", "check_training_fact", "FUNCTION_WORDS", "template_fragments",
+           "template_leak", "extract_answer", "units_in_place"]
 
 KINDS = ("number", "name", "date", "code")
 SPLITS = ("train", "held_out")
@@ -244,14 +244,21 @@ def check_training_fact(fact: Fact) -> Fact:
     return fact
 
 
+# Words that say nothing of a template on their own: a piece made only of them ("what is the") is no evidence.
+FUNCTION_WORDS = frozenset("a an the is was are were it its what which who whom where when how does did do you i "
+                           "of in on at for to by with from that this as and or yes no can me tell".split())
+
+
 def template_fragments(templates: Iterable[str], min_words: int = 2, min_chars: int = 9) -> list[str]:
     """The literal pieces of ``templates`` between their fields, lower-cased and stripped of edge punctuation, that
-    have at least ``min_words`` words and ``min_chars`` characters (``"remember it"``, ``"is the pass key"``)."""
+    have at least ``min_words`` words and ``min_chars`` characters and a word not in `FUNCTION_WORDS`
+    (``"remember it"``, ``"is the pass key"``; not ``"what is the"``)."""
     out = set()
     for template in templates:
         for piece in re.split(r"\{\w+\}", template):
             piece = re.sub(r"\s+", " ", piece.lower()).strip(" .,:;!?'\"")
-            if len(piece.split()) >= min_words and len(piece) >= min_chars:
+            words = re.findall(r"[a-z']+", piece)
+            if len(words) >= min_words and len(piece) >= min_chars and set(words) - FUNCTION_WORDS:
                 out.add(piece)
     return sorted(out)
 

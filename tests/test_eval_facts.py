@@ -127,7 +127,8 @@ def test_a_leak_is_training_text_the_case_did_not_contain():
     # text the case itself holds is not a leak: the model may repeat its own prompt
     assert template_leak(" 4817, the pass key is", "What is the pass key? The pass key is", fragments) is None
     real = template_fragments(phrasings.training_phrasings(evaluation=False))
-    assert "remember it" in real and "the access number for" not in real
+    assert "remember it" in real and "the access number for" not in real  # the evaluation's part is no template
+    assert "what is the" not in real and "yes, it is" not in real  # function words alone are no evidence
 
 
 def test_scores_of_one_answer():

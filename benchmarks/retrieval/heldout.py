@@ -122,16 +122,18 @@ def run(bench: Bench, s: Settings) -> str:
     if bench.args.methods and len(methods) < len(set(bench.args.methods)):
         known = [m.name for m in [Method("full", "full"), *bench.beacon_methods(bench.ratios)]]
         raise SystemExit(f"--methods {bench.args.methods}: allowed names {known}")
-    fragments = eval_facts.template_fragments(phrasings.training_phrasings(evaluation=False))
     pad = bench.tokenizer.pad_token_id if bench.tokenizer.pad_token_id is not None else bench.tokenizer.eos_token_id
+    fragments = eval_facts.template_fragments(phrasings.training_phrasings(evaluation=False))
     # length by length, each case by every method in turn: a run stopped early holds like-for-like answers
     todo = [(m, c) for c in cases for m in methods
             if m.kind != "full" or bench.fits(len(c["context_ids"]) + len(c["question_ids"]) + s.max_new_tokens)]
     answers = _earlier_answers(bench.args.from_json, s) if bench.args.from_json else []
-    values = {(c["length"], c["cell"], c["case"]): c["answer"] for c in cases}
-    if any(values.get((a["context_tokens"], a["cell"], a["case"])) != a["value"] for a in answers):
+    by_key = {(c["length"], c["cell"], c["case"]): c for c in cases}
+    if any(by_key.get((a["context_tokens"], a["cell"], a["case"]), {}).get("answer") != a["value"] for a in answers):
         raise SystemExit(f"--from-json {bench.args.from_json}: its cases hold other values (another seed?)")
-    answers = [a for a in answers if a["method"] in {m.name for m in methods}]
+    # kept answers are scored again by this code (the scores follow the scoring, not the file)
+    answers = [{**a, **score(a["generated"], by_key[(a["context_tokens"], a["cell"], a["case"])], fragments)}
+               for a in answers if a["method"] in {m.name for m in methods}]
     done = {(a["method"], a["context_tokens"], a["cell"], a["case"]) for a in answers}
     todo = [(m, c) for m, c in todo if (m.name, c["length"], c["cell"], c["case"]) not in done]
     for m, c in tqdm(todo, desc="held-out retrieval", unit="case"):
@@ -172,7 +174,8 @@ def _earlier_answers(path, s: Settings) -> list[dict]:
     data = json.loads(open(path).read())
     if data.get("settings", {}).get("split") != s.split or data["settings"].get("max_new_tokens") != s.max_new_tokens:
         raise SystemExit(f"--from-json {path}: made with other settings ({data.get('settings')})")
-    return [a for a in data["answers"] if a["context_tokens"] in s.lengths and a["cell"] < len(s.depths)]
+    return [{"case": 0, **a} for a in data["answers"]  # files of before 2026-12-08 02:00 ran one case per cell
+            if a["context_tokens"] in s.lengths and a["cell"] < len(s.depths)]
 
 
 def _groups(answers: list[dict], *keys: str) -> dict[tuple, list[dict]]:
