@@ -135,7 +135,8 @@ def run(bench: Bench, s: Settings) -> str:
     answers = [{**a, **score(a["generated"], by_key[(a["context_tokens"], a["cell"], a["case"])], fragments)}
                for a in answers if a["method"] in {m.name for m in methods}]
     done = {(a["method"], a["context_tokens"], a["cell"], a["case"]) for a in answers}
-    todo = [(m, c) for m, c in todo if (m.name, c["length"], c["cell"], c["case"]) not in done]
+    todo = [] if bench.args.no_run else [(m, c) for m, c in todo
+                                         if (m.name, c["length"], c["cell"], c["case"]) not in done]
     for m, c in tqdm(todo, desc="held-out retrieval", unit="case"):
         with bench.use(m) as model:
             ids = measure.greedy(model, c["context_ids"] + c["question_ids"], s.max_new_tokens, pad, bench.device)
@@ -157,13 +158,21 @@ def run(bench: Bench, s: Settings) -> str:
         bench.record(BENCHMARK, by_method[name], length, "heldout_exact", _share(rows, "exact"))
         bench.record(BENCHMARK, by_method[name], length, "heldout_in_place", _mean(rows, "in_place"))
         bench.record(BENCHMARK, by_method[name], length, "heldout_leak", _share(rows, "leak"))
-    markdown = tables(bench, s, names, answers)
-    out = bench.write(BENCHMARK, dict(settings=vars(s), answers=answers, complete=True), markdown)
+    missing = _missing(bench, s, methods, cases, answers)
+    markdown = tables(bench, s, names, answers, missing)
+    out = bench.write(BENCHMARK, dict(settings=vars(s), answers=answers, complete=not missing), markdown)
     grids = {m: [[_cell(answers, m, n, di) for n in s.lengths] for di in range(len(s.depths))] for m in names}
     report.heatmaps(out / f"{bench.stem}_heatmap.png", grids, xticks=[report.tokens(n) for n in s.lengths],
                     yticks=[f"{d:g}" for d in s.depths], xlabel="context tokens", ylabel="depth",
                     title=f"{bench.model_name}: held-out needles, exact answers (grey: not run)")
     return markdown
+
+
+def _missing(bench: Bench, s: Settings, methods: list, cases: list[dict], answers: list[dict]) -> int:
+    """How many (method, case) pairs the run would answer that ``answers`` lack."""
+    have = {(a["method"], a["context_tokens"], a["cell"], a["case"]) for a in answers}
+    return sum((m.name, c["length"], c["cell"], c["case"]) not in have for c in cases for m in methods
+               if m.kind != "full" or bench.fits(len(c["context_ids"]) + len(c["question_ids"]) + s.max_new_tokens))
 
 
 def _earlier_answers(path, s: Settings) -> list[dict]:
@@ -202,7 +211,7 @@ def _count(rows: list[dict], field: str) -> str:
     return f"{sum(bool(r[field]) for r in rows)}/{len(rows)}" if rows else "-"
 
 
-def tables(bench: Bench, s: Settings, names: list[str], answers: list[dict]) -> str:
+def tables(bench: Bench, s: Settings, names: list[str], answers: list[dict], missing: int = 0) -> str:
     """The result's markdown: exact / in place / leaks by length, exact by depth, by kind, every answer."""
     by = _groups(answers, "method", "context_tokens")
     head = [report.tokens(n) for n in s.lengths]
@@ -236,7 +245,9 @@ def tables(bench: Bench, s: Settings, names: list[str], answers: list[dict]) -> 
             f"- cases: {len(s.depths)} depths ({', '.join(f'{d:g}' for d in s.depths)}) x {s.cases} per length; "
             f"phrasings: `{s.split}` split of `beacon_peft.eval_facts` (never in a training row); kinds "
             f"{', '.join(eval_facts.KINDS)}; haystacks {', '.join(CORPORA)}; greedy, {s.max_new_tokens} new tokens; "
-            "full attention only where the whole sequence fits the native positions\n\n"
+            "full attention only where the whole sequence fits the native positions\n"
+            + (f"- **stopped early**: {missing} (method, case) answers missing; the counts below say of how many "
+               "cases each is\n" if missing else "") + "\n"
             f"## Exact answers (the first value of the kind written equals the fact's; per depth: "
             f"`{bench.stem}_heatmap.png`)\n\n{exact}\n"
             "## Characters in place (a number's digits; mean share of the value)\n\n"
@@ -269,6 +280,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-json", default=None, metavar="RESULT.json",
                         help="keep the answers of an earlier (e.g. stopped) run of the same settings and run only the "
                         "cases it lacks (its file may be this run's own: it is rewritten)")
+    parser.add_argument("--no-run", action="store_true",
+                        help="with --from-json: run no case, only write the tables and heatmap of the kept answers "
+                        "(a stopped run's: the markdown says how many are missing)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="run only these methods (e.g. full v3-r8 beacon-untrained-r8)")
 

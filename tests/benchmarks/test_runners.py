@@ -636,6 +636,10 @@ def test_heldout_retrieval_end_to_end(tiny_dir, tmp_path, monkeypatch):
     stopped = dict(data, answers=[a for a in answers if a["cell"] == 0], complete=False)
     (folder / "stopped.json").write_text(json.dumps(stopped))
     calls = _count_calls(monkeypatch, "greedy")
+    assert heldout.main([*common, "--tag", "kept", "--from-json", str(folder / "stopped.json"), "--no-run"]) == 0
+    kept = json.loads((folder / "kept.json").read_text())
+    assert not calls and not kept["complete"] and len(kept["answers"]) == 3
+    assert "**stopped early**: 3 (method, case) answers missing" in (folder / "kept.md").read_text()
     assert heldout.main([*common, "--tag", "stopped", "--from-json", str(folder / "stopped.json")]) == 0
     again = json.loads((folder / "stopped.json").read_text())
     assert len(calls) == 3 and again["complete"]
