@@ -90,6 +90,11 @@ def _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int
         raise ValueError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'} must have {expected} "
                          f"dims (batch, length{', hidden' if expected == 3 else ''}), got shape {tuple(x.shape)}")
     batch, length = x.shape[:2]
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a (batch, length) tensor of 1s and 0s, got a "
+                        f"{type(attention_mask).__name__} (a multimodal wrapper such as Gemma3ForConditionalGeneration "
+                        f"hands its language model a dict of masks per layer type): load the text model alone "
+                        f"(AutoModelForCausalLM of a text-only checkpoint, e.g. Gemma3ForCausalLM)")
     if length == 0:
         raise ValueError("the input has length 0: pass at least one token (generate() with a memory slices input_ids "
                          "by the memory's length: pass the new tokens with an attention_mask covering memory + new "

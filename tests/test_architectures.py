@@ -146,6 +146,23 @@ def test_decoders_the_loop_would_run_wrongly_are_refused_and_left_as_they_were(m
         torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0, rtol=0)
 
 
+def test_a_multimodal_wrapper_handing_its_decoder_a_dict_of_masks_is_refused_before_any_work():
+    """Gemma 3 4B and up are Gemma3ForConditionalGeneration checkpoints: their wrapper hands the language model a dict
+    of masks per layer type, which the window loop cannot read (a TypeError naming the text-only way)."""
+    from tiny import COMMON
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma3", text_config={**COMMON, "head_dim": 16},
+                                  vision_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=28, patch_size=14),
+                                  mm_tokens_per_image=4)
+    config._attn_implementation = "eager"
+    model = get_peft_model(AutoModelForCausalLM.from_config(config).eval(),
+                           BeaconConfig(window=W, ratios=[4], target_modules=r".*language_model.*self_attn"))
+    with pytest.raises(TypeError, match="got a dict .*Gemma3ForConditionalGeneration.*Gemma3ForCausalLM"):
+        model(input_ids=random_ids(1, 2 * W))
+
+
 @pytest.mark.parametrize("token_id", [128, 5000, -1])
 def test_beacon_embedding_token_outside_the_vocabulary_is_refused(token_id):
     model = tiny_auto("llama", eos_token_id=token_id)

@@ -85,8 +85,9 @@ def run(bench: Bench, s: Settings) -> str:
     fits = {tuple(c["key"]): bench.fits(len(c["context_ids"]) + len(c["question_ids"]) + s.max_new_tokens)
             for c in cases}
     full = Method("full", "full")
-    local = [full] + bench.beacon_methods(bench.ratios)
-    presses = bench.press_methods(bench.ratios)
+    full_only = getattr(bench.args, "full_only", False)
+    local = [full] + ([] if full_only else bench.beacon_methods(bench.ratios))
+    presses = [] if full_only else bench.press_methods(bench.ratios)
     full_from = getattr(bench.args, "full_from", None)
     reused = reused_full_answers(bench, s, full_from, cases) if full_from is not None else {}
     answers = [_answer_from_text(bench, full, c, reused[tuple(c["key"])]) for c in cases
@@ -233,6 +234,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="context lengths (tokens)")
     parser.add_argument("--cases", type=int, help="pass-key cases per (length, depth)")
     parser.add_argument("--multikey-cases", type=int, help="multi-key cases per length")
+    parser.add_argument("--full-only", action="store_true",
+                        help="full attention alone (no beacon adapter, no kvpress press): the base model's own "
+                        "retrieval, e.g. to compare base models")
     parser.add_argument("--full-from", type=Path, default=None, metavar="RESULT.json",
                         help="take full attention's answers from this earlier retrieval result (same model, dtype, "
                         "device, threads, seed and versions; checked) instead of running it again")
