@@ -185,7 +185,10 @@ class BeaconModel(BaseTuner):
             self.beacon_embedding = nn.ParameterDict()
         embed = decoder.get_input_embeddings()
         token_id = _embed_token_id(decoder, config)
-        weight = embed.weight[token_id : token_id + 1].detach().clone()  # (1, H)
+        # the embedding module's output, which the beacon embedding replaces at beacon slots: the weight row itself
+        # for an nn.Embedding, times sqrt(hidden) for Gemma 3's scaled embedding (a bare row would be 25x too small)
+        with torch.no_grad():
+            weight = embed(torch.tensor([[token_id]], device=embed.weight.device))[0].detach().clone()  # (1, H)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.beacon_embedding[adapter_name] = nn.Parameter(weight.to(dtype), requires_grad=True)
 

@@ -111,6 +111,17 @@ def test_what_the_probe_found_in_each_layer():
     assert all(a.sinks == "sinks" for a in parts("gpt_oss")) and all(a.softcap == 50.0 for a in parts("gemma2"))
 
 
+def test_the_beacon_embedding_starts_as_the_embedding_modules_output():
+    """Gemma 3 scales its embeddings inside the embedding module (by sqrt(hidden)): the beacon embedding, which replaces
+    that module's output at beacon slots, starts as the eos token's output, not as its bare weight row."""
+    model = get_peft_model(_tiny("gemma3_text", OPENED_ARCHS["gemma3_text"]), BeaconConfig(window=W, ratios=[4]))
+    embed = model.get_input_embeddings()
+    eos = model.config.eos_token_id
+    beacon = model.base_model.beacon_embedding["default"]
+    torch.testing.assert_close(beacon, embed(torch.tensor([[eos]]))[0].detach(), atol=0, rtol=0)
+    assert embed.embed_scale != 1 and not torch.allclose(beacon, embed.weight[eos : eos + 1])
+
+
 def test_an_attention_no_reading_reproduces_is_refused():
     """The probe refuses an attention module whose output none of its readings reproduces (here: doubled)."""
     model = tiny_auto("llama")
