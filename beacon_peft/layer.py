@@ -37,10 +37,12 @@ def _cat_nonempty(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 def _heads(x: torch.Tensor, norm: Optional[nn.Module], head_dim: int) -> torch.Tensor:
     """(B, L, H * D) projections -> (B, L, H, D), through the attention's query/key norm where it has one: per head
-    (Qwen3: the norm's weight has D entries) or over the whole projection before the split (OLMo 2: H * D)."""
+    (Qwen3: the norm's weight has D entries; Cohere: (H, D), one row per head) or over the whole projection before
+    the split (OLMo 2: H * D)."""
     B, L, _ = x.shape
     weight = getattr(norm, "weight", None)
-    if norm is not None and weight is not None and weight.numel() != head_dim and weight.numel() == x.shape[-1]:
+    if norm is not None and weight is not None and weight.dim() == 1 and weight.numel() != head_dim \
+            and weight.numel() == x.shape[-1]:
         return norm(x).view(B, L, -1, head_dim)
     x = x.view(B, L, -1, head_dim)
     return norm(x) if norm is not None else x

@@ -56,7 +56,7 @@ OPENED_ARCHS = {
     "smollm3": {"num_hidden_layers": 4},  # every 4th layer without RoPE (NoPE)
     "exaone4": {"num_hidden_layers": 4, "sliding_window": 512},  # global layers without RoPE; q/k norms
     "cohere2": {"num_hidden_layers": 4},  # global layers without RoPE; interleaved RoPE
-    "cohere": {},  # interleaved RoPE
+    "cohere": {"use_qk_norm": True},  # interleaved RoPE; a query/key LayerNorm with one (H, D) weight row per head
     "glm": {},  # interleaved, partial RoPE
     "ernie4_5": {},  # interleaved RoPE in float32
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2},  # half-width rotary tables, attention sinks
