@@ -404,10 +404,11 @@ def _run_mask(run: Run, B: int, M: int, q: torch.Tensor) -> torch.Tensor:
     """Additive mask (B * G, 1, W, M + W) of a batch of windows: window i reads its visible memory and itself
     causally (a padded window's extra entries come last, so no real entry reads them)."""
     G, W = run.windows, run.width
-    visible = run.visible[:1] if run.shared else run.visible  # (1 or B, G)
-    vis = torch.from_numpy(np.arange(M)[None, None, :] < visible[:, :, None]).to(q.device)  # (., G, M): i reads j
-    vis = vis[:, :, None, :].expand(-1, G, W, M)
-    causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()[None, None].expand(vis.shape[0], G, W, W)
-    allowed = torch.cat((vis, causal), dim=-1).flatten(0, 1)  # (1 or B) * G, W, M + W
+    rows = 1 if run.shared else B  # every row reads the same prefixes, or each its own (`group.Run.visible`)
+    visible = run.visible[:rows].reshape(-1)  # (rows * G,)
+    vis = torch.from_numpy(np.arange(M)[None, :] < visible[:, None]).to(q.device)  # (rows * G, M): window reads j
+    vis = vis[:, None, :].expand(rows * G, W, M)
+    causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()[None].expand(rows * G, W, W)
+    allowed = torch.cat((vis, causal), dim=-1)  # (rows * G, W, M + W)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
     return (mask.repeat(B, 1, 1) if run.shared else mask)[:, None]
