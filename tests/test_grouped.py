@@ -232,6 +232,39 @@ def test_default_group_follows_the_device():
 
 
 @pytest.mark.parametrize("path", ["split", "masked"])
+@pytest.mark.parametrize("name", ["interleave", "interleave_mixed_sink", "ratio0", "append"])
+def test_runs_form_after_a_ragged_batch(name, path, monkeypatch):
+    """After a left-padded batch of ragged rows, the rows' compressed memories differ in length for good; windows
+    that every row appends still run as one batch of windows (each row reading its own memory prefix, appending
+    after its own entries) and equal the window loop, padding of the memory included."""
+    from beacon_peft.layer import BeaconAttention
+
+    monkeypatch.setattr(BeaconAttention, "windows_path", path)
+    ragged = []
+    original = group_module.GroupPlan._segments
+
+    def spy(self, hosts, min_run):
+        out = original(self, hosts, min_run)
+        ragged.extend(s.run.windows for s in out if s.run is not None and not s.run.shared)
+        return out
+
+    monkeypatch.setattr(group_module.GroupPlan, "_segments", spy)
+    loop, grouped = _pair(MODES[name])
+    ids, more = random_ids(2, 70, seed=7), random_ids(2, 120, seed=8)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # row 1 is 9 tokens shorter: a window behind from here on
+    outs = []
+    with torch.no_grad():
+        for model in (loop, grouped):
+            first = model(input_ids=ids, attention_mask=mask)
+            outs.append(model(input_ids=more, attention_mask=torch.cat((mask, torch.ones_like(more)), 1),
+                              **beacon_peft.reuse.cache_kwargs(model, first.past_key_values)))
+    _close(outs[0].logits, outs[1].logits)
+    _same_memory(outs[0].past_key_values, outs[1].past_key_values)
+    assert ragged and max(ragged) >= 5, ragged  # the continuation's whole windows ran as one ragged run
+
+
+@pytest.mark.parametrize("path", ["split", "masked"])
 def test_both_window_paths_equal_the_loop(path, monkeypatch, segments):
     """Inference through either attention of a run (the CPU's exact split, an accelerator's masked call)."""
     from beacon_peft.layer import BeaconAttention
