@@ -264,7 +264,7 @@ def beacon_decoder_forward(
     with tqdm(total=longest, unit="tok", desc="beacon prefill", leave=False,
               disable=True if math.ceil(longest / active.config.stride) + 1 < PROGRESS_MIN_STEPS else None) as bar:
         min_run = min_run_for(device)
-        for plans in _groups(scheduler, active.config.pass_tokens(device)):
+        for plans in _groups(scheduler, pass_budget(active.config, decoder.rotary_emb, device)):
             group = GroupPlan(plans, device, min_run)
             state.layers, hidden, per_layer = run(group, state.layers)  # hidden (B, T, H)
             pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, group.out_src))
@@ -282,6 +282,23 @@ def beacon_decoder_forward(
     output = model_output(hidden, memory if use_cache is not False else None, hidden_states=all_hidden,
                           moe=hasattr(decoder.config, "output_router_logits"))
     return output, state.ratio_log[steps_before:]
+
+
+def rope_depends_on_length(rotary: torch.nn.Module) -> bool:
+    """Whether ``rotary`` recomputes its frequencies from the largest position of each call (transformers'
+    ``dynamic_rope_update``: dynamic NTK scaling, longrope's short/long factors), so that a key's rotation depends
+    on what else the call holds, not on its position alone."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    return any("dynamic" in str(t) or t == "longrope" for t in types)
+
+
+def pass_budget(config: BeaconConfig, rotary: torch.nn.Module, device) -> int:
+    """Input tokens per row of one decoder pass: `BeaconConfig.pass_tokens`, except for a rotary embedding whose
+    tables depend on each call's largest position (`rope_depends_on_length`): there one pass holds one window
+    step, so every window is rotated with the tables the window loop gave it (grouping would rotate all the
+    windows of a pass with the pass's last position, and a CPU and a GPU, whose budgets differ, would disagree)."""
+    return 1 if rope_depends_on_length(rotary) else config.pass_tokens(device)
 
 
 def _groups(scheduler: Scheduler, budget: int):

@@ -142,6 +142,8 @@ class RowState:
     raw: int = 0  # raw-cache entries
     windows: int = 0  # completed windows
     tokens: int = 0  # raw tokens consumed since the memory was created
+    bare: int = 0  # interleave: raw tokens of the open window read without their beacons (a training call's last
+    #                window, official semantics): such a memory cannot be continued (`Scheduler._check_continuable`)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from .group import Sealing, open_context
 from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
 from .logs import beacon_call
-from .schedule import RatioPicker
+from .schedule import RatioPicker, check_continuable_calls
 from .support import check_architecture, decoder_of
 
 
@@ -325,6 +325,14 @@ class BeaconModel(BaseTuner):
             yield
         finally:
             beacon_call.reset(token)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """The base model's ``generate()`` (`PeftModel.generate` calls this), refused up front where its calls
+        could not continue each other's memory (training mode with interleaved beacons)."""
+        adapter = self.active_beacon_adapter()
+        if adapter is not None:
+            check_continuable_calls(self.peft_config[adapter], decoder_of(self.model).training, "generate()")
+        return self.model.generate(*args, **kwargs)
 
     def _check_labels(self, labels, args: tuple, kwargs: dict) -> None:
         """`forward.check_labels` against the call's input (``input_ids`` or ``inputs_embeds``) and the output head."""

@@ -60,6 +60,7 @@ class RowChunk:
     beacons: int = 0
     ratio: int = 0
     complete: bool = False  # the chunk completes its window: beacons move to the compressed memory
+    bare: bool = False  # interleave: raw tokens read without the beacons between them (a training call's last)
     raw_entries: Optional[np.ndarray] = None  # (n,) entry index of each raw token within the chunk
     beacon_entries: Optional[np.ndarray] = None  # (beacons,) entry index of each beacon
     beacon_local: Optional[np.ndarray] = None  # (beacons,) window-local beacon index j
@@ -267,6 +268,16 @@ class RatioPicker:
         return state.sequence_ratio
 
 
+def check_continuable_calls(config: BeaconConfig, training: bool, what: str) -> None:
+    """Refuse up front ``what`` (a caller that continues its own memory call after call: `reuse.read`,
+    ``generate()``) in training mode with interleaved beacons: the first call's last window would keep no beacons
+    and the next call could not continue it (`Scheduler._check_continuable`)."""
+    if training and config.interleaved:
+        raise ValueError(f"{what} in training mode: a training-mode call gives its last window no beacons (the "
+                         f"official semantics), so with placement='interleave' its memory cannot be continued by "
+                         f"the next call; call model.eval() first")
+
+
 class Scheduler:
     """Plans the chunks of one forward call over ``cols[b]`` (the input columns of row b's real tokens)."""
 
@@ -282,6 +293,20 @@ class Scheduler:
         self.device = device
         longest = max((len(c) for c in cols), default=0)
         self.sequence_length = max(r.tokens for r in state.rows) + longest
+        self._check_continuable()
+
+    def _check_continuable(self) -> None:
+        """Refuse, before any work, to continue a row whose open window holds raw tokens read in training mode
+        without their interleaved beacons: those beacons belong between tokens already read and cannot be made
+        afterwards (with ``placement="append"`` they come after the window, so such a window is simply finished)."""
+        for b, (row, cols) in enumerate(zip(self.state.rows, self.cols)):
+            if row.bare and len(cols):
+                raise ValueError(
+                    f"cannot continue this memory: row {b}'s open window holds {row.bare} raw tokens read in "
+                    f"training mode without their beacons (the official semantics give a training call's last "
+                    f"window none), and with placement='interleave' the beacons between them cannot be made "
+                    f"afterwards; make a memory to be continued in eval mode (model.eval()), or read the whole "
+                    f"input in one call")
 
     def done(self) -> bool:
         return all(p >= len(c) for p, c in zip(self.ptr, self.cols))
@@ -300,6 +325,12 @@ class Scheduler:
             return drawn[0]
 
         chunks = [self._row_chunk(b, ratio_for_step) for b in range(len(st.rows))]
+        if not any(c.length for c in chunks):  # every step must read a token or complete a window
+            stuck = [(b, r.win_raw) for b, r in enumerate(st.rows) if self.ptr[b] < len(self.cols[b])]
+            raise ValueError(f"the beacon schedule makes no progress: rows (row, raw tokens in the open window) "
+                             f"{stuck} have tokens left but their open window of {self.cfg.window} can take "
+                             f"neither a token nor its beacons (a memory whose last window was read in training "
+                             f"mode, saved by an older beacon_peft?); continue a memory made in eval mode")
         st.step_log.append([(c.length, r.sink + r.comp + r.raw, c.beacons) for c, r in zip(chunks, st.rows)])
         widths = (max(r.sink for r in st.rows), max(r.comp for r in st.rows), max(r.raw for r in st.rows))
         mem_kinds_a, mem_locs_a = st.raw_is_beacon, st.raw_local
@@ -354,7 +385,7 @@ class Scheduler:
         if wants_beacons and row.ratio is None:
             row.ratio = ratio_for_step()
         r = row.ratio if wants_beacons else 0
-        chunk = RowChunk(n=n, ratio=r or 0, complete=complete)
+        chunk = RowChunk(n=n, ratio=r or 0, complete=complete, bare=no_beacons and cfg.interleaved)
         i = np.arange(n)
         if not r:
             chunk.raw_entries = i
@@ -490,7 +521,9 @@ class Scheduler:
                 row.win_raw = cfg.window - cfg.stride
                 row.rem = 0
                 row.ratio = None
+                row.bare = 0
             else:
                 row.win_raw += ch.n
+                row.bare += ch.n if ch.bare else 0
                 if ch.ratio and cfg.interleaved:
                     row.rem = (row.rem + ch.n) % ch.ratio
