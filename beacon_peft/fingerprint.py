@@ -31,10 +31,12 @@ def _jsonable(value):
 
 
 def base_fingerprint(model: nn.Module) -> dict:
-    """The base causal LM (adapter tensors excluded): shaping config fields and a hash of its weights."""
+    """The base causal LM (adapter tensors excluded): shaping config fields and a hash of its weights, under the
+    base model's own tensor names (PEFT's ``.base_layer`` wrapper level removed), so the hash is the one of the
+    plain base model and of its safetensors folder (`beacon_peft_serve.fingerprint.folder_weights_hash`)."""
     config = model.config
     fields = {k: _jsonable(getattr(config, k, None)) for k in BASE_CONFIG_FIELDS}
-    named = [(n, p) for n, p in model.state_dict().items() if "beacon_" not in n]
+    named = [(n.replace(".base_layer.", "."), p) for n, p in model.state_dict().items() if "beacon_" not in n]
     return {"config": fields, "weights": hash_tensors(named)}
 
 
