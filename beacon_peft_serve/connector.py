@@ -118,10 +118,9 @@ class BeaconMemoryConnector(KVConnectorBase_V1):
 
     def _check_base(self, info: PrefixInfo) -> None:
         """The memory was made on the served base: layout, rope settings and the weights hash."""
-        hf = self._model_config.hf_text_config
-        sig = info.signature
-        served = {"num_layers": hf.num_hidden_layers, "num_key_value_heads": self._model_config.get_total_num_kv_heads(),
-                  "head_dim": self._model_config.get_head_size()}
+        mc, sig = self._model_config, info.signature
+        served = {"num_layers": mc.hf_text_config.num_hidden_layers,
+                  "num_key_value_heads": mc.get_total_num_kv_heads(), "head_dim": mc.get_head_size()}
         odd = [f"{k}: memory {sig.get(k)!r} vs served {v!r}" for k, v in served.items() if sig.get(k) != v]
         model_dir = self._model_dir()
         config = json.loads((model_dir / "config.json").read_text())
