@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .connector import CONNECTOR, MODULE
+CONNECTOR = "BeaconMemoryConnector"  # the class in MODULE (imported by vLLM, not here: this module needs no vLLM)
+MODULE = "beacon_peft_serve.connector"
 
 
 def kv_transfer_config(memory_root: Optional[str]) -> dict:

@@ -50,8 +50,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("beacon_peft_serve")
-CONNECTOR = "BeaconMemoryConnector"
-MODULE = "beacon_peft_serve.connector"
 CACHED_PREFIXES = 4  # memories whose K/V a worker keeps between requests
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
