@@ -190,9 +190,9 @@ def test_sealing_keeps_the_memory_and_round_trips(tmp_path):
 
 
 def test_the_serving_modules_import_neither_transformers_nor_peft():
-    code = ("import sys; import beacon_peft_serve.prefix, beacon_peft_serve.saved, beacon_peft_serve.fingerprint, "
-            "beacon_peft_serve.client, beacon_peft_serve.cli; bad = [m for m in ('transformers', 'peft', 'beacon_peft') if m in sys.modules];"
-            " print(bad); sys.exit(1 if bad else 0)")
+    modules = "beacon_peft_serve." + ", beacon_peft_serve.".join(["prefix", "saved", "fingerprint", "client", "cli"])
+    code = (f"import sys; import {modules}; bad = [m for m in ('transformers', 'peft', 'beacon_peft') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
