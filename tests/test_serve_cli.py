@@ -17,7 +17,8 @@ def test_the_connector_is_configured_and_arguments_pass_through(monkeypatch, tmp
                        "--port", "8001"])
     config = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
     assert config == {"kv_connector": "BeaconMemoryConnector",
-                      "kv_connector_module_path": "beacon_peft_serve.connector", "kv_role": "kv_consumer", "kv_load_failure_policy": "fail",
+                      "kv_connector_module_path": "beacon_peft_serve.connector", "kv_role": "kv_consumer",
+                      "kv_load_failure_policy": "fail",
                       "kv_connector_extra_config": {"memory_root": str(tmp_path.resolve())}}
     assert cmd[-3:] == ["--enable-prefix-caching", "--port", "8001"] and "/models/base" in cmd
 
