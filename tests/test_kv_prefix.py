@@ -203,8 +203,8 @@ def test_the_serving_modules_import_neither_transformers_nor_peft():
 @torch.no_grad()
 def test_smollm2_with_the_shipped_adapter():
     """The offline SmolLM2 and its shipped adapter (ratio 8, interleaved): 1,500 tokens read (two windows and an
-    open one of 476 tokens, 36 left), a question answered from the sealed memory equals the base model continuing the prefix; past the
-    open window the logits part."""
+    open one of 476 tokens, 36 left); a question answered from the sealed memory equals the base model continuing
+    the prefix; past the open window the logits part."""
     from peft import PeftModel
 
     from beacon_peft.offline import SHIPPED_ADAPTER
