@@ -17,7 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 FORMAT = "beacon-memory"
-VERSION = 1
+# 2: the base fingerprint hashes the base model's own tensor names (PEFT's `.base_layer` level removed) and rows
+# may carry `bare` (a training-mode window); a version-1 memory is refused by its version, not as "another base"
+VERSION = 2
 TENSORS = "memory.safetensors"
 META = "memory.json"
 PARTS = ("sink", "comp", "raw")  # attention sink, compressed memory (the beacons' K/V), raw cache of the open window
@@ -60,7 +62,7 @@ def read_meta(path) -> dict:
         raise ValueError(f"{path / META} is not a saved beacon memory (format {found!r})")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path} holds memory format version {meta.get('version')!r}; this beacon_peft reads "
-                         f"{VERSION}")
+                         f"{VERSION} (read the document again and save its memory)")
     missing = [k for k in NEEDED if k not in meta]
     if missing:
         raise ValueError(f"{path / META} is corrupt: missing {missing}")

@@ -79,6 +79,24 @@ def test_plain_decoder_from_the_prefix_answers_as_the_sealed_memory(arch, settin
                                atol=2e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_an_old_format_version_is_refused_by_its_version(tmp_path):
+    """Version 1 memories hashed the base under PEFT's wrapped tensor names: they are refused by their version
+    (with the fix), before the fingerprints are compared, by the model-free reader and by `BeaconMemory.load`."""
+    import json
+
+    model = beacon_model("llama")
+    read(model, random_ids(1, 2 * W + 3)).save(tmp_path / "mem", model)
+    meta_file = tmp_path / "mem" / "memory.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["version"] == 2
+    meta_file.write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(ValueError, match="format version 1; this beacon_peft reads 2 .read the document again"):
+        kv_prefix.load_prefix(tmp_path / "mem", 0)
+    with pytest.raises(ValueError, match="format version 1"):
+        BeaconMemory.load(tmp_path / "mem", model)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @torch.no_grad()
 def test_past_the_open_window_the_plain_decoder_attends_to_raw_tokens(arch):
