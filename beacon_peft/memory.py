@@ -381,9 +381,9 @@ class BeaconMemory(Cache):
         return fork
 
     @property
-    def rope(self) -> Callable:
-        """The base model's rotary embedding (``rope(x, position_ids) -> (cos, sin)``) the sink and raw-cache keys
-        are rotated with at every step."""
+    def rope(self) -> DecoderRope:
+        """The base model's rotary embedding with every layer's table and convention (`rope.DecoderRope`:
+        ``rope.rotate(layer, k, positions)``) that the sink and raw-cache keys are rotated with at every step."""
         return self._rope
 
     def save(self, path, model, dtype: Optional[torch.dtype] = None) -> None:

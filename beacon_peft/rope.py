@@ -85,6 +85,15 @@ class DecoderRope:
         """``{table: (cos, sin)}`` (B, P, Dr) at ``positions`` (B, P) for every table a layer reads."""
         return rotary_tables(self.rotary, x, positions, self.tables)
 
+    def rotate(self, layer: int, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s keys ``k`` (B, H, T, D) before RoPE, rotated to ``positions`` (B, T) as that layer
+        rotates them (its table and convention; unchanged in a layer without RoPE)."""
+        rope = self.layers[layer]
+        if not rope.on:
+            return k
+        cos, sin = rotary_tables(self.rotary, k, positions, [rope.table])[rope.table]
+        return rope.rotate(k, cos, sin)
+
     def unrotate(self, layer: int, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Layer ``layer``'s keys ``k`` (B, H, T, D), rotated to ``positions`` (B, T), back before RoPE."""
         rope = self.layers[layer]
