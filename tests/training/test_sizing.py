@@ -38,7 +38,8 @@ def test_estimate_memory_recipe_gives_the_documented_totals(capsys):
     spec.loader.exec_module(script)
     docs = (ROOT / "docs" / "training.md").read_text()
     for name, total in (("llama3-8b-pretrain-qlora-lowrank", "15.76"), ("qwen2.5-7b-pretrain-qlora-lowrank", "15.26"),
-                        ("llama3-8b-pretrain-qlora", "30.79")):
+                        ("llama3-8b-pretrain-qlora", "30.79"), ("gemma3-1b-pretrain-qlora", "6.50"),
+                        ("gpt-oss-20b-pretrain-bf16", "49.70")):
         result = script.main(["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml")])
         assert f"{result['memory']['total'] / 1e9:.2f}" == total and f"**{total} GB**" in docs, name
     assert "74,452,992 trainable" in capsys.readouterr().out
