@@ -22,7 +22,7 @@ import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from . import metrics
+from . import anatomy, metrics
 from .config import PROJECTIONS
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -55,28 +55,21 @@ def saved_shapes(folder: str | Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
     raise FileNotFoundError(f"adapter folder {str(folder)!r} holds no {SAFETENSORS_NAME} or {BIN_NAME}")
 
 
-def _in_out(proj: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear (a packed 4-bit weight's shape is not its logical one)."""
-    weight = proj.weight
-    return (getattr(proj, "out_features", None) or weight.shape[0],
-            getattr(proj, "in_features", None) or weight.shape[1])
-
-
 def projection_shapes(attn: nn.Module, config, with_projections: bool) -> dict[tuple[str, str], tuple[int, ...]]:
     """Shapes of the beacon parameters `BeaconAttention.update_layer` creates for one attention module, keyed by
     (container, parameter): ``("beacon_q", "weight")``, ``("beacon_k", "A.weight")``, ..."""
     shapes: dict[tuple[str, str], tuple[int, ...]] = {}
     if not with_projections:
         return shapes
+    parts = anatomy.find(attn)
     for p in config.beacon_projections:
-        proj = getattr(attn, f"{p}_proj")
-        out_f, in_f = _in_out(proj)
+        out_f, in_f = parts.in_out(attn, p)
         if config.beacon_rank is not None:
             shapes[(f"beacon_{p}", "A.weight")] = (config.beacon_rank, in_f)
             shapes[(f"beacon_{p}", "B.weight")] = (out_f, config.beacon_rank)
             continue
         shapes[(f"beacon_{p}", "weight")] = (out_f, in_f)
-        if getattr(proj, "bias", None) is not None:
+        if parts.has_bias(attn, p):
             shapes[(f"beacon_{p}", "bias")] = (out_f,)
     return shapes
 
@@ -92,7 +85,7 @@ def expected_shapes(model: nn.Module, decoder: nn.Module, config, adapter_name: 
         if not name or not check_target_module_exists(config, name):
             continue
         attn = getattr(module, "base_layer", module)
-        if not hasattr(attn, "q_proj"):
+        if anatomy.find(attn) is None:
             continue
         layer_idx = getattr(attn, "layer_idx", None)
         with_projections = config.beacon_layers is None or layer_idx in config.beacon_layers

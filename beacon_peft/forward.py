@@ -33,6 +33,7 @@ from .group import GroupContext, GroupPlan
 from .labels import IGNORE_INDEX
 from .layer import min_run_for
 from .memory import BeaconMemory, memory_signature
+from .rope import DecoderRope
 from .schedule import RatioPicker, Scheduler
 
 PROGRESS_MIN_STEPS = 16  # show a progress bar for calls with at least this many windows
@@ -46,6 +47,7 @@ class ActiveBeacon:
     config: BeaconConfig
     picker: RatioPicker  # chooses each window's compression ratio
     embedding: torch.Tensor  # (1, H) the beacon embedding
+    rope: DecoderRope  # the decoder's rotary embedding with each layer's table and convention
 
 
 def _columns(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[np.ndarray]:
@@ -88,6 +90,11 @@ def _check_shapes(input_ids, inputs_embeds, attention_mask, kwargs) -> tuple[int
         raise ValueError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'} must have {expected} "
                          f"dims (batch, length{', hidden' if expected == 3 else ''}), got shape {tuple(x.shape)}")
     batch, length = x.shape[:2]
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a (batch, length) tensor of 1s and 0s, got a "
+                        f"{type(attention_mask).__name__} (a multimodal wrapper such as Gemma3ForConditionalGeneration "
+                        f"hands its language model a dict of masks per layer type): load the text model alone "
+                        f"(AutoModelForCausalLM of a text-only checkpoint, e.g. Gemma3ForCausalLM)")
     if length == 0:
         raise ValueError("the input has length 0: pass at least one token (generate() with a memory slices input_ids "
                          "by the memory's length: pass the new tokens with an attention_mask covering memory + new "
@@ -247,7 +254,7 @@ def beacon_decoder_forward(
     signature = memory_signature(decoder, active.config)
     memory = _resolve_memory(cache, batch, signature)
     if memory is None:  # a fresh sequence
-        memory = BeaconMemory(decoder.config.num_hidden_layers, batch, decoder.rotary_emb, device, signature=signature)
+        memory = BeaconMemory(decoder.config.num_hidden_layers, batch, active.rope, device, signature=signature)
     if decoder.training and torch.is_grad_enabled():
         _ensure_non_reentrant_checkpointing(decoder)
 
@@ -264,7 +271,7 @@ def beacon_decoder_forward(
     with tqdm(total=longest, unit="tok", desc="beacon prefill", leave=False,
               disable=True if math.ceil(longest / active.config.stride) + 1 < PROGRESS_MIN_STEPS else None) as bar:
         min_run = min_run_for(device)
-        for plans in _groups(scheduler, active.config.pass_tokens(device)):
+        for plans in _groups(scheduler, pass_budget(active.config, decoder.rotary_emb, device)):
             group = GroupPlan(plans, device, min_run)
             state.layers, hidden, per_layer = run(group, state.layers)  # hidden (B, T, H)
             pieces.append(hidden.reshape(-1, hidden.shape[-1]).index_select(0, group.out_src))
@@ -282,6 +289,23 @@ def beacon_decoder_forward(
     output = model_output(hidden, memory if use_cache is not False else None, hidden_states=all_hidden,
                           moe=hasattr(decoder.config, "output_router_logits"))
     return output, state.ratio_log[steps_before:]
+
+
+def rope_depends_on_length(rotary: torch.nn.Module) -> bool:
+    """Whether ``rotary`` recomputes its frequencies from the largest position of each call (transformers'
+    ``dynamic_rope_update``: dynamic NTK scaling, longrope's short/long factors), so that a key's rotation depends
+    on what else the call holds, not on its position alone."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    return any("dynamic" in str(t) or t == "longrope" for t in types)
+
+
+def pass_budget(config: BeaconConfig, rotary: torch.nn.Module, device) -> int:
+    """Input tokens per row of one decoder pass: `BeaconConfig.pass_tokens`, except for a rotary embedding whose
+    tables depend on each call's largest position (`rope_depends_on_length`): there one pass holds one window
+    step, so every window is rotated with the tables the window loop gave it (grouping would rotate all the
+    windows of a pass with the pass's last position, and a CPU and a GPU, whose budgets differ, would disagree)."""
+    return 1 if rope_depends_on_length(rotary) else config.pass_tokens(device)
 
 
 def _groups(scheduler: Scheduler, budget: int):
@@ -335,7 +359,7 @@ def _run_group(active: ActiveBeacon, original_forward: Callable, decoder: torch.
         embeds = inputs_embeds.gather(1, index)
     if group.has_beacons:
         embeds = torch.where(group.is_beacon[..., None], active.embedding.to(embeds.dtype), embeds)
-    rope = _rope_tables(decoder, embeds, group)
+    rope = _rope_tables(active.rope, embeds, group)
     num_layers = decoder.config.num_hidden_layers
     ctx = GroupContext(active.name, active.config, embeds.dtype, group, list(layers), rope, [None] * num_layers)
     # a ready 4-D mask makes the decoder build none: the beacon attention reads the group's own masks, and an
@@ -351,10 +375,10 @@ def _run_group(active: ActiveBeacon, original_forward: Callable, decoder: torch.
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a placeholder 4-D mask nobody reads
 
 
-def _rope_tables(decoder: torch.nn.Module, embeds: torch.Tensor, group: GroupPlan) -> list:
-    """Per segment the (cos, sin) tables (B, *, D) of its memory parts and of its compressed entries (one rotary
-    call for the whole group)."""
+def _rope_tables(rope: DecoderRope, embeds: torch.Tensor, group: GroupPlan) -> dict:
+    """Per rotary table the layers read (one, or one per layer type: Gemma 3, OLMo 3), per segment the (cos, sin)
+    tables (B, *, D) of its memory parts and of its compressed entries (one rotary call per table for the group)."""
     if group.rope_positions is None:
-        return [(None, None) for _ in group.segments]
-    cos, sin = decoder.rotary_emb(embeds, group.rope_positions)  # (B, P, D)
-    return [tuple(None if s is None else (cos[:, s], sin[:, s]) for s in pair) for pair in group.rope_slices]
+        return {t: [(None, None) for _ in group.segments] for t in rope.tables}
+    return {t: [tuple(None if s is None else (cos[:, s], sin[:, s]) for s in pair) for pair in group.rope_slices]
+            for t, (cos, sin) in rope.at(embeds, group.rope_positions).items()}

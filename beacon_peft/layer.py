@@ -1,12 +1,13 @@
 """`BeaconAttention`: the tuner layer PEFT wraps around every decoder attention module.
 
-One class serves every Llama-family attention (Llama, Mistral, Qwen2, Qwen3, ...): it reads the wrapped
-module's ``q/k/v/o_proj``, optional ``q_norm``/``k_norm``, ``head_dim`` and ``scaling``, so no modeling file
-is forked. Raw tokens use the frozen base projections, beacon tokens use the adapter's beacon projections
-(copies of the base ones, dequantized when the base is 4-bit). Attention runs over
-``[sink ; compressed beacons ; raw cache ; chunk]`` with the step's mask through transformers' attention
-functions (eager / sdpa, flash-attention for plain causal steps: that path has never run here, no GPU with
-flash-attn was available), and the layer hands back its next memory.
+One class serves every decoder attention `support` accepts (Llama, Mistral, Qwen2, Qwen3, Gemma 3, gpt-oss,
+Phi-3, GPT-NeoX, ...): it reads the wrapped module's parts by role (`anatomy.Anatomy`: q/k/v/o or a fused q/k/v
+projection, query/key norms, the layer's RoPE table and convention, soft-capping, sinks) and its ``scaling``, so
+no modeling file is forked. Raw tokens use the frozen base projections, beacon tokens use the adapter's beacon
+projections (copies of the base ones or of their rows in a fused projection, dequantized when the base is
+4-bit). Attention runs over ``[sink ; compressed beacons ; raw cache ; chunk]`` with the step's mask through
+transformers' attention functions (eager / sdpa, flash-attention for plain causal steps: that path has never run
+here, no GPU with flash-attn was available), and the layer hands back its next memory.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import anatomy as anatomy_mod
+from .anatomy import Anatomy
 from .config import BeaconConfig
 from .group import GroupContext, Run
 from .masks import build_mask
-from .memory import LayerMemory
+from .memory import LayerMemory, select_entries
 from .rope import apply_rope, as_dtype
 
 
@@ -34,17 +37,21 @@ def _cat_nonempty(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 def _heads(x: torch.Tensor, norm: Optional[nn.Module], head_dim: int) -> torch.Tensor:
     """(B, L, H * D) projections -> (B, L, H, D), through the attention's query/key norm where it has one: per head
-    (Qwen3: the norm's weight has D entries) or over the whole projection before the split (OLMo 2: H * D)."""
+    (Qwen3: the norm's weight has D entries; Cohere: (H, D), one row per head) or over the whole projection before
+    the split (OLMo 2: H * D)."""
     B, L, _ = x.shape
     weight = getattr(norm, "weight", None)
-    if norm is not None and weight is not None and weight.numel() != head_dim and weight.numel() == x.shape[-1]:
+    if norm is not None and weight is not None and weight.dim() == 1 and weight.numel() != head_dim \
+            and weight.numel() == x.shape[-1]:
         return norm(x).view(B, L, -1, head_dim)
     x = x.view(B, L, -1, head_dim)
     return norm(x) if norm is not None else x
 
 
-def _linear_copy(base: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Linear:
-    """A trainable `nn.Linear` equal to ``base`` (a Linear or a bitsandbytes 4/8-bit Linear, dequantized)."""
+def _linear_copy(base: nn.Module, dtype: Optional[torch.dtype] = None,
+                 rows: Optional[torch.Tensor] = None) -> nn.Linear:
+    """A trainable `nn.Linear` equal to ``base`` (a Linear or a bitsandbytes 4/8-bit Linear, dequantized), or to the
+    output ``rows`` of it (one role's slice of a fused q/k/v projection)."""
     weight = base.weight
     if weight.__class__.__name__ == "Params4bit":
         import bitsandbytes as bnb
@@ -64,22 +71,27 @@ def _linear_copy(base: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Lin
 
         weight = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB) if weight.SCB is not None else weight
     dtype = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+    bias = base.bias
+    if rows is not None:
+        rows = rows.to(weight.device)
+        weight = weight.index_select(0, rows)
+        bias = None if bias is None else bias.index_select(0, rows)
     out_features, in_features = weight.shape
-    copy = nn.Linear(in_features, out_features, bias=base.bias is not None, device=weight.device, dtype=dtype)
+    copy = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
         copy.weight.copy_(weight.to(dtype))
-        if base.bias is not None:
-            copy.bias.copy_(base.bias.to(dtype))
+        if bias is not None:
+            copy.bias.copy_(bias.to(dtype))
     return copy
 
 
 class LowRankDelta(nn.Module):
     """A beacon projection as the frozen base projection plus ``B @ A`` (``B`` starts at zero)."""
 
-    def __init__(self, base: nn.Module, rank: int):
+    def __init__(self, base: nn.Module, rank: int, out_features: Optional[int] = None):
         super().__init__()
         weight = base.weight
-        out_features = getattr(base, "out_features", None) or weight.shape[0]
+        out_features = out_features or getattr(base, "out_features", None) or weight.shape[0]
         in_features = getattr(base, "in_features", None) or weight.shape[1]
         self.A = nn.Linear(in_features, rank, bias=False, device=weight.device, dtype=torch.float32)
         self.B = nn.Linear(rank, out_features, bias=False, device=weight.device, dtype=torch.float32)
@@ -90,15 +102,26 @@ class LowRankDelta(nn.Module):
         return self.B(self.A(x.to(self.A.weight.dtype)))
 
 
-def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain attention with an additive mask; softmax in fp32 (as transformers' eager path)."""
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, sinks=None,
+                    **kwargs):
+    """Plain attention with an additive mask; softmax in fp32 (as transformers' eager path). ``softcap``: logits
+    soft-capped as ``softcap * tanh(logits / softcap)`` before the mask (Gemma 2); ``sinks`` (Hq,): a learned
+    logit per head that takes part in the softmax with no value (gpt-oss's attention sinks)."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # (B, Hq, K, D)
     value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, Hq, L, K)
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
     if attention_mask is not None:
         weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:  # one more column per head, dropped after the softmax
+        B, H, L, _ = weights.shape
+        column = sinks.to(weights.dtype).reshape(1, H, 1, 1).expand(B, H, L, 1)
+        weights = nn.functional.softmax(torch.cat((weights, column), dim=-1), dim=-1, dtype=torch.float32)
+        weights = weights[..., :-1].to(query.dtype)
+    else:
+        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (B, L, Hq, D)
 
@@ -129,6 +152,32 @@ def split_causal_attention(query, mem_key, mem_value, key, value, scaling: float
     return out.transpose(1, 2)
 
 
+def rotate_as(parts: Anatomy, attn: nn.Module, role: str, x: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> torch.Tensor:
+    """Queries or keys ``x`` (B, H, T, D) rotated as the layer does (its convention, none for NoPE), then normalised
+    where the layer's norms act after RoPE (HunYuan)."""
+    x = parts.rope.rotate(x, cos, sin)
+    norm = parts.norm(attn, role) if parts.norm_after_rope else None
+    return x if norm is None else norm(x)
+
+
+def recompute(parts: Anatomy, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
+    """The attention module's output for ``x`` (B, T, H) recomputed from ``parts`` as the beacon attention computes
+    raw tokens (no memory): the probe `support` compares with the module's own forward."""
+    B, T, _ = x.shape
+    D = parts.head_dim
+    q, k, v = parts.base_qkv(attn, x)
+    before = not parts.norm_after_rope
+    q = _heads(q, parts.norm(attn, "q") if before else None, D).transpose(1, 2)  # (B, Hq, T, D)
+    k = _heads(k, parts.norm(attn, "k") if before else None, D).transpose(1, 2)  # (B, Hkv, T, D)
+    v = v.reshape(B, T, -1, D).transpose(1, 2)
+    q, k = rotate_as(parts, attn, "q", q, cos, sin), rotate_as(parts, attn, "k", k, cos, sin)
+    out = eager_attention(attn, q, k, v, mask, attn.scaling, softcap=parts.softcap,
+                          sinks=parts.sink_logits(attn))[0]  # (B, T, Hq, D)
+    return parts.module(attn, "o")(out.reshape(B, T, -1))
+
+
 class BeaconAttention(nn.Module, BaseTunerLayer):
     """Wraps one attention module; beacon projections live in ``beacon_{q,k,v,o}[adapter_name]``."""
 
@@ -139,14 +188,16 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
     windows_path: str = "auto"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BeaconConfig, with_projections: bool,
-                 last_layer: bool = False):
+                 last_layer: bool = False, anatomy: Optional[Anatomy] = None):
         super().__init__()
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"):
-            if not hasattr(base_layer, name):
-                raise TypeError(
-                    f"{type(base_layer).__name__} has no `{name}`: beacon attention wraps Llama-family attention "
-                    "modules (q_proj, k_proj, v_proj, o_proj, head_dim)"
-                )
+        anatomy = anatomy or anatomy_mod.find(base_layer)
+        if anatomy is None:
+            raise TypeError(
+                f"{type(base_layer).__name__} is not an attention module beacon_peft can read: it needs query, key "
+                f"and value projections (q/k/v_proj or a fused {list(anatomy_mod.FUSED_NAMES)}), an output "
+                f"projection ({list(anatomy_mod.ROLE_NAMES['o'])}) and a head size"
+            )
+        self.anatomy = anatomy
         self.base_layer = base_layer
         self.beacon_q = nn.ModuleDict()
         self.beacon_k = nn.ModuleDict()
@@ -165,13 +216,14 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: BeaconConfig, with_projections: bool) -> None:
         if with_projections:
-            quantized = self.base_layer.q_proj.weight.__class__.__name__ in ("Params4bit", "Int8Params")
+            parts = self.anatomy
+            quantized = parts.module(self.base_layer, "q").weight.__class__.__name__ in ("Params4bit", "Int8Params")
             for p in config.beacon_projections:
-                base = getattr(self.base_layer, f"{p}_proj")
+                base = parts.module(self.base_layer, p)
                 if config.beacon_rank is not None:
-                    module = LowRankDelta(base, config.beacon_rank)
+                    module = LowRankDelta(base, config.beacon_rank, parts.in_out(self.base_layer, p)[0])
                 else:
-                    module = _linear_copy(base, torch.float32 if quantized else None)
+                    module = _linear_copy(base, torch.float32 if quantized else None, parts.rows(p))
                 getattr(self, f"beacon_{p}")[adapter_name] = module
             if self.last_layer:
                 # in the last layer a beacon's query and output only shape its own final hidden state, which
@@ -193,20 +245,20 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         return self._beacon_forward(hidden_states, kwargs["position_embeddings"], ctx)
 
     # --- the beacon path --------------------------------------------------------------------------------------
-    def _project(self, name: str, x: torch.Tensor, ctx: GroupContext,
+    def _project(self, name: str, x: torch.Tensor, base_out: torch.Tensor, ctx: GroupContext,
                  beacon_in: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Base projection for raw tokens, beacon projection for beacon tokens. x: (B, T, in) -> (B, T, out);
-        ``beacon_in`` (n_beacons, in): the beacon rows of x when the caller already gathered them."""
-        base = getattr(self.base_layer, f"{name}_proj")
+        """Base projection for raw tokens, beacon projection for beacon tokens. x: (B, T, in), ``base_out``
+        (B, T, out) its base projection -> (B, T, out); ``beacon_in`` (n_beacons, in): the beacon rows of x when
+        the caller already gathered them."""
         beacon = getattr(self, f"beacon_{name}")
         rows = ctx.group.beacon_flat  # (n_beacons,) flat index of the beacon entries, None if none
         if rows is None or ctx.adapter not in beacon:
-            return base(x)
+            return base_out
         beacon = beacon[ctx.adapter]
         B, T, _ = x.shape
         # the base projection over every entry (beacons are ~1/r of them), then the beacon rows overwritten:
         # cheaper than splitting the rows; the base projection's backward needs its input, not this output
-        out = base(x).reshape(B * T, -1)
+        out = base_out.reshape(B * T, -1)
         if beacon_in is None:
             beacon_in = x.reshape(B * T, -1).index_select(0, rows)
         if isinstance(beacon, LowRankDelta):  # beacon rows: base projection (already computed) + delta
@@ -221,25 +273,31 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
 
     def _beacon_forward(self, x: torch.Tensor, position_embeddings, ctx: GroupContext):
         """One decoder layer's attention for a whole group of steps. x: (B, T, H) the group's concatenation."""
-        attn = self.base_layer
+        attn, parts = self.base_layer, self.anatomy
         B, T, _ = x.shape
-        D = attn.head_dim
+        D = parts.head_dim
         rows = ctx.group.beacon_flat
         beacon_in = None if rows is None else x.reshape(B * T, -1).index_select(0, rows)  # (n_beacons, H)
-        q = _heads(self._project("q", x, ctx, beacon_in), getattr(attn, "q_norm", None), D)  # (B, T, Hq, D)
-        k = _heads(self._project("k", x, ctx, beacon_in), getattr(attn, "k_norm", None), D)  # (B, T, Hkv, D)
-        v = self._project("v", x, ctx, beacon_in).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
-        Hq = q.shape[2]
-        qk = torch.cat((q, k), dim=2).transpose(1, 2)  # (B, Hq + Hkv, T, D) before RoPE: rotated in one go
-        k = qk[:, Hq:]  # (B, Hkv, T, D) before RoPE
-        cos, sin = position_embeddings  # (B, T, D)
-        qk_rot = apply_rope(qk, cos, sin)
-        q_rot, k_rot = qk_rot[:, :Hq], qk_rot[:, Hq:]  # (B, Hq, T, D), (B, Hkv, T, D)
+        base_q, base_k, base_v = parts.base_qkv(attn, x)  # (B, T, Hq * D), (B, T, Hkv * D) x 2
+        before = not parts.norm_after_rope
+        q = _heads(self._project("q", x, base_q, ctx, beacon_in), parts.norm(attn, "q") if before else None, D)
+        k = _heads(self._project("k", x, base_k, ctx, beacon_in), parts.norm(attn, "k") if before else None, D)
+        v = self._project("v", x, base_v, ctx, beacon_in).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        Hq = q.shape[2]  # q (B, T, Hq, D), k (B, T, Hkv, D)
+        cos, sin = position_embeddings  # (B, T, Dr)
+        if self._plain_rope:
+            qk = torch.cat((q, k), dim=2).transpose(1, 2)  # (B, Hq + Hkv, T, D) before RoPE: rotated in one go
+            k = qk[:, Hq:]  # (B, Hkv, T, D) before RoPE
+            qk_rot = apply_rope(qk, cos, sin)
+            q_rot, k_rot = qk_rot[:, :Hq], qk_rot[:, Hq:]  # (B, Hq, T, D), (B, Hkv, T, D)
+        else:
+            k = k.transpose(1, 2)  # (B, Hkv, T, D) before RoPE
+            q_rot, k_rot = self._rotate("q", q.transpose(1, 2), cos, sin), self._rotate("k", k, cos, sin)
 
         mem = ctx.layers[self.layer_idx] or LayerMemory.empty_like(k, v)
         outs = []
         whole = len(ctx.group.segments) == 1
-        for seg, tables in zip(ctx.group.segments, ctx.rope):
+        for seg, tables in zip(ctx.group.segments, ctx.rope[parts.rope.table]):
             part = slice(seg.start, seg.start + seg.length)
             step = (q_rot, k, k_rot, v) if whole else (q_rot[:, :, part], k[:, :, part], k_rot[:, :, part],
                                                         v[:, :, part])
@@ -248,10 +306,30 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
             else:
                 out, mem = self._step_attention(*step, mem, seg.step, tables, ctx)
             outs.append(out)  # (B, n, Hq, D)
-        out = outs[0] if whole else torch.cat(outs, dim=1)  # (B, T, Hq, D)
-        out = self._project("o", out.reshape(B, T, -1), ctx)
+        out = (outs[0] if whole else torch.cat(outs, dim=1)).reshape(B, T, -1)  # (B, T, Hq * D)
+        out = self._project("o", out, parts.module(attn, "o")(out), ctx)
         ctx.new_layers[self.layer_idx] = mem
         return out, None
+
+    @property
+    def _plain_rope(self) -> bool:
+        """The layer rotates with `rope.apply_rope` itself and nothing follows the rotation (the fast path)."""
+        rope = self.anatomy.rope
+        return rope.on and rope.convention is None and not self.anatomy.norm_after_rope
+
+    @property
+    def _extras(self) -> Optional[dict]:
+        """Soft-capping and sinks for `eager_attention`, or None when the layer has neither."""
+        parts = self.anatomy
+        if parts.softcap is None and parts.sinks is None:
+            return None
+        return {"softcap": parts.softcap, "sinks": parts.sink_logits(self.base_layer)}
+
+    def _rotate(self, role: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rotate_as(self.anatomy, self.base_layer, role, x, cos, sin)
+
+    def _rotate_k(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(k, cos, sin) if self._plain_rope else self._rotate("k", k, cos, sin)
 
     def _step_attention(self, q, k, k_rot, v, mem: LayerMemory, index: int, tables, ctx: GroupContext):
         """One step of the group, any mode: attention over ``[memory ; chunk]`` with the step's mask, then the
@@ -262,22 +340,25 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         S, R = mem.sink_k.shape[2], mem.raw_k.shape[2]
         # empty parts (no sink; no raw cache when a step starts at a window's start) cost no kernels
         mem_k = _cat_nonempty((
-            apply_rope(mem.sink_k, mem_tables[0][:, :S], mem_tables[1][:, :S]) if S else mem.sink_k,
+            self._rotate_k(mem.sink_k, mem_tables[0][:, :S], mem_tables[1][:, :S]) if S else mem.sink_k,
             mem.comp_k,
-            apply_rope(mem.raw_k, mem_tables[0][:, S:], mem_tables[1][:, S:]) if R else mem.raw_k,
+            self._rotate_k(mem.raw_k, mem_tables[0][:, S:], mem_tables[1][:, S:]) if R else mem.raw_k,
         ))  # (B, Hkv, S + C + R, D) after RoPE
         mem_v = _cat_nonempty((mem.sink_v, mem.comp_v, mem.raw_v))
         out = self._attend(q, mem_k, mem_v, k_rot, v, plan,
                            lambda: ctx.cached(("mask", index), lambda: build_mask(plan.mask, ctx.config, ctx.dtype)))
-        return out, plan.update.apply(mem, k, v, comp_tables)  # memory.MemoryUpdate
+        return out, plan.update.apply(mem, k, v, comp_tables, self._rotate_k)  # memory.MemoryUpdate
 
     def _attend(self, q, mem_k, mem_v, k, v, plan, mask) -> torch.Tensor:
         """q (B, Hq, L, D) after RoPE; memory and chunk keys/values (B, Hkv, M or L, D) -> (B, L, Hq, D).
         ``mask()`` gives the step's additive mask (B, 1, L, M + L)."""
         attn = self.base_layer
         impl = attn.config._attn_implementation
-        dropout = attn.attention_dropout if self.training else 0.0
+        dropout = getattr(attn, "attention_dropout", 0.0) if self.training else 0.0
         plain = plan.host.plain
+        if self._extras is not None:  # soft-capping or sinks: only the eager computation applies them
+            keys, values = torch.cat((mem_k, k), dim=2), torch.cat((mem_v, v), dim=2)  # (B, Hkv, M + L, D)
+            return eager_attention(attn, q, keys, values, mask(), attn.scaling, dropout, **self._extras)[0]
         if impl == "sdpa" and plain and q.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0:
             return split_causal_attention(q, mem_k, mem_v, k, v, attn.scaling)
         keys, values = torch.cat((mem_k, k), dim=2), torch.cat((mem_v, v), dim=2)  # (B, Hkv, M + L, D)
@@ -299,12 +380,16 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         after RoPE, v (B, Hkv, n, D). Returns the output (B, n, Hq, D) and the memory after the run."""
         B, Hq, _, D = q.shape
         sink_tables, comp_tables = tables
-        new_k = apply_rope(k.index_select(2, run.appended), *comp_tables)  # (B, Hkv, K, D) at kept positions
+        new_k = self._rotate_k(k.index_select(2, run.appended), *comp_tables)  # (B, Hkv, K, D) at kept positions
         new_v = v.index_select(2, run.appended)
-        comp_k, comp_v = _cat_nonempty((mem.comp_k, new_k)), _cat_nonempty((mem.comp_v, new_v))
+        if run.shared:
+            comp_k, comp_v = _cat_nonempty((mem.comp_k, new_k)), _cat_nonempty((mem.comp_v, new_v))
+        else:  # each row's appends follow its own compressed entries (`group.Run.comp_index`)
+            comp_k = select_entries(mem.comp_k, new_k, run.comp_index)  # (B, Hkv, C + K, D)
+            comp_v = select_entries(mem.comp_v, new_v, run.comp_index)
         after = LayerMemory(mem.sink_k, mem.sink_v, comp_k, comp_v, mem.raw_k, mem.raw_v)
         S = mem.sink_k.shape[2]
-        mem_k = _cat_nonempty((apply_rope(mem.sink_k, *sink_tables) if S else mem.sink_k, comp_k))  # (B, Hkv, M, D)
+        mem_k = _cat_nonempty((self._rotate_k(mem.sink_k, *sink_tables) if S else mem.sink_k, comp_k))  # (B,Hkv,M,D)
         mem_v = _cat_nonempty((mem.sink_v, comp_v))
         qw, kw, vw = (_windows(t, run) for t in (q, k_rot, v))  # (B * G, H, W, D)
         out = self._attend_windows(qw, kw, vw, mem_k, mem_v, run, ctx)  # (B * G, W, Hq, D)
@@ -313,20 +398,21 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
 
     def _attend_windows(self, q, k, v, mem_k, mem_v, run: Run, ctx: GroupContext) -> torch.Tensor:
         """Attention of a batch of windows: q (B * G, Hq, W, D), k/v (B * G, Hkv, W, D) the windows' own entries,
-        mem_k/mem_v (B, Hkv, M, D) the memory after the run, of which window i reads the first
-        ``run.visible[i]`` entries. Returns (B * G, W, Hq, D)."""
+        mem_k/mem_v (B, Hkv, M, D) the memory after the run, of which window i of row b reads the first
+        ``run.visible[b, i]`` entries. Returns (B * G, W, Hq, D)."""
         attn = self.base_layer
         impl = attn.config._attn_implementation
-        dropout = attn.attention_dropout if self.training else 0.0
+        dropout = getattr(attn, "attention_dropout", 0.0) if self.training else 0.0
         B, M, G = mem_k.shape[0], mem_k.shape[2], run.windows
         cpu_inference = impl == "sdpa" and q.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0
-        if self.windows_path == "split" or (self.windows_path == "auto" and cpu_inference):
+        split = self.windows_path == "split" or (self.windows_path == "auto" and cpu_inference)
+        if split and self._extras is None:
             return _split_windows(q, k, v, mem_k, mem_v, run, attn.scaling)
         mk, mv = _per_window(mem_k, G), _per_window(mem_v, G)  # (B * G, Hkv, M, D)
         keys, values = torch.cat((mk, k), dim=2), torch.cat((mv, v), dim=2)  # (B * G, Hkv, M + W, D)
         mask = ctx.cached(("run-mask", run.start, q.dtype), lambda: _run_mask(run, B, M, q))  # (B*G, 1, W, M + W)
-        if impl == "eager":
-            return eager_attention(attn, q, keys, values, mask, attn.scaling, dropout)[0]
+        if impl == "eager" or self._extras is not None:
+            return eager_attention(attn, q, keys, values, mask, attn.scaling, dropout, **(self._extras or {}))[0]
         groups = q.shape[1] // keys.shape[1]
         if groups > 1:  # every head its K/V: CUDA's memory-efficient kernel takes a float mask but not GQA
             keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
@@ -348,26 +434,36 @@ def min_run_for(device: torch.device) -> Optional[int]:
 def _split_windows(q, k, v, mem_k, mem_v, run: Run, scaling: float) -> torch.Tensor:
     """A run's attention on the CPU without gradients, exactly the window loop's work: every window causally over
     itself (one batched flash call, nothing above the diagonal), then window i over its visible memory prefix
-    (one call each, no mask), merged by log-sum-exp. Shapes as `_attend_windows`; returns (B * G, W, Hq, D)."""
+    (one call each, no mask; per row when the rows' prefixes differ), merged by log-sum-exp. Shapes as
+    `_attend_windows`; returns (B * G, W, Hq, D)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out, lse = flash(q, k, v, 0.0, True, scale=scaling)[:2]  # (B * G, Hq, W, D), (B * G, Hq, W) float32
     G = run.windows
-    first = run.first_reader  # the windows before it read no memory
+    own, own_lse, qs = out.unflatten(0, (-1, G)), lse.unflatten(0, (-1, G)), q.unflatten(0, (-1, G))  # (B, G, ...)
+    rows = [slice(None)] if run.shared else [slice(b, b + 1) for b in range(own.shape[0])]
+    merged = [_with_memory(qs[r], own[r], own_lse[r], mem_k[r], mem_v[r], run.visible[0 if run.shared else r.start],
+                           scaling) for r in rows]
+    merged = merged[0] if len(merged) == 1 else torch.cat(merged)  # (B, G, Hq, W, D)
+    return merged.flatten(0, 1).transpose(1, 2)
+
+
+def _with_memory(qs, own, own_lse, mem_k, mem_v, visible: np.ndarray, scaling: float) -> torch.Tensor:
+    """Windows' own causal outputs ``own`` (B, G, Hq, W, D) (log-sum-exp ``own_lse`` (B, G, Hq, W)) merged with
+    each window's attention over the first ``visible[i]`` memory entries (mem_k/mem_v (B, Hkv, M, D), queries
+    ``qs`` (B, G, Hq, W, D)): the softmax over both, from two flash calls. Windows that read no memory keep ``own``."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    G = own.shape[1]
+    first = int(np.argmax(visible > 0)) if visible.any() else G  # the windows before it read no memory
     if first >= G:
-        return out.transpose(1, 2)
-    qs = q.unflatten(0, (-1, G))  # (B, G, Hq, W, D)
+        return own
     parts = [flash(qs[:, i], mem_k[:, :, :n], mem_v[:, :, :n], 0.0, False, scale=scaling)[:2]
-             for i, n in zip(range(first, G), run.visible[first:].tolist())]
+             for i, n in zip(range(first, G), visible[first:].tolist())]
     out_m = torch.stack([o for o, _ in parts], 1)  # (B, G - first, Hq, W, D)
     lse_m = torch.stack([lse_i for _, lse_i in parts], 1)  # (B, G - first, Hq, W)
-    own, own_lse = out.unflatten(0, (-1, G)), lse.unflatten(0, (-1, G))
-    if first:
-        own, own_lse = own[:, first:], own_lse[:, first:]
-    weight = torch.sigmoid(own_lse - lse_m)[..., None]  # the window's own share of the softmax mass
-    merged = as_dtype(out_m + weight * (own - out_m), q.dtype)  # float32 arithmetic for half-precision inputs
-    if first:
-        merged = torch.cat((out.unflatten(0, (-1, G))[:, :first], merged), dim=1)
-    return merged.flatten(0, 1).transpose(1, 2)
+    mine, mine_lse = (own[:, first:], own_lse[:, first:]) if first else (own, own_lse)
+    weight = torch.sigmoid(mine_lse - lse_m)[..., None]  # the window's own share of the softmax mass
+    merged = as_dtype(out_m + weight * (mine - out_m), qs.dtype)  # float32 arithmetic for half-precision inputs
+    return torch.cat((own[:, :first], merged), dim=1) if first else merged
 
 
 def _windows(x: torch.Tensor, run: Run) -> torch.Tensor:
@@ -390,9 +486,11 @@ def _run_mask(run: Run, B: int, M: int, q: torch.Tensor) -> torch.Tensor:
     """Additive mask (B * G, 1, W, M + W) of a batch of windows: window i reads its visible memory and itself
     causally (a padded window's extra entries come last, so no real entry reads them)."""
     G, W = run.windows, run.width
-    vis = torch.from_numpy(np.arange(M)[None, :] < run.visible[:, None]).to(q.device)  # (G, M): window i reads j
-    vis = vis[:, None, :].expand(G, W, M)
-    causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()[None].expand(G, W, W)
-    allowed = torch.cat((vis, causal), dim=-1)  # (G, W, M + W)
+    rows = 1 if run.shared else B  # every row reads the same prefixes, or each its own (`group.Run.visible`)
+    visible = run.visible[:rows].reshape(-1)  # (rows * G,)
+    vis = torch.from_numpy(np.arange(M)[None, :] < visible[:, None]).to(q.device)  # (rows * G, M): window reads j
+    vis = vis[:, None, :].expand(rows * G, W, M)
+    causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()[None].expand(rows * G, W, W)
+    allowed = torch.cat((vis, causal), dim=-1)  # (rows * G, W, M + W)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
-    return mask.repeat(B, 1, 1)[:, None]
+    return (mask.repeat(B, 1, 1) if run.shared else mask)[:, None]

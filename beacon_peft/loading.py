@@ -169,9 +169,12 @@ def load(model: str, folder: Path, device: str, dtype: torch.dtype, load_in_4bit
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from .offline.gemma3 import GEMMA3_HUB_ID
     from .offline.weights import SMOLLM2_HUB_ID, carry_hub_id, hub_id
 
-    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    # transformers' default attention: sdpa where the model has it, else eager (Gemma 2's soft-capping, gpt-oss's
+    # sinks)
+    kwargs = dict(dtype=dtype)
     if load_in_4bit:
         kwargs.update(device_map={"": device}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
@@ -179,8 +182,8 @@ def load(model: str, folder: Path, device: str, dtype: torch.dtype, load_in_4bit
     base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     if not load_in_4bit:
         base = base.to(device)
-    if hub_id(model) == SMOLLM2_HUB_ID:  # the offline copy: whatever is saved from it names the Hub id
-        carry_hub_id(base)
+    if hub_id(model) in (SMOLLM2_HUB_ID, GEMMA3_HUB_ID):  # an offline copy: what is saved from it names the Hub id
+        carry_hub_id(base, hub_id(model))
     tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache
 
 from . import memory_file, metrics
 from .fingerprint import adapter_fingerprint, base_fingerprint, differences
-from .rope import apply_rope, unapply_rope
+from .rope import DecoderRope, apply_rope, decoder_rope
 
 PARTS = ("sink", "comp", "raw")  # attention sink, compressed memory (the beacons' K/V), raw cache
 
@@ -110,14 +110,16 @@ class MemoryUpdate:
     comp: Selection = Take.KEEP
 
     def apply(self, mem: "LayerMemory", k: torch.Tensor, v: torch.Tensor,
-              comp_rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> "LayerMemory":
+              comp_rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+              rotate: Callable = apply_rope) -> "LayerMemory":
         """The layer's memory after the step. ``k``/``v`` (B, Hkv, L, D): the step's keys (before RoPE) and values;
-        ``comp_rope``: the (cos, sin) tables (B, K, D) of the positions the new compressed entries keep."""
+        ``comp_rope``: the (cos, sin) tables (B, K, D) of the positions the new compressed entries keep; ``rotate``
+        the layer's rotation (`rope.apply_rope`, or the layer's own convention)."""
         comp_k, comp_v = mem.comp_k, mem.comp_v
         if self.comp_new is not None:
             new_k = select_entries(mem.raw_k, k, self.comp_new)  # (B, Hkv, K, D) before RoPE
             new_v = select_entries(mem.raw_v, v, self.comp_new)
-            new_k = apply_rope(new_k, *comp_rope)  # rotated once, at the position it keeps
+            new_k = rotate(new_k, *comp_rope)  # rotated once, at the position it keeps
             comp_k = select_entries(comp_k, new_k, self.comp)
             comp_v = select_entries(comp_v, new_v, self.comp)
         return LayerMemory(
@@ -142,6 +144,8 @@ class RowState:
     raw: int = 0  # raw-cache entries
     windows: int = 0  # completed windows
     tokens: int = 0  # raw tokens consumed since the memory was created
+    bare: int = 0  # interleave: raw tokens of the open window read without their beacons (a training call's last
+    #                window, official semantics): such a memory cannot be continued (`Scheduler._check_continuable`)
 
 
 @dataclass
@@ -219,13 +223,13 @@ class BeaconMemory(Cache):
 
     is_compileable = False
 
-    def __init__(self, num_layers: int, batch_size: int, rope: Callable, device=None,
+    def __init__(self, num_layers: int, batch_size: int, rope: DecoderRope, device=None,
                  signature: Optional[dict] = None):
         super().__init__(layers=[])
         self.num_layers = num_layers
         self.signature = dict(signature or {})  # model layout and adapter settings it was made with
         self._batch_size = batch_size
-        self._rope = rope  # positions (B, T) -> (cos, sin) of the base model's rotary embedding
+        self._rope = rope  # the base model's rotary embedding with each layer's convention (un-rotates keys)
         self.state = MemoryState(
             rows=[RowState() for _ in range(batch_size)],
             layers=[None] * num_layers,
@@ -302,8 +306,7 @@ class BeaconMemory(Cache):
         if part == "comp" and pre_rope and length:
             sink = self.state.rows[row].sink
             positions = torch.arange(sink, sink + length, device=k.device)[None]
-            cos, sin = self._rope(k, positions)
-            k = unapply_rope(k, cos, sin)
+            k = self._rope.unrotate(layer, k, positions)
         return k[0], v
 
     # --- the transformers.Cache interface used by generate ---------------------------------------------------
@@ -366,6 +369,23 @@ class BeaconMemory(Cache):
         fork.state = self.state.copy()
         return fork
 
+    def sealed(self) -> "BeaconMemory":
+        """A fork whose open windows take no more beacons: the rest of each row's open window is read uncompressed
+        (ratio 0 for that window), so tokens continuing the memory are plain raw tokens at positions ``M, M+1, ...``
+        attending causally to every memory entry. This is what a plain decoder continuing from the memory as a KV
+        prefix computes (`beacon_peft_serve.prefix`), exactly, for the ``window - win_raw`` raw tokens that still fit
+        in the open window (docs/semantics.md, "A memory as a KV prefix"). Windows after it compress as usual."""
+        fork = self.copy()
+        for row in fork.state.rows:
+            row.ratio = 0  # the open window's ratio: 0 = no beacons; the next window draws its own
+        return fork
+
+    @property
+    def rope(self) -> DecoderRope:
+        """The base model's rotary embedding with every layer's table and convention (`rope.DecoderRope`:
+        ``rope.rotate(layer, k, positions)``) that the sink and raw-cache keys are rotated with at every step."""
+        return self._rope
+
     def save(self, path, model, dtype: Optional[torch.dtype] = None) -> None:
         """Write the memory to the folder ``path`` (safetensors + JSON, no pickle), atomically.
 
@@ -420,7 +440,7 @@ class BeaconMemory(Cache):
         L, B = meta["num_layers"], meta["batch_size"]
         layers = [LayerMemory(*(tensors[f"layers.{i}.{p}_{kv}"].to(device=weight.device, dtype=weight.dtype)
                                 for p in PARTS for kv in "kv")) for i in range(L)]
-        memory = cls(L, B, decoder.rotary_emb, weight.device, signature=meta["signature"])
+        memory = cls(L, B, decoder_rope(decoder), weight.device, signature=meta["signature"])
         memory.state = MemoryState(
             rows=rows, layers=layers,
             raw_is_beacon=tensors["raw_is_beacon"].numpy().astype(bool),  # host bookkeeping

@@ -25,7 +25,8 @@ from .group import Sealing, open_context
 from .labels import IGNORE_INDEX
 from .layer import BeaconAttention
 from .logs import beacon_call
-from .schedule import RatioPicker
+from .rope import decoder_rope
+from .schedule import RatioPicker, check_continuable_calls
 from .support import check_architecture, decoder_of
 
 
@@ -83,7 +84,8 @@ class BeaconModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         # set before BaseTuner.__init__, which injects (and reaches `inject_adapter`) right away
-        self.__dict__.update(_pickers={}, _last_ratios={}, _patched_decoder=None, _enabled=True)
+        self.__dict__.update(_pickers={}, _last_ratios={}, _patched_decoder=None, _enabled=True, _rope=None,
+                             _anatomies={})
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # --- injection ---------------------------------------------------------------------------------------
@@ -107,13 +109,16 @@ class BeaconModel(BaseTuner):
             raise ValueError("this model already carries a beacon adapter (get_peft_model was given a PEFT model, or "
                              "a model another BeaconModel patched): add a second adapter with add_adapter() or "
                              "load_adapter() on that PEFT model, or unload() it first")
-        check_architecture(model, decoder)
+        anatomies = check_architecture(model, decoder)
+        _default_targets(decoder, config, anatomies)
         self._check_beacon_layers(decoder, config)
         _embed_token_id(decoder, config)
         source = config.__dict__.pop("_beacon_source", None)  # set by BeaconConfig.from_pretrained
         if source is not None:
             check_adapter_weights(source, model, decoder, config, adapter_name, self._remove_adapter_name_from_key)
         snapshot = self._snapshot(model)
+        self._anatomies.update(anatomies)
+        self.__dict__["_rope"] = None  # read again from the wrapped layers
         try:
             self._inject(model, decoder, adapter_name, config, **kwargs)
         except BaseException:
@@ -180,7 +185,10 @@ class BeaconModel(BaseTuner):
             self.beacon_embedding = nn.ParameterDict()
         embed = decoder.get_input_embeddings()
         token_id = _embed_token_id(decoder, config)
-        weight = embed.weight[token_id : token_id + 1].detach().clone()  # (1, H)
+        # the embedding module's output, which the beacon embedding replaces at beacon slots: the weight row itself
+        # for an nn.Embedding, times sqrt(hidden) for Gemma 3's scaled embedding (a bare row would be 25x too small)
+        with torch.no_grad():
+            weight = embed(torch.tensor([[token_id]], device=embed.weight.device))[0].detach().clone()  # (1, H)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.beacon_embedding[adapter_name] = nn.Parameter(weight.to(dtype), requires_grad=True)
 
@@ -191,7 +199,8 @@ class BeaconModel(BaseTuner):
             target.update_layer(adapter_name, peft_config, with_projections)
             return
         last_layer = layer_idx == decoder_of(self.model).config.num_hidden_layers - 1
-        new_module = BeaconAttention(target, adapter_name, peft_config, with_projections, last_layer)
+        new_module = BeaconAttention(target, adapter_name, peft_config, with_projections, last_layer,
+                                     self._anatomies.get(id(target)))
         new_module.register_forward_pre_hook(open_context, with_kwargs=True)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -234,7 +243,9 @@ class BeaconModel(BaseTuner):
         name = self.active_beacon_adapter()
         if name is None:
             return None
-        return ActiveBeacon(name, self.peft_config[name], self._pickers[name], self.beacon_embedding[name])
+        if self._rope is None:  # the layers' rotary tables and conventions, read once from the wrapped layers
+            self.__dict__["_rope"] = decoder_rope(decoder_of(self.model))
+        return ActiveBeacon(name, self.peft_config[name], self._pickers[name], self.beacon_embedding[name], self._rope)
 
     def ratio_picker(self, adapter_name: str) -> RatioPicker:
         return self._pickers[adapter_name]
@@ -326,6 +337,14 @@ class BeaconModel(BaseTuner):
         finally:
             beacon_call.reset(token)
 
+    def generate(self, *args: Any, **kwargs: Any):
+        """The base model's ``generate()`` (`PeftModel.generate` calls this), refused up front where its calls
+        could not continue each other's memory (training mode with interleaved beacons)."""
+        adapter = self.active_beacon_adapter()
+        if adapter is not None:
+            check_continuable_calls(self.peft_config[adapter], decoder_of(self.model).training, "generate()")
+        return self.model.generate(*args, **kwargs)
+
     def _check_labels(self, labels, args: tuple, kwargs: dict) -> None:
         """`forward.check_labels` against the call's input (``input_ids`` or ``inputs_embeds``) and the output head."""
         x = kwargs.get("input_ids", args[0] if args else None)
@@ -349,6 +368,16 @@ class BeaconModel(BaseTuner):
                 if kwargs.get("num_items_in_batch") is None:
                     _check_labels_left(labels, kwargs["labels"], config)
         return self.model(*args, **kwargs)
+
+
+def _default_targets(decoder: nn.Module, config: BeaconConfig, anatomies: dict) -> None:
+    """The default ``target_modules=['self_attn']`` names the attention modules of decoders whose layers call it
+    something else (GPT-NeoX's ``attention``): then it names theirs, as found by role."""
+    if config.target_modules != ["self_attn"]:
+        return
+    names = sorted({name for layer in decoder.layers for name, attn in layer.named_children() if id(attn) in anatomies})
+    if names and "self_attn" not in names:
+        config.target_modules = names
 
 
 def _check_one_cache(kwargs: dict) -> None:

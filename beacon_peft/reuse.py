@@ -28,6 +28,8 @@ import torch
 
 from .compat import cache_kwarg, output_cache
 from .memory import BeaconMemory
+from .schedule import check_continuable_calls
+from .support import decoder_of
 
 
 def cache_kwargs(model, memory: Optional[BeaconMemory]) -> dict:
@@ -82,6 +84,7 @@ def read(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] 
     if memory is not None and not isinstance(memory, BeaconMemory):
         raise TypeError(f"memory must be a BeaconMemory or None, got {type(memory).__name__}")
     config = _tuner_config(model)
+    check_continuable_calls(config, decoder_of(model.get_base_model()).training, "reuse.read")
     # the first piece ends where the memory's open window ends, so every later piece is window-aligned
     done = 0 if memory is None else (memory.state.rows[0].tokens - config.window) % config.stride
     piece = piece_windows * config.stride

@@ -60,6 +60,7 @@ class RowChunk:
     beacons: int = 0
     ratio: int = 0
     complete: bool = False  # the chunk completes its window: beacons move to the compressed memory
+    bare: bool = False  # interleave: raw tokens read without the beacons between them (a training call's last)
     raw_entries: Optional[np.ndarray] = None  # (n,) entry index of each raw token within the chunk
     beacon_entries: Optional[np.ndarray] = None  # (beacons,) entry index of each beacon
     beacon_local: Optional[np.ndarray] = None  # (beacons,) window-local beacon index j
@@ -147,9 +148,10 @@ class StepHost:
     raw: object
     comp_new: Optional[np.ndarray]  # (B, K) int64
     comp: object
-    # a plain step that starts and ends with an empty raw cache, keeps the sink and appends its window to the
-    # compressed memory (every row alike): the entries (K,) of its chunk that enter the compressed memory. Such
-    # steps in a row run as one batch of windows inside each layer (`layer.BeaconAttention`); else None.
+    # a step whose rows are alike (same chunk length and sink, no padding, not scoped) that starts and ends with an
+    # empty raw cache, keeps the sink and appends its window to the compressed memory (each row's, whatever its
+    # length): the entries (K,) of its chunk that enter the compressed memory. Such steps in a row run as one batch
+    # of windows inside each layer (`layer.BeaconAttention`); else None.
     appends: Optional[np.ndarray] = None
 
     @property
@@ -267,6 +269,16 @@ class RatioPicker:
         return state.sequence_ratio
 
 
+def check_continuable_calls(config: BeaconConfig, training: bool, what: str) -> None:
+    """Refuse up front ``what`` (a caller that continues its own memory call after call: `reuse.read`,
+    ``generate()``) in training mode with interleaved beacons: the first call's last window would keep no beacons
+    and the next call could not continue it (`Scheduler._check_continuable`)."""
+    if training and config.interleaved:
+        raise ValueError(f"{what} in training mode: a training-mode call gives its last window no beacons (the "
+                         f"official semantics), so with placement='interleave' its memory cannot be continued by "
+                         f"the next call; call model.eval() first")
+
+
 class Scheduler:
     """Plans the chunks of one forward call over ``cols[b]`` (the input columns of row b's real tokens)."""
 
@@ -282,6 +294,20 @@ class Scheduler:
         self.device = device
         longest = max((len(c) for c in cols), default=0)
         self.sequence_length = max(r.tokens for r in state.rows) + longest
+        self._check_continuable()
+
+    def _check_continuable(self) -> None:
+        """Refuse, before any work, to continue a row whose open window holds raw tokens read in training mode
+        without their interleaved beacons: those beacons belong between tokens already read and cannot be made
+        afterwards (with ``placement="append"`` they come after the window, so such a window is simply finished)."""
+        for b, (row, cols) in enumerate(zip(self.state.rows, self.cols)):
+            if row.bare and len(cols):
+                raise ValueError(
+                    f"cannot continue this memory: row {b}'s open window holds {row.bare} raw tokens read in "
+                    f"training mode without their beacons (the official semantics give a training call's last "
+                    f"window none), and with placement='interleave' the beacons between them cannot be made "
+                    f"afterwards; make a memory to be continued in eval mode (model.eval()), or read the whole "
+                    f"input in one call")
 
     def done(self) -> bool:
         return all(p >= len(c) for p, c in zip(self.ptr, self.cols))
@@ -300,6 +326,12 @@ class Scheduler:
             return drawn[0]
 
         chunks = [self._row_chunk(b, ratio_for_step) for b in range(len(st.rows))]
+        if not any(c.length for c in chunks):  # every step must read a token or complete a window
+            stuck = [(b, r.win_raw) for b, r in enumerate(st.rows) if self.ptr[b] < len(self.cols[b])]
+            raise ValueError(f"the beacon schedule makes no progress: rows (row, raw tokens in the open window) "
+                             f"{stuck} have tokens left but their open window of {self.cfg.window} can take "
+                             f"neither a token nor its beacons (a memory whose last window was read in training "
+                             f"mode, saved by an older beacon_peft?); continue a memory made in eval mode")
         st.step_log.append([(c.length, r.sink + r.comp + r.raw, c.beacons) for c, r in zip(chunks, st.rows)])
         widths = (max(r.sink for r in st.rows), max(r.comp for r in st.rows), max(r.raw for r in st.rows))
         mem_kinds_a, mem_locs_a = st.raw_is_beacon, st.raw_local
@@ -316,24 +348,30 @@ class Scheduler:
                            dtype=np.int64)
         scoped = self.cfg.scoped and bool(inputs["is_beacon"].any())
         L = inputs["valid"].shape[1]
-        plain = (not scoped and all(c.length == L for c in chunks)
-                 and all((r.sink, r.comp, r.raw) == widths for r in st.rows))
+        # rows alike but for how much each has compressed (after a ragged batch, for good): may still append
+        alike = (not scoped and all(c.length == L for c in chunks)
+                 and all((r.sink, r.raw) == (widths[0], widths[2]) for r in st.rows))
+        plain = alike and all(r.comp == widths[1] for r in st.rows)
         host = StepHost(**inputs, tokens=max(c.n for c in chunks),
                         ratio=np.array([c.ratio for c in chunks], dtype=np.int64), lengths=lengths,
                         widths=widths, mem_raw_is_beacon=mem_kinds_a, mem_raw_local=mem_locs_a, scoped=scoped,
                         plain=plain, **update)
-        host = self._with_appends(host, chunks, updates)
+        host = self._with_appends(host, updates, alike)
         self._advance(chunks, updates)
         st.raw_is_beacon = _pad_lists([[int(x) for x in u.raw_is_beacon] for u in updates]).astype(bool)
         st.raw_local = _pad_lists([u.raw_local for u in updates])
         return StepPlan(host, self.device)
 
     @staticmethod
-    def _with_appends(host: StepHost, chunks: list[RowChunk], updates: list[RowUpdate]) -> StepHost:
-        """Mark a step that only appends its window to the compressed memory (see `StepHost.appends`)."""
+    def _with_appends(host: StepHost, updates: list[RowUpdate], alike: bool) -> StepHost:
+        """Mark a step that only appends its window to the compressed memory (see `StepHost.appends`): rows alike
+        (``alike``: same chunk length, sink and empty raw cache, no scoped beacons), each row's compressed memory
+        followed by the same entries of its chunk. The rows' compressed lengths may differ (``comp`` then gathers
+        per row), as they do for good after a batch of ragged rows."""
         S, C, R = host.widths
-        if not (host.plain and R == 0 and host.comp_new is not None and host.sink is Take.KEEP
-                and host.raw is Take.EMPTY and host.comp is Take.CAT):
+        comp_ok = host.comp is Take.CAT or isinstance(host.comp, np.ndarray)
+        if not (alike and R == 0 and host.comp_new is not None and host.sink is Take.KEEP
+                and host.raw is Take.EMPTY and comp_ok):
             return host
         first = updates[0].comp_new
         if any(u.comp_new != first for u in updates[1:]):
@@ -354,7 +392,7 @@ class Scheduler:
         if wants_beacons and row.ratio is None:
             row.ratio = ratio_for_step()
         r = row.ratio if wants_beacons else 0
-        chunk = RowChunk(n=n, ratio=r or 0, complete=complete)
+        chunk = RowChunk(n=n, ratio=r or 0, complete=complete, bare=no_beacons and cfg.interleaved)
         i = np.arange(n)
         if not r:
             chunk.raw_entries = i
@@ -490,7 +528,9 @@ class Scheduler:
                 row.win_raw = cfg.window - cfg.stride
                 row.rem = 0
                 row.ratio = None
+                row.bare = 0
             else:
                 row.win_raw += ch.n
+                row.bare += ch.n if ch.bare else 0
                 if ch.ratio and cfg.interleaved:
                     row.rem = (row.rem + ch.n) % ch.ratio

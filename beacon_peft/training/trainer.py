@@ -15,7 +15,9 @@ from typing import Optional
 from trl import SFTTrainer
 
 from ..atomic import refuse_earlier_run
+from ..forward import pass_budget
 from ..precision import autocast_off_without_gpu
+from ..support import decoder_of
 from .arguments import BeaconArguments, ModelArguments, ScriptArguments, validate_args
 from .callbacks import LORA_CKPT_FILE, RatioRecorder, make_callbacks
 from .card import card_info, model_card
@@ -147,7 +149,7 @@ def train(script_args: ScriptArguments, beacon_args: BeaconArguments, training_a
         callbacks=make_callbacks(model, script_args, beacon_args, training_args, model_args),
     )
     trainer.equal_window_steps = sharded_per_layer(training_args)
-    trainer.group_tokens = config.pass_tokens(training_args.device)
+    trainer.group_tokens = pass_budget(config, decoder_of(model.get_base_model()).rotary_emb, training_args.device)
     cast_trainable(model, beacon_args.beacon_dtype)  # after SFTTrainer, which casts a 4-bit model's to bf16
     trainer.card_info = card_info(script_args, beacon_args, training_args, model_args, config, model,
                                   len(documents), train_dataset, command, resume)

@@ -85,8 +85,9 @@ def run(bench: Bench, s: Settings) -> str:
     fits = {tuple(c["key"]): bench.fits(len(c["context_ids"]) + len(c["question_ids"]) + s.max_new_tokens)
             for c in cases}
     full = Method("full", "full")
-    local = [full] + bench.beacon_methods(bench.ratios)
-    presses = bench.press_methods(bench.ratios)
+    full_only = getattr(bench.args, "full_only", False)
+    local = [full] + ([] if full_only else bench.beacon_methods(bench.ratios))
+    presses = [] if full_only else bench.press_methods(bench.ratios)
     full_from = getattr(bench.args, "full_from", None)
     reused = reused_full_answers(bench, s, full_from, cases) if full_from is not None else {}
     answers = [_answer_from_text(bench, full, c, reused[tuple(c["key"])]) for c in cases
@@ -219,7 +220,9 @@ def _plots(bench: Bench, s: Settings, methods: list[str], acc: dict, out: Path) 
 def settings_from(args: argparse.Namespace) -> Settings:
     """The mode's settings with the command line's, checked before the model loads."""
     s = with_overrides(SETTINGS[args.mode], lengths=args.lengths, cases=args.cases,
-                       multikey_cases=args.multikey_cases)
+                       multikey_cases=args.multikey_cases, depths=None if args.depths is None else tuple(args.depths))
+    if any(not 0 <= d <= 1 for d in s.depths):
+        raise SystemExit(f"--depths {list(s.depths)}: allowed fractions in [0, 1]")
     if s.cases < 1:
         raise SystemExit(f"--cases {s.cases}: pass-key cases per (length, depth); allowed >= 1")
     if args.full_from is not None and not args.full_from.is_file():
@@ -232,7 +235,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="context lengths (tokens)")
     parser.add_argument("--cases", type=int, help="pass-key cases per (length, depth)")
+    parser.add_argument("--depths", type=float, nargs="+",
+                        help="pass-key depths, fractions of the context (default 0 0.25 0.5 0.75 1)")
     parser.add_argument("--multikey-cases", type=int, help="multi-key cases per length")
+    parser.add_argument("--full-only", action="store_true",
+                        help="full attention alone (no beacon adapter, no kvpress press): the base model's own "
+                        "retrieval, e.g. to compare base models")
     parser.add_argument("--full-from", type=Path, default=None, metavar="RESULT.json",
                         help="take full attention's answers from this earlier retrieval result (same model, dtype, "
                         "device, threads, seed and versions; checked) instead of running it again")
