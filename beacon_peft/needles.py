@@ -140,6 +140,35 @@ def make_passkey_case(
     )
 
 
+def make_fact_case(
+    haystack_ids: list[int],
+    tokenizer,
+    context_tokens: int,
+    depth: float,
+    fact: facts.Fact,
+    *,
+    intro: str = INTRO,
+    filler_offset: int = 0,
+    snap_window: int = 32,
+) -> dict:
+    """One case of any `beacon_peft.facts.Fact` (e.g. `beacon_peft.eval_facts.eval_fact`): its `Fact.inserted`
+    needle at ``depth``, its `Fact.asked` question; the fields of `make_passkey_case` with ``answer`` the fact's
+    value and ``fact`` the fact."""
+    needle_ids = _encode(tokenizer, fact.inserted)
+    context, starts, depths = _assemble(
+        haystack_ids, tokenizer, context_tokens, [(depth, needle_ids)], intro, filler_offset, snap_window
+    )
+    return dict(
+        context_ids=context,
+        question_ids=_encode(tokenizer, fact.asked),
+        answer=fact.value,
+        needle_token_start=starts[0],
+        needle_token_end=starts[0] + len(needle_ids),
+        depth_actual=depths[0],
+        fact=fact,
+    )
+
+
 def make_multikey_case(
     haystack_ids: list[int],
     tokenizer,

@@ -25,10 +25,12 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from ..facts import CODE_LETTERS, Fact, as_passkey_template, random_number
+from .. import eval_facts
+from ..eval_facts import check_training_fact
+from ..facts import CODE_LETTERS, NAMED_PASS_KEY, PASS_KEY, Fact, as_passkey_template, random_number
 
 __all__ = ["HOLDERS", "ATTRIBUTES", "STATEMENTS", "QUESTIONS", "SPLITS", "Fact", "split_items", "draw_value",
-           "compose_fact", "compose_facts", "as_passkey_template"]
+           "compose_fact", "compose_facts", "as_passkey_template", "training_phrasings"]
 
 HOLDERS: tuple[str, ...] = (
     "Ingrid", "Tomasz", "Aiko", "Mr. Okafor", "the night porter", "Beatriz", "Dr. Osei", "my landlord", "Farida",
@@ -121,7 +123,8 @@ def compose_fact(rng: random.Random, split: str = "train", holder: str | None = 
     a = attribute if attribute is not None else rng.choice(attributes)
     v = value if value is not None else draw_value(rng)
     parts = dict(H=_cap(h), h=h, Hs=_cap(_possessive(h)), hs=_possessive(h), a=a)
-    return Fact.from_template(statement, question, lead, v, holder=h, attribute=a, **parts)
+    fact = Fact.from_template(statement, question, lead, v, holder=h, attribute=a, **parts)
+    return check_training_fact(fact)  # never the retrieval evaluation's held-out phrasings (beacon_peft.eval_facts)
 
 
 def compose_facts(rng: random.Random, n: int, split: str = "train") -> list[Fact]:
@@ -143,3 +146,18 @@ def compose_facts(rng: random.Random, n: int, split: str = "train") -> list[Fact
         values.add(v)
         facts.append(compose_fact(rng, split, holder=h, attribute=attribute, value=v))
     return facts
+
+
+def training_phrasings(evaluation: bool = True) -> list[str]:
+    """Every needle, question and answer lead-in template a training row can hold (fields as ``{...}``): the
+    synthetic templates (all ten: ``recipes/train.py``'s retrieval data uses every one), the composed phrasings of
+    both splits, the pass-key facts, and (``evaluation``) `beacon_peft.eval_facts`' training split, which no
+    training row uses yet but may. A test checks that none of them holds a held-out phrasing of the evaluation."""
+    from . import synthetic
+
+    out = [t for template in (*synthetic.TEMPLATES, PASS_KEY, NAMED_PASS_KEY) for t in template]
+    out += list(STATEMENTS) + [t for pair in QUESTIONS for t in pair]
+    for kind in eval_facts.KINDS if evaluation else ():
+        out += eval_facts.split_items(eval_facts.STATEMENTS[kind], "train")
+        out += [t for pair in eval_facts.split_items(eval_facts.QUESTIONS[kind], "train") for t in pair]
+    return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from ..eval_facts import check_training_fact
 from ..facts import CODE_LETTERS, INTROS, NAMES, PASS_KEY, SENTENCE_ENDS, Fact, random_number
 
 # (needle, question, answer lead-in); {s} is the subject, {v} the value. Subject-free templates take no
@@ -88,7 +89,8 @@ def template_pool(templates: Sequence[int] | None) -> list[int]:
 
 def template_fact(template: int, subject: str, value: str) -> Fact:
     """The `Fact` of `TEMPLATES` ``[template]`` about ``subject`` ("" for a subject-free template) with ``value``."""
-    return Fact.from_template(*TEMPLATES[template], value, holder=subject, s=subject)
+    fact = Fact.from_template(*TEMPLATES[template], value, holder=subject, s=subject)
+    return check_training_fact(fact)  # never the evaluation's held-out phrasings
 
 
 def draw_fact(rng: random.Random, templates: Sequence[int] | None = None) -> tuple[str, str]:

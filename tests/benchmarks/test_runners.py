@@ -605,3 +605,48 @@ def test_retrieval_without_multikey_cases_writes_no_empty_plot_and_bad_counts_ar
     for flag, value, message in (("--multikey-cases", "-1", "allowed >= 0"), ("--cases", "0", "allowed >= 1")):
         with pytest.raises(SystemExit, match=f"{flag} {value}: .*{message}"):
             retrieval.main(common + [flag, value])
+
+
+def test_heldout_retrieval_end_to_end(tiny_dir, tmp_path, monkeypatch):
+    """The held-out runner on the tiny model: every method and case answered and scored, full attention only where
+    it fits, the markdown's tables and the heatmap written, the records in the summary; --from-json continues a
+    stopped run with the same answers; --methods keeps some."""
+    from benchmarks.retrieval import heldout
+
+    common = ["--model", str(tiny_dir), "--out-root", str(tmp_path), *FAST, "--ratios", "8",
+              "--lengths", "512", "1024", "--depths", "0", "1", "--max-new-tokens", "3"]
+    assert heldout.main([*common, "--tag", "ho"]) == 0
+    folder = tmp_path / "retrieval" / "results"
+    data = json.loads((folder / "ho.json").read_text())
+    answers = data["answers"]
+    assert {(a["method"], a["context_tokens"]) for a in answers} == {
+        ("full", 512), ("beacon-untrained-r8", 512), ("beacon-untrained-r8", 1024)}  # 1024 > 768 positions
+    assert len(answers) == 3 * 2 and data["settings"]["split"] == "held_out" and data["complete"]
+    for a in answers:
+        assert a["exact"] == (a["extracted"] == a["value"]) and 0.0 <= a["in_place"] <= 1.0
+        assert (a["compressed"] is None) == (a["method"] == "full")
+    markdown = (folder / "ho.md").read_text()
+    for title in ("## Exact answers", "## Characters in place", "## Answers that leak a training template",
+                  "## Exact by depth", "## Exact by kind", "## Every answer"):
+        assert title in markdown
+    assert (folder / "ho_heatmap.png").stat().st_size > 0
+    got = {(r["method"], r["context_tokens"], r["metric"]) for r in _summary(tmp_path) if r["benchmark"] == "retrieval"}
+    assert ("full", 512, "heldout_exact") in got and ("beacon-untrained-r8", 1024, "heldout_leak") in got
+    # a stopped run continued: its answers kept, only the missing cases run (here the second depth's)
+    stopped = dict(data, answers=[a for a in answers if a["cell"] == 0], complete=False)
+    (folder / "stopped.json").write_text(json.dumps(stopped))
+    calls = _count_calls(monkeypatch, "greedy")
+    assert heldout.main([*common, "--tag", "kept", "--from-json", str(folder / "stopped.json"), "--no-run"]) == 0
+    kept = json.loads((folder / "kept.json").read_text())
+    assert not calls and not kept["complete"] and len(kept["answers"]) == 3
+    assert "**stopped early**: 3 (method, case) answers missing" in (folder / "kept.md").read_text()
+    assert heldout.main([*common, "--tag", "stopped", "--from-json", str(folder / "stopped.json")]) == 0
+    again = json.loads((folder / "stopped.json").read_text())
+    assert len(calls) == 3 and again["complete"]
+    key = lambda a: (a["method"], a["context_tokens"], a["cell"])  # noqa: E731
+    assert sorted(map(key, again["answers"])) == sorted(map(key, answers))
+    assert {key(a): a["generated"] for a in again["answers"]} == {key(a): a["generated"] for a in answers}
+    assert heldout.main([*common, "--tag", "only", "--methods", "full"]) == 0
+    assert {a["method"] for a in json.loads((folder / "only.json").read_text())["answers"]} == {"full"}
+    with pytest.raises(SystemExit, match="allowed names"):
+        heldout.main([*common, "--tag", "bad", "--methods", "v9-r8"])

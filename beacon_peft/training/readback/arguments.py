@@ -61,6 +61,9 @@ class ReadbackArguments:
         "help": "share of composed retrieval rows: facts composed from holder/attribute/statement/question parts of "
         "the training split (beacon_peft.training.phrasings); with it on, half the recall rows' needles are composed "
         "too; text + recall + composed fractions <= 1"})
+    kinds_fraction: float = field(default=0.0, metadata={
+        "help": "share of the composed rows' facts and the recall rows' needles drawn from the training part of the "
+        "retrieval evaluation's phrasings (beacon_peft.eval_facts: numbers, names, dates, codes); in [0, 1]"})
     held_out_templates: list[int] = field(default_factory=lambda: [2, 6, 8], metadata={
         "nargs": "*", "help": "synthetic.TEMPLATES indices never trained on (scored as unseen phrasings)"})
     answer_weight: float = 1.0

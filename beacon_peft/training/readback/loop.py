@@ -131,7 +131,7 @@ def _loader(args: ReadbackArguments, tokenizer, step: int) -> torch.utils.data.D
     rows = MixedRows(tokenizer, training_documents(), args.min_tokens, args.max_tokens, seed=args.seed,
                      text_fraction=args.text_fraction, templates=train_templates,
                      recall_fraction=args.recall_fraction, window=args.window,
-                     composed_fraction=args.composed_fraction,
+                     composed_fraction=args.composed_fraction, kinds_fraction=args.kinds_fraction,
                      start_block=step * args.batch_size // 32 + (1000 if step else 0))
     return torch.utils.data.DataLoader(rows, batch_size=args.batch_size, num_workers=args.workers,
                                        collate_fn=partial(collate_rows, pad_token_id=tokenizer.pad_token_id))

@@ -18,6 +18,9 @@ of `beacon_peft.training.readback.losses`, make the memory keep them:
   independent parts (`phrasings.compose_facts`: holder, attribute, statement and question patterns, training
   split only), so the memory learns to keep a stated number however it is worded; the values (not the questions)
   are scored as answers. With composed rows on, half the needles of the recall rows are composed too.
+* **Kinds** (``kinds_fraction``): that share of the composed rows' facts and of the recall rows' needles comes from
+  the training part of the retrieval evaluation's phrasings (`beacon_peft.eval_facts`: numbers, names, dates and
+  codes about things), never from its held-out part.
 
 `collate_rows` pads them into a batch; `training_documents` is the text they are drawn from.
 """
@@ -30,6 +33,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ... import eval_facts
+from ...eval_facts import check_training_fact
+from ...facts import Fact
 from ...labels import IGNORE_INDEX
 from ..phrasings import compose_fact, compose_facts
 from ..synthetic import ACCOUNTS, INTROS, boundary_ids, draw_fact, retrieval_examples, template_pool, token_stream
@@ -64,7 +70,7 @@ class MixedRows(torch.utils.data.IterableDataset):
     def __init__(self, tokenizer, documents: Sequence[str], min_tokens: int, max_tokens: int, seed: int = 0,
                  text_fraction: float = 0.3, templates: Sequence[int] | None = None, max_needles: int = 4,
                  block: int = 32, start_block: int = 0, recall_fraction: float = 0.0, window: int | None = None,
-                 composed_fraction: float = 0.0):
+                 composed_fraction: float = 0.0, kinds_fraction: float = 0.0):
         super().__init__()
         templates = None if templates is None else template_pool(templates)  # checked before any row is drawn
         if not 0.0 <= text_fraction <= 1.0:
@@ -76,6 +82,8 @@ class MixedRows(torch.utils.data.IterableDataset):
         if not 0.0 <= composed_fraction <= room + 1e-9:
             raise ValueError(f"composed_fraction={composed_fraction} must be in [0, 1 - text_fraction - "
                              f"recall_fraction = {max(0.0, room):g}]")
+        if not 0.0 <= kinds_fraction <= 1.0:
+            raise ValueError(f"kinds_fraction={kinds_fraction} must be in [0, 1]")
         if not 1 <= max_needles <= len(ACCOUNTS):  # retrieval_examples' bound, checked here before any row is drawn
             raise ValueError(f"max_needles={max_needles} must be in [1, {len(ACCOUNTS)}]")
         if not 64 <= min_tokens <= max_tokens - 8:
@@ -87,7 +95,7 @@ class MixedRows(torch.utils.data.IterableDataset):
         self.min_tokens, self.max_tokens, self.seed = min_tokens, max_tokens, seed
         self.text_fraction, self.templates, self.max_needles = text_fraction, templates, max_needles
         self.recall_fraction, self.window, self.composed_fraction = recall_fraction, window, composed_fraction
-        self.block, self.start_block = block, start_block
+        self.block, self.start_block, self.kinds_fraction = block, start_block, kinds_fraction
         # the prose as one token stream (cycled), tokenized once for every block of rows
         self.stream = token_stream(tokenizer, self.documents, 1, min_tokens, max_tokens - 8)
         if recall_fraction > 0 or composed_fraction > 0:
@@ -142,10 +150,30 @@ class MixedRows(torch.utils.data.IterableDataset):
     def _recall_fact(self, rng: random.Random) -> tuple[str, str]:
         """A needle for a recall row as ``(cue, rest)``: a template fact, or (half the time when composed rows are
         on) a composed one from the training split."""
+        if self.kinds_fraction > 0 and rng.random() < self.kinds_fraction:
+            fact = check_training_fact(eval_facts.eval_fact(rng, rng.choice(eval_facts.KINDS), "train"))
+            if fact.cue:  # a statement that opens with its value has no cue to quote
+                return fact.cue, fact.rest
         if self.composed_fraction > 0 and rng.random() < 0.5:
             fact = compose_fact(rng, "train")
             return fact.cue, fact.rest
         return draw_fact(rng, self.templates)
+
+    def _with_kinds(self, rng: random.Random, facts: list[Fact]) -> list[Fact]:
+        """``facts`` with each replaced, at rate ``kinds_fraction``, by a fact of the retrieval evaluation's training
+        phrasings (`eval_facts.eval_fact`, a random kind) about a thing and with a value no other fact has."""
+        if self.kinds_fraction <= 0:
+            return facts
+        out = list(facts)
+        for i in range(len(out)):
+            if rng.random() < self.kinds_fraction:
+                taken = {f.holder for f in out} | {f.value for f in out}
+                for _ in range(8):  # a clash is rare: redraw it
+                    fact = check_training_fact(eval_facts.eval_fact(rng, rng.choice(eval_facts.KINDS), "train"))
+                    if fact.holder not in taken and fact.value not in taken:
+                        out[i] = fact
+                        break
+        return out
 
     def _composed_row(self, rng: random.Random) -> dict:
         """Intro, prose with 1..max_needles composed facts (distinct holders) at sentence starts, then every fact
@@ -155,7 +183,7 @@ class MixedRows(torch.utils.data.IterableDataset):
         neither (nothing before them predicts their wording)."""
         encode = partial(self.tokenizer.encode, add_special_tokens=False)
         length = rng.randint(self.min_tokens, self.max_tokens)
-        facts = compose_facts(rng, rng.randint(1, self.max_needles), "train")
+        facts = self._with_kinds(rng, compose_facts(rng, rng.randint(1, self.max_needles), "train"))
         intro = encode(rng.choice(INTROS))
 
         def sizes(kept):
