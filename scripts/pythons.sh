@@ -45,13 +45,13 @@ print('\n'.join(sorted({t.platform for t in tags.sys_tags()} - {'any'})))")
   exit 0
 fi
 
-find_python() {
+find_python() {  # one that runs (a pyenv shim of a version not selected is on PATH but does not run)
   local v=$1 found
   found=$(command -v "python$v" || true)
-  if [ -z "$found" ] && command -v pyenv >/dev/null 2>&1; then
+  if { [ -z "$found" ] || ! "$found" -c "" 2>/dev/null; } && command -v pyenv >/dev/null 2>&1; then
     found=$(ls -d "$(pyenv root)/versions/$v".*/bin/"python$v" 2>/dev/null | sort -V | tail -1 || true)
   fi
-  echo "$found"
+  if [ -n "$found" ] && "$found" -c "" 2>/dev/null; then echo "$found"; fi
 }
 summary=()
 for v in "${versions[@]}"; do

@@ -25,11 +25,11 @@ TORCH_VERSION=2.13.0
 TESTED_PYTHONS="3.11 3.12 3.13"  # the Pythons the suite has passed on with this lock (docs/versions.md)
 py_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
 py_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=$(command -v python3 || true)
-  if [ -z "$PYTHON" ] || ! py_ok "$PYTHON"; then
-    PYTHON=$(command -v python3.13 || command -v python3.12 || command -v python3.11 || echo "${PYTHON:-python3}")
-  fi
+if [ -z "${PYTHON:-}" ]; then  # the first that runs and is new enough (a pyenv shim may be on PATH and not run)
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null && py_ok "$candidate"; then PYTHON=$(command -v "$candidate"); break; fi
+  done
+  PYTHON=${PYTHON:-python3}
 fi
 
 case "$TORCH" in
