@@ -87,3 +87,15 @@ def test_a_newer_python_than_tested_is_let_through_with_a_note(tmp_path):
     tested = ", ".join(_tested_pythons())
     assert f"note: Python 3.99 is newer than the Pythons the suite has passed on ({tested})" in done.stderr
     assert "setup: creating" in done.stderr and done.returncode not in (0, 2)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage: bash scripts/pythons.sh"), (["3.x"], "usage: bash scripts/pythons.sh"),
+    (["3.99"], "no Python 3.99 here (python3.99 on PATH or under pyenv)")])
+def test_pythons_script_refuses_what_it_cannot_run(args, message):
+    """scripts/pythons.sh (the lock on other Pythons) refuses a bad version or one not on this machine, before any
+    environment is made."""
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "pythons.sh"), *args], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and message in done.stderr
+    assert not (ROOT / ".venv-py399").exists()
