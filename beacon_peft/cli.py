@@ -22,7 +22,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "`beacon-peft ask -h`", add_help=False)
     sub.add_parser("chat", help="a conversation over FILE on stdin/stdout (/save DIR, /quit); see "
                    "`beacon-peft chat -h`", add_help=False)
+    sub.add_parser("serve", help="a vLLM server answering from saved memories (beacon-peft-serve of the serving "
+                   "environment, scripts/serve_setup.sh); see docs/serving.md", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
     if argv[:1] in (["ask"], ["chat"], ["demo"]):
         from .logs import quiet_console
 
@@ -49,6 +53,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.base_out:
         print(f"wrote base model {args.base_out}")
     return 0
+
+
+def _serve(argv: Sequence[str]) -> int:
+    """``beacon-peft serve ARGS``: ``beacon-peft-serve ARGS`` here when this environment has vLLM, else the serving
+    environment's (``.venv-serve`` of the checkout, made by ``scripts/serve_setup.sh``)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if importlib.util.find_spec("vllm") is not None:
+        from beacon_peft_serve.cli import main as serve
+
+        return serve(argv)
+    serve = Path(__file__).resolve().parents[1] / ".venv-serve" / "bin" / "beacon-peft-serve"
+    if not serve.exists():
+        print(f"beacon-peft serve: error: vLLM is not installed here and there is no serving environment at "
+              f"{serve.parents[1]}: run `bash scripts/serve_setup.sh` (docs/serving.md)", file=sys.stderr)
+        return 2
+    os.execv(str(serve), [str(serve), *argv])
 
 
 if __name__ == "__main__":

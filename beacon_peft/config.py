@@ -39,6 +39,20 @@ EMBED_INITS: tuple[str, ...] = get_args(EmbedInit)
 GROUP_TOKENS = {"cpu": 2048, "accelerator": 16384}
 
 
+def _offline_base(name):
+    """The folder of an adapter's base that this machine holds offline (SmolLM2-135M-Instruct's Hub id -> its
+    offline copy, `offline.weights.resolve_base`), else ``name`` unchanged. `BeaconConfig` maps its
+    ``base_model_name_or_path`` through this (when made or loaded, and when set), so
+    `AutoPeftModelForCausalLM.from_pretrained(adapter)` loads the base without the network (it retried the Hub for
+    about a minute, then failed) and `save_pretrained` reads the base's config.json locally instead of asking the
+    Hub (two warnings offline); `to_dict` saves the Hub id again."""
+    if not isinstance(name, str) or not name:
+        return name
+    from .offline.weights import resolve_base
+
+    return resolve_base(name)
+
+
 class BeaconPeftType(str, enum.Enum):
     """PEFT's `PeftType` enum is closed, so the adapter type lives in its own str-enum.
 
@@ -215,6 +229,13 @@ class BeaconConfig(PeftConfig):
             for index in layers:
                 _check_int("beacon_layers entry", index, 0)
             self.beacon_layers = sorted(set(layers))
+        self.__dict__["_beacon_checked"] = True  # from here on, a base this machine holds offline maps to it
+        self.base_model_name_or_path = self.base_model_name_or_path
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "base_model_name_or_path" and self.__dict__.get("_beacon_checked"):
+            value = _offline_base(value)
+        super().__setattr__(name, value)
 
     @classmethod
     def from_peft_type(cls, **kwargs):
@@ -224,6 +245,16 @@ class BeaconConfig(PeftConfig):
         if kwargs.get("peft_type", BeaconPeftType.BEACON) == BeaconPeftType.BEACON:
             cls._refuse_unknown(kwargs)
         return super().from_peft_type(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The saved fields; a base held offline (`_offline_base`) is saved under its Hub id, never the local
+        cache folder."""
+        out = super().to_dict()
+        if out.get("base_model_name_or_path"):
+            from .offline.weights import hub_id
+
+            out["base_model_name_or_path"] = hub_id(out["base_model_name_or_path"])
+        return out
 
     @classmethod
     def _refuse_unknown(cls, kwargs: dict) -> None:

@@ -13,14 +13,12 @@ would go unnoticed (the price of not hashing hundreds of MB at every save and lo
 
 from __future__ import annotations
 
-import hashlib
 import json
-from typing import Iterable
 
-import torch
 from torch import nn
 
-SAMPLE = 4096  # elements sampled (evenly strided) from every tensor
+from beacon_peft_serve.fingerprint import SAMPLE, hash_tensors  # noqa: F401  (one implementation, light)
+
 BASE_CONFIG_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
                       "rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps", "tie_word_embeddings")
@@ -28,39 +26,17 @@ ADAPTER_CONFIG_FIELDS = ("window", "stride", "ratios", "ratio_mix", "placement",
                          "sink_size", "beacon_projections", "embed_init", "beacon_layers", "beacon_rank")
 
 
-def _sample_bytes(t: torch.Tensor) -> bytes:
-    """Bytes of an evenly strided sample of ``t`` (at most `SAMPLE` elements), as float32 when floating point, so
-    the same weights fingerprint alike whatever the dtype they are loaded in is not hidden: the dtype is hashed
-    separately."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() > SAMPLE:
-        flat = flat[:: flat.numel() // SAMPLE][:SAMPLE]
-    flat = flat.to("cpu")
-    if flat.dtype.is_floating_point:
-        flat = flat.float()
-    elif flat.dtype not in (torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool):
-        flat = flat.view(torch.uint8)
-    return flat.contiguous().numpy().tobytes()
-
-
-def hash_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """BLAKE2b (16 bytes, hex) over every tensor's name, shape, dtype and strided sample."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(named, key=lambda item: item[0]):
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(_sample_bytes(t))
-    return h.hexdigest()
-
-
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
 def base_fingerprint(model: nn.Module) -> dict:
-    """The base causal LM (adapter tensors excluded): shaping config fields and a hash of its weights."""
+    """The base causal LM (adapter tensors excluded): shaping config fields and a hash of its weights, under the
+    base model's own tensor names (PEFT's ``.base_layer`` wrapper level removed), so the hash is the one of the
+    plain base model and of its safetensors folder (`beacon_peft_serve.fingerprint.folder_weights_hash`)."""
     config = model.config
     fields = {k: _jsonable(getattr(config, k, None)) for k in BASE_CONFIG_FIELDS}
-    named = [(n, p) for n, p in model.state_dict().items() if "beacon_" not in n]
+    named = [(n.replace(".base_layer.", "."), p) for n, p in model.state_dict().items() if "beacon_" not in n]
     return {"config": fields, "weights": hash_tensors(named)}
 
 

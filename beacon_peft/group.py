@@ -43,13 +43,19 @@ class Run:
     window_index: Optional[torch.Tensor]
     unpad: Optional[torch.Tensor]
     appended: torch.Tensor  # (K,) entries of the run entering the compressed memory, in order
-    appended_positions: tuple[int, int]  # their positions: a range [first, first + K)
-    visible: np.ndarray  # (G,) memory entries window i reads: the memory before the run + earlier windows' appends
+    appended_positions: np.ndarray  # (B, K) their positions: each row's from its own compressed length on
+    # (B, G) memory entries window i of row b reads: the row's memory before the run + earlier windows' appends
+    # (a prefix of the row's memory after the run)
+    visible: np.ndarray
+    # rows whose compressed memories differ in length (after a ragged batch): (B, C + K) gather index of each row's
+    # compressed memory after the run out of cat(compressed before, appended), padding as the window loop pads;
+    # None when every row has the same length (the memory after the run is then that concatenation)
+    comp_index: Optional[torch.Tensor] = None
 
     @property
-    def first_reader(self) -> int:
-        """The first window that reads any memory entry (0 unless the run starts an empty memory)."""
-        return int(np.argmax(self.visible > 0)) if self.visible.any() else self.windows
+    def shared(self) -> bool:
+        """Every row reads the same memory prefixes (its rows' compressed memories are equally long)."""
+        return self.comp_index is None
 
 
 @dataclass(frozen=True)
@@ -129,12 +135,27 @@ class GroupPlan:
         appended = np.concatenate([s + h.appends for s, h in zip(starts, steps)])
         counts = np.array([len(h.appends) for h in steps])
         S, C, _ = steps[0].widths
+        K = int(counts.sum())
+        before = steps[0].lengths[1]  # (B,) each row's compressed entries before the run
         t = partial(to_device, device=self.device)
         run = Run(start=int(self.offsets[i]), length=n, windows=G, width=W,
                   window_index=t(slots.reshape(-1)) if padded else None, unpad=t(unpad) if padded else None,
-                  appended=t(appended), appended_positions=(S + C, S + C + int(counts.sum())),
-                  visible=S + C + np.concatenate(([0], np.cumsum(counts)[:-1])))
+                  appended=t(appended), appended_positions=S + before[:, None] + np.arange(K)[None, :],
+                  visible=S + before[:, None] + np.concatenate(([0], np.cumsum(counts)[:-1]))[None, :],
+                  comp_index=None if (before == C).all() else t(self._ragged_comp_index(before, C, K)))
         return Segment(run.start, n, step=i, run=run)
+
+    @staticmethod
+    def _ragged_comp_index(before: np.ndarray, C: int, K: int) -> np.ndarray:
+        """(B, C + K) index into cat(compressed (C), appended (K)) of each row's compressed memory after a run: its
+        ``before[b]`` entries, then the K appended ones, then padding. The padding repeats the row's first entry
+        after the run's second-last window, as the window loop's last gather pads (with index 0)."""
+        index = np.zeros((len(before), C + K), dtype=np.int64)
+        for b, c in enumerate(before.tolist()):
+            index[b, :c] = np.arange(c)
+            index[b, c : c + K] = C + np.arange(K)
+            index[b, c + K :] = 0 if c else C
+        return index
 
     # --- rotary tables the attention needs besides the decoder's own ------------------------------------------
     def _rope_positions(self, hosts, B: int):
@@ -154,9 +175,7 @@ class GroupPlan:
         for seg in self.segments:
             if seg.run is not None:
                 S = hosts[seg.step].widths[0]
-                lo, hi = seg.run.appended_positions
-                slices.append((add(np.broadcast_to(np.arange(S), (B, S))),
-                               add(np.broadcast_to(np.arange(lo, hi), (B, hi - lo)))))
+                slices.append((add(np.broadcast_to(np.arange(S), (B, S))), add(seg.run.appended_positions)))
             else:
                 h = hosts[seg.step]
                 slices.append((add(h.mem_positions), add(h.comp_positions)))

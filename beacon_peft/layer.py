@@ -22,7 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .config import BeaconConfig
 from .group import GroupContext, Run
 from .masks import build_mask
-from .memory import LayerMemory
+from .memory import LayerMemory, select_entries
 from .rope import apply_rope, as_dtype
 
 
@@ -301,7 +301,11 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
         sink_tables, comp_tables = tables
         new_k = apply_rope(k.index_select(2, run.appended), *comp_tables)  # (B, Hkv, K, D) at kept positions
         new_v = v.index_select(2, run.appended)
-        comp_k, comp_v = _cat_nonempty((mem.comp_k, new_k)), _cat_nonempty((mem.comp_v, new_v))
+        if run.shared:
+            comp_k, comp_v = _cat_nonempty((mem.comp_k, new_k)), _cat_nonempty((mem.comp_v, new_v))
+        else:  # each row's appends follow its own compressed entries (`group.Run.comp_index`)
+            comp_k = select_entries(mem.comp_k, new_k, run.comp_index)  # (B, Hkv, C + K, D)
+            comp_v = select_entries(mem.comp_v, new_v, run.comp_index)
         after = LayerMemory(mem.sink_k, mem.sink_v, comp_k, comp_v, mem.raw_k, mem.raw_v)
         S = mem.sink_k.shape[2]
         mem_k = _cat_nonempty((apply_rope(mem.sink_k, *sink_tables) if S else mem.sink_k, comp_k))  # (B, Hkv, M, D)
@@ -313,8 +317,8 @@ class BeaconAttention(nn.Module, BaseTunerLayer):
 
     def _attend_windows(self, q, k, v, mem_k, mem_v, run: Run, ctx: GroupContext) -> torch.Tensor:
         """Attention of a batch of windows: q (B * G, Hq, W, D), k/v (B * G, Hkv, W, D) the windows' own entries,
-        mem_k/mem_v (B, Hkv, M, D) the memory after the run, of which window i reads the first
-        ``run.visible[i]`` entries. Returns (B * G, W, Hq, D)."""
+        mem_k/mem_v (B, Hkv, M, D) the memory after the run, of which window i of row b reads the first
+        ``run.visible[b, i]`` entries. Returns (B * G, W, Hq, D)."""
         attn = self.base_layer
         impl = attn.config._attn_implementation
         dropout = attn.attention_dropout if self.training else 0.0
@@ -348,26 +352,36 @@ def min_run_for(device: torch.device) -> Optional[int]:
 def _split_windows(q, k, v, mem_k, mem_v, run: Run, scaling: float) -> torch.Tensor:
     """A run's attention on the CPU without gradients, exactly the window loop's work: every window causally over
     itself (one batched flash call, nothing above the diagonal), then window i over its visible memory prefix
-    (one call each, no mask), merged by log-sum-exp. Shapes as `_attend_windows`; returns (B * G, W, Hq, D)."""
+    (one call each, no mask; per row when the rows' prefixes differ), merged by log-sum-exp. Shapes as
+    `_attend_windows`; returns (B * G, W, Hq, D)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out, lse = flash(q, k, v, 0.0, True, scale=scaling)[:2]  # (B * G, Hq, W, D), (B * G, Hq, W) float32
     G = run.windows
-    first = run.first_reader  # the windows before it read no memory
+    own, own_lse, qs = out.unflatten(0, (-1, G)), lse.unflatten(0, (-1, G)), q.unflatten(0, (-1, G))  # (B, G, ...)
+    rows = [slice(None)] if run.shared else [slice(b, b + 1) for b in range(own.shape[0])]
+    merged = [_with_memory(qs[r], own[r], own_lse[r], mem_k[r], mem_v[r], run.visible[0 if run.shared else r.start],
+                           scaling) for r in rows]
+    merged = merged[0] if len(merged) == 1 else torch.cat(merged)  # (B, G, Hq, W, D)
+    return merged.flatten(0, 1).transpose(1, 2)
+
+
+def _with_memory(qs, own, own_lse, mem_k, mem_v, visible: np.ndarray, scaling: float) -> torch.Tensor:
+    """Windows' own causal outputs ``own`` (B, G, Hq, W, D) (log-sum-exp ``own_lse`` (B, G, Hq, W)) merged with
+    each window's attention over the first ``visible[i]`` memory entries (mem_k/mem_v (B, Hkv, M, D), queries
+    ``qs`` (B, G, Hq, W, D)): the softmax over both, from two flash calls. Windows that read no memory keep ``own``."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    G = own.shape[1]
+    first = int(np.argmax(visible > 0)) if visible.any() else G  # the windows before it read no memory
     if first >= G:
-        return out.transpose(1, 2)
-    qs = q.unflatten(0, (-1, G))  # (B, G, Hq, W, D)
+        return own
     parts = [flash(qs[:, i], mem_k[:, :, :n], mem_v[:, :, :n], 0.0, False, scale=scaling)[:2]
-             for i, n in zip(range(first, G), run.visible[first:].tolist())]
+             for i, n in zip(range(first, G), visible[first:].tolist())]
     out_m = torch.stack([o for o, _ in parts], 1)  # (B, G - first, Hq, W, D)
     lse_m = torch.stack([lse_i for _, lse_i in parts], 1)  # (B, G - first, Hq, W)
-    own, own_lse = out.unflatten(0, (-1, G)), lse.unflatten(0, (-1, G))
-    if first:
-        own, own_lse = own[:, first:], own_lse[:, first:]
-    weight = torch.sigmoid(own_lse - lse_m)[..., None]  # the window's own share of the softmax mass
-    merged = as_dtype(out_m + weight * (own - out_m), q.dtype)  # float32 arithmetic for half-precision inputs
-    if first:
-        merged = torch.cat((out.unflatten(0, (-1, G))[:, :first], merged), dim=1)
-    return merged.flatten(0, 1).transpose(1, 2)
+    mine, mine_lse = (own[:, first:], own_lse[:, first:]) if first else (own, own_lse)
+    weight = torch.sigmoid(mine_lse - lse_m)[..., None]  # the window's own share of the softmax mass
+    merged = as_dtype(out_m + weight * (mine - out_m), qs.dtype)  # float32 arithmetic for half-precision inputs
+    return torch.cat((own[:, :first], merged), dim=1) if first else merged
 
 
 def _windows(x: torch.Tensor, run: Run) -> torch.Tensor:
@@ -390,9 +404,11 @@ def _run_mask(run: Run, B: int, M: int, q: torch.Tensor) -> torch.Tensor:
     """Additive mask (B * G, 1, W, M + W) of a batch of windows: window i reads its visible memory and itself
     causally (a padded window's extra entries come last, so no real entry reads them)."""
     G, W = run.windows, run.width
-    vis = torch.from_numpy(np.arange(M)[None, :] < run.visible[:, None]).to(q.device)  # (G, M): window i reads j
-    vis = vis[:, None, :].expand(G, W, M)
-    causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()[None].expand(G, W, W)
-    allowed = torch.cat((vis, causal), dim=-1)  # (G, W, M + W)
+    rows = 1 if run.shared else B  # every row reads the same prefixes, or each its own (`group.Run.visible`)
+    visible = run.visible[:rows].reshape(-1)  # (rows * G,)
+    vis = torch.from_numpy(np.arange(M)[None, :] < visible[:, None]).to(q.device)  # (rows * G, M): window reads j
+    vis = vis[:, None, :].expand(rows * G, W, M)
+    causal = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()[None].expand(rows * G, W, W)
+    allowed = torch.cat((vis, causal), dim=-1)  # (rows * G, W, M + W)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
-    return mask.repeat(B, 1, 1)[:, None]
+    return (mask.repeat(B, 1, 1) if run.shared else mask)[:, None]

@@ -368,6 +368,23 @@ class BeaconMemory(Cache):
         fork.state = self.state.copy()
         return fork
 
+    def sealed(self) -> "BeaconMemory":
+        """A fork whose open windows take no more beacons: the rest of each row's open window is read uncompressed
+        (ratio 0 for that window), so tokens continuing the memory are plain raw tokens at positions ``M, M+1, ...``
+        attending causally to every memory entry. This is what a plain decoder continuing from the memory as a KV
+        prefix computes (`beacon_peft_serve.prefix`), exactly, for the ``window - win_raw`` raw tokens that still fit
+        in the open window (docs/semantics.md, "A memory as a KV prefix"). Windows after it compress as usual."""
+        fork = self.copy()
+        for row in fork.state.rows:
+            row.ratio = 0  # the open window's ratio: 0 = no beacons; the next window draws its own
+        return fork
+
+    @property
+    def rope(self) -> Callable:
+        """The base model's rotary embedding (``rope(x, position_ids) -> (cos, sin)``) the sink and raw-cache keys
+        are rotated with at every step."""
+        return self._rope
+
     def save(self, path, model, dtype: Optional[torch.dtype] = None) -> None:
         """Write the memory to the folder ``path`` (safetensors + JSON, no pickle), atomically.
 

@@ -17,7 +17,9 @@ Layout of ``DIR/``:
   ``base`` and ``adapter`` fingerprints (`fingerprint`); ``tensors_sha256`` of ``memory.safetensors``.
 
 This module is the format alone (`write_memory`, `read_memory`: plain tensors and JSON, every check);
-`memory.BeaconMemory.save` / `.load` turn a memory into that data and back.
+`memory.BeaconMemory.save` / `.load` turn a memory into that data and back. The model-free part of reading (JSON,
+checksum, tensor names and shapes) lives in `beacon_peft_serve.saved`, so a server without the training stack reads
+the same format with the same checks.
 
 No pickle anywhere. Saving writes a temporary sibling folder and renames it into place, so a crash leaves either
 the previous memory or the new one, never a half-written one; a non-empty folder that is not a saved memory is
@@ -27,39 +29,28 @@ and settings against the model, and raises a ValueError naming whatever differs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from beacon_peft_serve.saved import (  # noqa: F401  (the model-free reading, shared with the serving side)
+    FORMAT,
+    META,
+    TENSORS,
+    VERSION,
+    is_saved_memory,
+    load_tensors,
+    read_meta,
+    sha256,
+)
 
 from .atomic import write_dir
 from .fingerprint import differences
 
-FORMAT = "beacon-memory"
-VERSION = 1
-TENSORS = "memory.safetensors"
-META = "memory.json"
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def is_saved_memory(path: Path) -> bool:
-    """Whether ``path`` is a folder written by `save_memory` (its JSON names the format)."""
-    try:
-        return json.loads((Path(path) / META).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def check_target(path: Path) -> None:
@@ -85,35 +76,10 @@ def write_memory(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / TENSORS))
-        full = {"format": FORMAT, "version": VERSION, **meta, "tensors_sha256": _sha256(tmp / TENSORS)}
+        full = {"format": FORMAT, "version": VERSION, **meta, "tensors_sha256": sha256(tmp / TENSORS)}
         (tmp / META).write_text(json.dumps(full, indent=1) + "\n")
 
     return write_dir(path, write, overwrite=True)  # `check_target` refused anything but an earlier memory
-
-
-def _read_meta(path: Path) -> dict:
-    if not path.exists():
-        raise FileNotFoundError(f"no saved memory at {path}")
-    if not path.is_dir():
-        raise ValueError(f"{path} is not a folder: a saved memory is a folder holding {META} and {TENSORS}")
-    try:
-        meta = json.loads((path / META).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} is not a saved memory: {META} is missing") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / META} is corrupt or truncated ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{path / META} is not a saved beacon memory (format {found!r})")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{path} holds memory format version {meta.get('version')!r}; this beacon_peft reads "
-                         f"{VERSION}")
-    needed = ("num_layers", "batch_size", "rows", "columns", "ratio_log", "step_log", "signature", "compute_dtype",
-              "storage_dtype", "base", "adapter", "tensors_sha256")
-    missing = [k for k in needed if k not in meta]
-    if missing:
-        raise ValueError(f"{path / META} is corrupt: missing {missing}")
-    return meta
 
 
 def read_memory(path, expected: dict, parts: tuple[str, ...]) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -121,7 +87,7 @@ def read_memory(path, expected: dict, parts: tuple[str, ...]) -> tuple[dict, dic
     that made it against ``expected`` (signature, base and adapter fingerprints, compute dtype, forced ratio), the
     checksum, and every tensor's name and shape (``parts``: the memory parts, e.g. sink, comp, raw)."""
     path = Path(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     problems = []
     for key in ("signature", "base", "adapter"):
         problems += [f"{key}.{line}" for line in differences(meta[key], expected[key])]
@@ -134,36 +100,4 @@ def read_memory(path, expected: dict, parts: tuple[str, ...]) -> tuple[dict, dic
     if problems:
         raise ValueError(f"the memory at {path} was made by another model, adapter or setting: " + "; ".join(problems))
 
-    tensor_file = path / TENSORS
-    if not tensor_file.is_file():
-        raise ValueError(f"{path} is corrupt: {TENSORS} is missing")
-    if _sha256(tensor_file) != meta["tensors_sha256"]:
-        raise ValueError(f"{tensor_file} is corrupt or truncated: its checksum differs from the one saved")
-    try:
-        tensors = load_file(str(tensor_file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{tensor_file} is corrupt or truncated ({err})") from None
-
-    L, B = meta["num_layers"], meta["batch_size"]
-    expected_names = {f"layers.{i}.{p}_{kv}" for i in range(L) for p in parts for kv in "kv"}
-    if set(tensors) != expected_names | {"raw_is_beacon", "raw_local"}:
-        odd = sorted(set(tensors) ^ (expected_names | {"raw_is_beacon", "raw_local"}))[:6]
-        raise ValueError(f"{tensor_file} is corrupt: tensors {odd} missing or unexpected")
-    rows = meta["rows"]
-    if not isinstance(rows, list) or len(rows) != B:
-        raise ValueError(f"{path / META} is corrupt: {len(rows) if isinstance(rows, list) else rows!r} row states "
-                         f"for batch size {B}")
-    try:
-        lengths = {p: max((int(r[p]) for r in rows), default=0) for p in parts}
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path / META} is corrupt: bad row state ({err!r})") from None
-    sig = meta["signature"]
-    for i in range(L):
-        for p in parts:
-            for kv in "kv":
-                t = tensors[f"layers.{i}.{p}_{kv}"]
-                shape_ok = (t.dim() == 4 and t.shape[0] == B and t.shape[1] == sig["num_key_value_heads"]
-                            and t.shape[3] == sig["head_dim"] and t.shape[2] >= lengths[p])
-                if not shape_ok:
-                    raise ValueError(f"{tensor_file} is corrupt: layers.{i}.{p}_{kv} has shape {tuple(t.shape)}")
-    return meta, tensors
+    return meta, load_tensors(path, meta, parts)

@@ -2,7 +2,8 @@
 
 ``ask FILE -q QUESTION [-q ...]`` reads FILE into a beacon memory (window by window, with a progress bar on
 stderr) or loads one saved earlier (``--memory DIR``), answers every question from a fork of that memory (no
-question sees another), and prints the time to read, the time per answer and the KV memory held against what
+question sees another; ``--sealed``: from the sealed memory, what a server answering from the saved memory computes),
+and prints the time to read, the time per answer and the KV memory held against what
 full attention would hold. ``--save-memory DIR`` keeps the memory for later runs.
 
 ``chat FILE`` is a conversation over the document on stdin/stdout (works in a pipe): each line is a turn, and
@@ -52,6 +53,10 @@ def _parser(prog: str, chat: bool) -> argparse.ArgumentParser:
     add("--max-new-tokens", type=int, default=64, metavar="N", help="longest answer in tokens (default 64)")
     add("--dtype", default="float32", choices=list(DTYPE_NAMES),
         help="weights and compute dtype (default float32; auto: bfloat16 where it is fast)")
+    if not chat:
+        add("--sealed", action="store_true", help="answer from the sealed memory: the rest of the open window is read "
+            "without beacons, as a plain decoder serving the memory as a KV prefix reads it (beacon-peft-serve; "
+            "docs/serving.md)")
     add("--no-template", action="store_true", help="plain 'Question: ... Answer:' turns instead of the tokenizer's "
         "chat template")
     return parser
@@ -188,10 +193,11 @@ def ask_main(argv: Sequence[str]) -> int:
     args = _parser("beacon-peft ask", chat=False).parse_args(argv)
     text = _check_args(args, chat=False)
     chat = _start(args, text, Chat)
+    memory = chat.memory.sealed() if args.sealed else chat.memory
     for i, question in enumerate(args.question, 1):
         start = time.perf_counter()
         prompt = torch.tensor([chat.format.prompt(question)], device=chat.model.device)
-        answer = ask(chat.model, chat.memory, prompt, **chat.generate_kwargs)  # from a fork: memory unchanged
+        answer = ask(chat.model, memory, prompt, **chat.generate_kwargs)  # from a fork: memory unchanged
         seconds = time.perf_counter() - start
         print(f"\nQ{i}: {question}\nA{i}: {chat.tokenizer.decode(answer[0], skip_special_tokens=True).strip()}\n"
               f"({seconds:.2f} s, {answer.shape[1]} tokens)", flush=True)

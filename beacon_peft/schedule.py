@@ -148,9 +148,10 @@ class StepHost:
     raw: object
     comp_new: Optional[np.ndarray]  # (B, K) int64
     comp: object
-    # a plain step that starts and ends with an empty raw cache, keeps the sink and appends its window to the
-    # compressed memory (every row alike): the entries (K,) of its chunk that enter the compressed memory. Such
-    # steps in a row run as one batch of windows inside each layer (`layer.BeaconAttention`); else None.
+    # a step whose rows are alike (same chunk length and sink, no padding, not scoped) that starts and ends with an
+    # empty raw cache, keeps the sink and appends its window to the compressed memory (each row's, whatever its
+    # length): the entries (K,) of its chunk that enter the compressed memory. Such steps in a row run as one batch
+    # of windows inside each layer (`layer.BeaconAttention`); else None.
     appends: Optional[np.ndarray] = None
 
     @property
@@ -347,24 +348,30 @@ class Scheduler:
                            dtype=np.int64)
         scoped = self.cfg.scoped and bool(inputs["is_beacon"].any())
         L = inputs["valid"].shape[1]
-        plain = (not scoped and all(c.length == L for c in chunks)
-                 and all((r.sink, r.comp, r.raw) == widths for r in st.rows))
+        # rows alike but for how much each has compressed (after a ragged batch, for good): may still append
+        alike = (not scoped and all(c.length == L for c in chunks)
+                 and all((r.sink, r.raw) == (widths[0], widths[2]) for r in st.rows))
+        plain = alike and all(r.comp == widths[1] for r in st.rows)
         host = StepHost(**inputs, tokens=max(c.n for c in chunks),
                         ratio=np.array([c.ratio for c in chunks], dtype=np.int64), lengths=lengths,
                         widths=widths, mem_raw_is_beacon=mem_kinds_a, mem_raw_local=mem_locs_a, scoped=scoped,
                         plain=plain, **update)
-        host = self._with_appends(host, chunks, updates)
+        host = self._with_appends(host, updates, alike)
         self._advance(chunks, updates)
         st.raw_is_beacon = _pad_lists([[int(x) for x in u.raw_is_beacon] for u in updates]).astype(bool)
         st.raw_local = _pad_lists([u.raw_local for u in updates])
         return StepPlan(host, self.device)
 
     @staticmethod
-    def _with_appends(host: StepHost, chunks: list[RowChunk], updates: list[RowUpdate]) -> StepHost:
-        """Mark a step that only appends its window to the compressed memory (see `StepHost.appends`)."""
+    def _with_appends(host: StepHost, updates: list[RowUpdate], alike: bool) -> StepHost:
+        """Mark a step that only appends its window to the compressed memory (see `StepHost.appends`): rows alike
+        (``alike``: same chunk length, sink and empty raw cache, no scoped beacons), each row's compressed memory
+        followed by the same entries of its chunk. The rows' compressed lengths may differ (``comp`` then gathers
+        per row), as they do for good after a batch of ragged rows."""
         S, C, R = host.widths
-        if not (host.plain and R == 0 and host.comp_new is not None and host.sink is Take.KEEP
-                and host.raw is Take.EMPTY and host.comp is Take.CAT):
+        comp_ok = host.comp is Take.CAT or isinstance(host.comp, np.ndarray)
+        if not (alike and R == 0 and host.comp_new is not None and host.sink is Take.KEEP
+                and host.raw is Take.EMPTY and comp_ok):
             return host
         first = updates[0].comp_new
         if any(u.comp_new != first for u in updates[1:]):

@@ -3,6 +3,10 @@
     python scripts/golden.py dump  before.safetensors    # on the tree before the change
     python scripts/golden.py check before.safetensors    # on the tree after it: every tensor bit-identical
 
+A tensor the baseline holds and the tree no longer makes fails the check; tensors the tree adds (a gradient that
+did not exist when the baseline was dumped, such as the ratio-0 beacon embedding's zero gradient since issue 32)
+are counted and listed, and fail only with ``--strict``.
+
 Covers the 4 tiny architectures under every official mode (interleave / append, full-coverage / step-expansion /
 segmentation, sink, overlapping windows, ratio 0, step-random ratios, low-rank projections), eager and sdpa, a
 left-padded batch, continuation from a memory, greedy generate(), and a training step's loss and adapter
@@ -131,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--atol", type=float, default=0.0,
                    help="check: floating tensors may differ by at most atol + rtol * |before| (default: bit-identical)")
     p.add_argument("--rtol", type=float, default=0.0)
+    p.add_argument("--strict", action="store_true",
+                   help="check: also fail on tensors the baseline does not hold (by default they are listed only)")
     args = p.parse_args(argv)
     if args.group_tokens is not None:
         GROUP_TOKENS["group_tokens"] = args.group_tokens
@@ -141,28 +147,41 @@ def main(argv=None) -> int:
         save_file({k: v.contiguous() for k, v in now.items()}, str(args.file))
         print(f"wrote {len(now)} tensors to {args.file}")
         return 0
-    before = load_file(str(args.file))
+    code, lines = compare(load_file(str(args.file)), now, args.atol, args.rtol, args.strict)
+    print("\n".join(lines))
+    return code
+
+
+def compare(before: dict, now: dict, atol: float = 0.0, rtol: float = 0.0, strict: bool = False):
+    """(exit code, report lines) of a check of ``now`` against the baseline ``before`` (name -> tensor).
+
+    Tensors both hold are compared (bit-identical, or within ``atol + rtol * |before|`` for floating ones). A
+    tensor the baseline holds and ``now`` lacks is a change (exit 1); one ``now`` adds (a case or a gradient that
+    did not exist when the baseline was dumped) is listed and fails only with ``strict``."""
     missing, extra = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
-        if (args.atol or args.rtol) and a.dtype.is_floating_point:
-            return torch.allclose(b, a, atol=args.atol, rtol=args.rtol)
+        if (atol or rtol) and a.dtype.is_floating_point:
+            return torch.allclose(b, a, atol=atol, rtol=rtol)
         return torch.equal(a, b)
 
     common = sorted(set(before) & set(now))
     differ = [k for k in common if not same(before[k], now[k])]
     worst = max(((now[k] - before[k]).abs().max().item(), k) for k in common
-                if before[k].dtype.is_floating_point and before[k].shape == now[k].shape and before[k].numel())
-    print(f"{len(before)} tensors before, {len(now)} now: {len(differ)} differ"
-          f"{f' beyond atol={args.atol} rtol={args.rtol}' if args.atol or args.rtol else ''}, {len(missing)} missing, "
-          f"{len(extra)} new; largest absolute difference {worst[0]:.3g} ({worst[1]})")
+                if before[k].dtype.is_floating_point and before[k].shape == now[k].shape and before[k].numel()) \
+        if common else (0.0, "-")
+    lines = [f"{len(before)} tensors before, {len(now)} now: {len(common)} compared, {len(differ)} differ"
+             f"{f' beyond atol={atol} rtol={rtol}' if atol or rtol else ''}, {len(missing)} missing, {len(extra)} new "
+             f"(not compared{'' if strict else '; --strict fails on them'}); largest absolute difference "
+             f"{worst[0]:.3g} ({worst[1]})"]
     kinds = sorted({k.split("/")[3] if k.count("/") > 3 else k.split("/")[-1] for k in differ})
     if differ:
-        print("   kinds that differ:", ", ".join(kinds))
-    for k in (differ + missing + extra)[:20]:
-        print("  ", k)
-    return 1 if differ or missing or extra else 0
+        lines.append("   kinds that differ: " + ", ".join(kinds))
+    for label, keys in (("differs", differ), ("missing", missing), ("new", extra)):
+        lines += [f"   {label}: {k}" for k in keys[:20]]
+    return (1 if differ or missing or (strict and extra) else 0), lines
 
 
 if __name__ == "__main__":

@@ -204,6 +204,43 @@ def test_an_adapter_of_the_offline_copy_names_the_hub_id(tmp_path: Path) -> None
     assert config["base_model_name_or_path"] == weights.SMOLLM2_HUB_ID
 
 
+@needs_smollm2
+def test_auto_peft_model_loads_the_shipped_adapter_without_the_network(tmp_path: Path, monkeypatch) -> None:
+    """`AutoPeftModelForCausalLM.from_pretrained(adapter)` over the offline copy's Hub id loads the copy (it retried
+    the Hub for about a minute, then raised), and `save_pretrained` reads the base's config.json locally (it warned
+    twice about an unreachable Hub config); the saved adapter still names the Hub id. Any network call fails the
+    test."""
+    import json
+    import socket
+    import warnings
+
+    from peft import AutoPeftModelForCausalLM
+
+    import beacon_peft  # noqa: F401  (registers the adapter type)
+
+    calls = []
+
+    def no_network(*args, **kwargs):
+        calls.append(args[:1])
+        raise OSError("network used")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    root = Path(__file__).resolve().parents[1]
+    model = AutoPeftModelForCausalLM.from_pretrained(root / "adapters" / "smollm2-135m-beacon")
+    config = model.peft_config["default"]
+    assert Path(config.base_model_name_or_path) == smollm2_dir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(tmp_path / "again")
+    assert not [str(w.message) for w in caught if "config" in str(w.message).lower()]
+    saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == weights.SMOLLM2_HUB_ID
+    config.base_model_name_or_path = weights.SMOLLM2_HUB_ID  # set by name later: mapped again
+    assert Path(config.base_model_name_or_path) == smollm2_dir()
+    assert not calls
+
+
 # --------------------------------------------------------------------------- the model
 
 

@@ -130,11 +130,49 @@ def activation_bytes(model_config, config: BeaconConfig, length: int, ratio: int
             "total": hidden_states + compressed + masks}
 
 
+def attention_working_set(model_config, config: BeaconConfig, length: int, ratio: int, path: str = "masked",
+                          element_bytes: int = 2, mask_bytes: int = 2) -> dict[str, int]:
+    """Bytes one layer's attention allocates in the last decoder pass of a ``length``-token sequence (computed).
+
+    The last pass holds ``G = group_tokens / window`` windows (an accelerator's budget) of ``W = window + window /
+    ratio`` entries and reads a memory of ``M`` compressed entries. ``path``:
+
+    * ``"masked"`` (an accelerator's batch of windows, `layer.BeaconAttention._attend_windows`): the memory is
+      copied once per window next to its own entries (``per_window_copies``: 2 x G x kv_heads x (M + W) x D), then
+      repeated per query head for the memory-efficient kernel (``repeated``: 2 x G x heads x (M + W) x D), with an
+      additive mask of G x W x (M + W); ``peak`` counts all three at once (an upper bound);
+    * ``"split"`` (the CPU's inference path, `layer._split_windows`): flash calls over views of the memory, nothing
+      copied; its working set is the windows' outputs and their log-sum-exp merge in float32 (``outputs``).
+
+    ``memory`` is what the layer's compressed K/V memory itself holds, for comparison."""
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    D = head_dim(model_config)
+    beacons = config.window // ratio
+    W = config.window + beacons
+    steps = -(-length // config.window)
+    G = min(steps, max(1, config.pass_tokens("cuda") // config.window)) if not config.scoped else 1
+    M = (steps - 1) * beacons  # the compressed entries before the last window (which a training call leaves raw)
+    out = {"memory": 2 * kv_heads * M * D * element_bytes}
+    if path == "masked":
+        copies = 2 * G * kv_heads * (M + W) * D * element_bytes
+        repeated = 2 * G * heads * (M + W) * D * element_bytes if heads > kv_heads else 0
+        mask = G * W * (M + W) * mask_bytes
+        out.update(per_window_copies=copies, repeated=repeated, mask=mask, peak=copies + repeated + mask)
+    elif path == "split":
+        outputs = 2 * G * heads * W * (D + 1) * 4
+        out.update(outputs=outputs, peak=outputs)
+    else:
+        raise ValueError(f"path={path!r} is not an attention path: allowed 'masked', 'split'")
+    return out
+
+
 def training_memory(model_config, config: BeaconConfig, length: int, ratio: int, upcast_unquantized: bool = True,
                     trainable_bytes: int = 4, adam_bytes: int = 8) -> dict[str, int]:
     """Estimated GPU bytes of a QLoRA-style run (4-bit nf4 base with nested quantization, bf16 autocast, checkpointing,
     batch 1): frozen base, adapter (weights + grads + Adam), and `activation_bytes` of one ``length`` sequence at
-    ``ratio``. Excludes the CUDA context, the allocator's slack and one layer's recomputation working set."""
+    ``ratio``, and the attention of the one layer being recomputed in the backward (`attention_working_set`'s
+    masked path, the accelerator's, with the gradients of its repeated keys and values). Excludes the CUDA context,
+    the allocator's slack and the rest of that layer's working set (its MLP activations)."""
     base = meta_base(model_config)
     quantized, n_quantized = quantized_bytes(base)
     unquantized = sum(p.numel() for p in base.parameters()) - n_quantized
@@ -146,5 +184,7 @@ def training_memory(model_config, config: BeaconConfig, length: int, ratio: int,
     out = {"base_4bit": quantized, "base_unquantized": unquantized * wide,
            "adapter": footprint.training_bytes(trainable_bytes, trainable_bytes, adam_bytes),
            **{f"activations_{k}": v for k, v in acts.items() if k != "total"}}
+    attention = attention_working_set(base.config, config, length, ratio, "masked")
+    out["attention_recompute"] = attention["peak"] + attention["repeated"] + attention["per_window_copies"]
     out["total"] = sum(out.values())
     return out
