@@ -12,7 +12,7 @@
 # A second run with nothing changed (same lock, extras, build) only checks the environment: seconds.
 # VENV=path chooses another environment, CONSTRAINTS=file another set of versions (scripts/compat.sh uses both),
 # EXTRAS= the optional dependencies, PYTHON= the interpreter: Python 3.11 or newer (pyproject.toml requires-python);
-# the lock is made on 3.11 and installs and passes on 3.12 and 3.13 too (docs/versions.md), a newer Python is let
+# the lock is made on 3.11 and installs and is tested on 3.12 and 3.13 too (docs/versions.md), a newer Python is let
 # through with a note. Default: python3 when it is 3.11 or newer, else the newest python3.1x on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
