@@ -2,7 +2,8 @@
 # Refresh the locks: resolve the newest releases inside the declared ranges in a scratch venv, run the whole suite
 # there, and only if it passes write the frozen versions to requirements/lock.txt (review the diff). Then resolve
 # what PyPI's CUDA build of the locked torch needs beside them (metadata only, nothing downloaded but the index)
-# and write it to requirements/lock-cuda.txt, which scripts/setup.sh adds for TORCH=cuda.
+# and write it to requirements/lock-cuda.txt, which scripts/setup.sh adds for TORCH=cuda. Last, check that every pin
+# has a wheel for each Python setup.sh lists as tested (TESTED_PYTHONS; scripts/pythons.sh --wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=.venv-lock
@@ -16,3 +17,6 @@ VENV=$SCRATCH CONSTRAINTS=$CONSTRAINTS TORCH=cpu bash scripts/setup.sh
 mv requirements/lock.txt.new requirements/lock.txt
 echo "requirements/lock.txt rewritten; git diff requirements/lock.txt"
 bash scripts/lock_cuda.sh
+# every declared Python must find a wheel for every pin (then run the suite there: bash scripts/pythons.sh 3.12 3.13)
+read -ra PYTHONS <<<"$(sed -n 's/^TESTED_PYTHONS="\([0-9. ]*\)".*/\1/p' scripts/setup.sh)"
+bash scripts/pythons.sh --wheels "${PYTHONS[@]}"

@@ -19,7 +19,8 @@ locked = {re.split(r"[=<>]", l)[0].lower().replace("_", "-")
 pins = sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.load(open(report))["install"]
               if i["metadata"]["name"].lower().replace("_", "-") not in locked)
 with open("requirements/lock-cuda.txt", "w") as f:
-    f.write(f"# What PyPI's Linux build of {torch} (CUDA) installs beside requirements/lock.txt (Python 3.11, x86_64).\n"
+    f.write(f"# What PyPI's Linux build of {torch} (CUDA) installs beside requirements/lock.txt (x86_64; resolved on\n"
+            "# Python 3.11, every pin has a wheel for the Pythons of requirements/lock.txt: scripts/pythons.sh --wheels).\n"
             "# scripts/setup.sh adds it as a second constraints file for TORCH=cuda. Written by scripts/lock_cuda.sh\n"
             "# (from PyPI's metadata: torch itself pins most of these exactly); the suite runs on the CPU build.\n")
     f.write("\n".join(pins) + "\n")

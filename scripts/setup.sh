@@ -11,7 +11,9 @@
 #   auto  cuda when `nvidia-smi -L` lists a GPU, else cpu.
 # A second run with nothing changed (same lock, extras, build) only checks the environment: seconds.
 # VENV=path chooses another environment, CONSTRAINTS=file another set of versions (scripts/compat.sh uses both),
-# EXTRAS= the optional dependencies, PYTHON= the interpreter (Python 3.11: what the lock is made and tested on).
+# EXTRAS= the optional dependencies, PYTHON= the interpreter: Python 3.11 or newer (pyproject.toml requires-python);
+# the lock is made on 3.11 and installs and is tested on 3.12 and 3.13 too (docs/versions.md), a newer Python is let
+# through with a note. Default: python3 when it is 3.11 or newer, else the newest python3.1x on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -20,7 +22,15 @@ CUDA_LOCK=requirements/lock-cuda.txt
 EXTRAS=${EXTRAS:-train,quant,demo,bench,test}
 TORCH=${TORCH:-auto}
 TORCH_VERSION=2.13.0
-if [ -z "${PYTHON:-}" ]; then PYTHON=$(command -v python3.11 || command -v python3); fi
+TESTED_PYTHONS="3.11 3.12 3.13"  # the Pythons the suite has passed on with this lock (docs/versions.md)
+py_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+py_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+if [ -z "${PYTHON:-}" ]; then  # the first that runs and is new enough (a pyenv shim may be on PATH and not run)
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null && py_ok "$candidate"; then PYTHON=$(command -v "$candidate"); break; fi
+  done
+  PYTHON=${PYTHON:-python3}
+fi
 
 case "$TORCH" in
   auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then TORCH=cuda
@@ -29,12 +39,18 @@ case "$TORCH" in
   *) echo "setup: TORCH=$TORCH is not a torch build: allowed cpu, cuda, auto" >&2; exit 2 ;;
 esac
 if [ ! -x "$VENV/bin/python" ]; then
-  version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  if [ "$version" != 3.11 ]; then
-    echo "setup: $PYTHON is Python $version; beacon_peft is locked and tested on Python 3.11 (pyproject.toml" \
-         "requires-python). Install it and run: PYTHON=python3.11 bash scripts/setup.sh" >&2
+  version=$(py_version "$PYTHON") || { echo "setup: PYTHON=$PYTHON is not a Python interpreter that runs;" \
+    "beacon_peft needs Python 3.11 or newer: PYTHON=python3.12 bash scripts/setup.sh" >&2; exit 2; }
+  if ! py_ok "$PYTHON"; then
+    echo "setup: $PYTHON is Python $version; beacon_peft needs Python 3.11 or newer (pyproject.toml" \
+         "requires-python; tested on ${TESTED_PYTHONS// /, }). Install one and run: PYTHON=python3.12 bash scripts/setup.sh" >&2
     exit 2
   fi
+  case " $TESTED_PYTHONS " in
+    *" $version "*) ;;
+    *) echo "setup: note: Python $version is newer than the Pythons the suite has passed on (${TESTED_PYTHONS// /, });" \
+            "installing the lock anyway (pip says so if a pinned release has no wheel for it)" >&2 ;;
+  esac
   echo "setup: creating $VENV (first time: a few minutes; the log is $VENV/setup.log)" >&2
   "$PYTHON" -m venv "$VENV"
 fi

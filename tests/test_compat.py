@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def test_pyproject_declares_the_range_the_warning_checks():
     assert spec.groups() == (compat.TRANSFORMERS_MIN, compat.TRANSFORMERS_BELOW)
     oldest = (ROOT / "requirements" / "oldest.txt").read_text()
     assert f"transformers=={compat.TRANSFORMERS_MIN}" in oldest
+
+
+def test_docs_state_every_declared_range():
+    """docs/versions.md names each bounded dependency of pyproject.toml with the same range (a raised cap is
+    written down with the results that admitted it)."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = meta["dependencies"] + [d for name, extra in meta["optional-dependencies"].items() for d in extra
+                                    if name != "test"]  # the linter's pin is no tested range
+    bounded = [d for d in specs if "<" in d]
+    assert {re.split(r"[<>=]", d)[0] for d in bounded} >= {"torch", "transformers", "peft", "trl", "bitsandbytes"}
+    docs = (ROOT / "docs" / "versions.md").read_text()
+    assert [d for d in bounded if f"`{d}`" not in docs] == []
 
 
 def test_locked_versions_lie_inside_the_declared_range():

@@ -10,6 +10,7 @@ the model as it was.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import warnings
@@ -204,6 +205,51 @@ def test_load_adapter_second_adapter_then_switch(arch, tmp_path):
     torch.testing.assert_close(logits(model, ids), expected["second"], atol=1e-5, rtol=1e-5)
     model.set_adapter("default")
     torch.testing.assert_close(logits(model, ids), expected["default"], atol=0, rtol=0)
+
+
+# PEFT 0.22 checks the loaded keys itself (`strict_adapter_check`, default "warn"); before it, the same comparison is
+# made here from load_adapter's result
+STRICT = {"strict_adapter_check": "error"} if "strict_adapter_check" in inspect.signature(
+    PeftModel.from_pretrained).parameters else {}
+
+
+LOW_RANK_NAMED = pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "a low-rank adapter's checkpoint keys keep the name it was saved under (`beacon_k.default.A.weight`: PEFT drops "
+    "the adapter name only before the last key part), so it loads under that name only"))
+
+
+@pytest.mark.parametrize("variant", [{}, pytest.param({"beacon_rank": 4, "sink_size": 1}, marks=LOW_RANK_NAMED),
+                                     {"beacon_layers": [1]}], ids=["full", "low-rank", "some-layers"])
+def test_loading_finds_every_adapter_key(variant, tmp_path):
+    """from_pretrained and load_adapter leave no beacon key missing or unexpected (with PEFT 0.22: under
+    strict_adapter_check="error") and PEFT warns about no key."""
+    first, second = make("llama", **variant), make("llama", seed=2, **variant)
+    first.save_pretrained(tmp_path / "a")
+    second.save_pretrained(tmp_path / "b")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a", **STRICT)
+        result = model.load_adapter(tmp_path / "b", adapter_name="second", **STRICT)
+    assert not [str(w.message) for w in caught if "adapter keys" in str(w.message)]
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert model.state_dict().keys() == {**first.state_dict(), **{
+        k.replace(".default", ".second"): v for k, v in second.state_dict().items() if ".default" in k}}.keys()
+
+
+def test_an_adapter_loaded_for_inference_trains_like_the_one_saved(tmp_path):
+    """PEFT 0.22 puts the modules of an adapter loaded in inference mode in eval mode (`set_training`), even in a
+    model in training mode: beacon projections behave alike in both modes, so the training-mode loss is the saved
+    adapter's."""
+    saved = make("llama", seed=3)
+    saved.save_pretrained(tmp_path / "a")
+    ids = random_ids(1, 3 * W + 5)
+    model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a").train()
+    model.load_adapter(tmp_path / "a", adapter_name="second")
+    model.set_adapter("second")
+    saved.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, saved(input_ids=ids, labels=ids).loss,
+                                   atol=1e-6, rtol=1e-6)
 
 
 # --- trainable parameters ---------------------------------------------------------------------------------------
